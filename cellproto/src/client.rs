@@ -14,7 +14,7 @@ use crate::crypto::{KEY_LEN, Suite, local_aes_hw};
 use crate::handshake::{ClientHandshake, ClientRequest, HandshakeError, RelayKeys};
 use crate::link::{LinkControl, decode_created, encode_create, open_link_control, seal_link_control};
 use crate::onion::{
-    Direction, HopKeys, LayerError, LinkKeys, open_backward, payload, payload_mut, protect_header, seal_forward,
+    Direction, HopKeys, LayerError, LinkKeys, open_backward, payload, payload_mut, seal_forward,
     unprotect_counter,
 };
 use crate::replay::ReplayWindow;
@@ -153,7 +153,8 @@ pub struct Circuit {
     hops: Vec<HopKeys>,
     lcid_in: u32,
     lcid_out: u32,
-    link: Option<LinkKeys>,
+    /// `links[j]`: keys of the link into hop `j + 1` (the client's own link first).
+    links: Vec<LinkKeys>,
     next_counter: u64,
     bwd_window: ReplayWindow,
     phase: Phase,
@@ -184,7 +185,7 @@ impl Circuit {
             hops: Vec::with_capacity(MAX_HOPS),
             lcid_in,
             lcid_out: 0,
-            link: None,
+            links: Vec::with_capacity(MAX_HOPS),
             next_counter: 1,
             bwd_window: ReplayWindow::new(),
             phase: Phase::Building(first),
@@ -311,17 +312,15 @@ impl Circuit {
         len: usize,
         cell: &mut [u8; CELL_LEN],
     ) -> Result<SocketAddr, CircuitError> {
-        let link = self.link.as_ref().ok_or(CircuitError::NotOpen)?;
-        if matches!(self.phase, Phase::Closed(_)) {
+        if self.links.is_empty() || matches!(self.phase, Phase::Closed(_)) {
             return Err(CircuitError::NotOpen);
         }
         if self.next_counter >= CELL_LIMIT {
             return Err(CircuitError::KeyLimit);
         }
         let counter = self.next_counter;
-        seal_forward(cell, &self.hops, target, counter, cmd, len)?;
+        seal_forward(cell, &self.hops, &self.links, target, counter, cmd, len, self.lcid_out)?;
         self.next_counter += 1;
-        protect_header(cell, link.header(Direction::Forward), self.lcid_out, counter);
         Ok(self.path[0].addr)
     }
 
@@ -337,7 +336,7 @@ impl Circuit {
     /// it. Returns where to send it (`None` if no hop was built yet).
     pub fn close(&mut self, cell: &mut [u8; CELL_LEN], rng: &mut impl CryptoRngCore) -> Option<SocketAddr> {
         self.phase = Phase::Closed(CloseReason::Local);
-        let link = self.link.as_ref()?;
+        let link = self.links.first()?;
         seal_link_control(cell, link, Direction::Forward, self.lcid_out, LinkControl::Destroy { reason: 0 }, rng);
         Some(self.path[0].addr)
     }
@@ -352,7 +351,7 @@ impl Circuit {
         if matches!(self.phase, Phase::Closed(_)) {
             return Err(CircuitError::NotOpen);
         }
-        let Some(link) = &self.link else { return self.handle_created(now, cell, rng) };
+        let Some(link) = self.links.first() else { return self.handle_created(now, cell, rng) };
         let counter = unprotect_counter(cell, link.header(Direction::Backward));
         if counter == LINK_CONTROL_COUNTER {
             let LinkControl::Destroy { reason } = open_link_control(cell, link).map_err(|_| CircuitError::Malformed)?;
@@ -391,7 +390,7 @@ impl Circuit {
         let (responder_lcid, reply) = decode_created(cell).map_err(|_| CircuitError::Malformed)?;
         let out = p.handshake.finish(reply).map_err(|err| CircuitError::Handshake { hop: 1, err })?;
         self.lcid_out = responder_lcid;
-        self.link = Some(LinkKeys::derive(&out.link_secret));
+        self.links.push(LinkKeys::derive(&out.link_secret));
         self.hops.push(HopKeys::from_material(out.suite, &out.keys));
         Ok(self.advance(now, rng))
     }
@@ -409,6 +408,7 @@ impl Circuit {
         }
         let ext = Extended::decode(body).map_err(|_| CircuitError::Malformed)?;
         let out = p.handshake.finish(&ext.handshake).map_err(|err| CircuitError::Handshake { hop: p.hop, err })?;
+        self.links.push(LinkKeys::derive(&p.link_secret.unwrap_or([0; KEY_LEN])));
         self.hops.push(HopKeys::from_material(out.suite, &out.keys));
         Ok(self.advance(now, rng))
     }

@@ -5,9 +5,9 @@
 //! the underlying library. All primitives come from `aws-lc-rs`:
 //!
 //! * AEAD layers: AES-256-GCM or ChaCha20-Poly1305 ([`Suite`]), nonce = 4 zero bytes ‖ counter.
-//! * Header protection and padding: AES-256 (ECB on one 16-byte sample, CTR for padding bytes),
-//!   whatever the layer suite, because both are a handful of blocks per cell and aws-lc's AES is
-//!   constant-time (vpaes/bitsliced) even without AES instructions.
+//! * Header protection and padding: AES-256 blocks under the link key, whatever the layer
+//!   suite, because both are a handful of blocks per cell and aws-lc's AES is constant-time
+//!   (vpaes/bitsliced) even without AES instructions.
 //! * X25519 and HKDF-SHA256 for the handshake. `x25519-dalek` (on the design card) is measured
 //!   against aws-lc-rs in `benches/handshake.rs`; aws-lc-rs was faster on the relay's path, so it
 //!   is the one used here (the figures are in the README).
@@ -16,7 +16,6 @@ use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, X25519};
 use aws_lc_rs::cipher::{AES_256, EncryptingKey, EncryptionContext, UnboundCipherKey};
 use aws_lc_rs::hkdf;
-use aws_lc_rs::iv::FixedLength;
 use thiserror::Error;
 
 /// Length of every symmetric key the protocol derives.
@@ -145,9 +144,21 @@ impl std::fmt::Debug for LayerKey {
     }
 }
 
-/// Per-link header protection: hides the cell counter as QUIC hides packet numbers
-/// (RFC 9001 §5.4), with mask = AES-256(key, sample)[..8].
+/// Per-link header protection and padding, both from AES-256 in ECB mode under the link key.
+///
+/// * The counter is hidden as QUIC hides packet numbers (RFC 9001 §5.4):
+///   mask = AES(key, sample)[..8], where the sample is the first 16 body bytes (ciphertext).
+/// * A hop's padding is AES(key, counter ‖ j ‖ "pad\0") for block j = 0, 1, …: a PRF of the
+///   counter that the client (which knows every link key) can predict, so the next hop
+///   authenticates the padding as associated data. Sample blocks are ciphertext and never match
+///   that fixed structure except with probability 2⁻⁶⁴ per block.
+///
+/// Mask and padding for an outgoing cell come from one call: what costs here is the call, not
+/// the handful of AES blocks.
 pub struct HeaderKey(EncryptingKey);
+
+/// Most padding one cell carries: (MAX_HOPS - 1) × 17 = 119 bytes, rounded up to blocks.
+const MAX_PAD: usize = 128;
 
 impl HeaderKey {
     /// Builds the key from 32 bytes of derived key material.
@@ -156,56 +167,48 @@ impl HeaderKey {
         Self(EncryptingKey::ecb(unbound).unwrap_or_else(|_| unreachable!()))
     }
 
+    fn encrypt_blocks(&self, blocks: &mut [u8]) {
+        self.0
+            .less_safe_encrypt(blocks, EncryptionContext::None)
+            .unwrap_or_else(|_| unreachable!("ECB on whole blocks cannot fail"));
+    }
+
     /// The 8-byte mask for a 16-byte sample of the cell body.
     pub fn mask(&self, sample: &[u8; 16]) -> [u8; 8] {
         let mut block = *sample;
-        self.0
-            .less_safe_encrypt(&mut block, EncryptionContext::None)
-            .unwrap_or_else(|_| unreachable!("ECB on one whole block cannot fail"));
+        self.encrypt_blocks(&mut block);
         let mut mask = [0u8; 8];
         mask.copy_from_slice(&block[..8]);
         mask
+    }
+
+    /// The mask for `sample` and the padding for `counter` (`pad.len()` ≤ 128 bytes), in one call.
+    pub fn mask_and_pad(&self, sample: &[u8; 16], counter: u64, pad: &mut [u8]) -> [u8; 8] {
+        let pad_blocks = pad.len().div_ceil(16).min(MAX_PAD / 16);
+        let mut buf = [0u8; 16 + MAX_PAD];
+        buf[..16].copy_from_slice(sample);
+        for (j, block) in buf[16..16 + 16 * pad_blocks].chunks_exact_mut(16).enumerate() {
+            block[..8].copy_from_slice(&counter.to_be_bytes());
+            block[8..12].copy_from_slice(&(j as u32).to_be_bytes());
+            block[12..].copy_from_slice(b"pad\0");
+        }
+        self.encrypt_blocks(&mut buf[..16 + 16 * pad_blocks]);
+        let n = pad.len().min(MAX_PAD);
+        pad[..n].copy_from_slice(&buf[16..16 + n]);
+        let mut mask = [0u8; 8];
+        mask.copy_from_slice(&buf[..8]);
+        mask
+    }
+
+    /// The padding alone, as the client computes it for associated data.
+    pub fn pad(&self, counter: u64, pad: &mut [u8]) {
+        self.mask_and_pad(&[0u8; 16], counter, pad);
     }
 }
 
 impl std::fmt::Debug for HeaderKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("HeaderKey(..)")
-    }
-}
-
-/// Deterministic padding: AES-256-CTR keystream with IV = counter ‖ 0⁶⁴.
-///
-/// A hop refills the bytes its layer freed with this keystream. The client can compute it too,
-/// so the next hop authenticates those bytes as associated data: no byte of a cell can be
-/// changed without the next honest hop noticing, and no byte passes two links unchanged.
-pub struct PadKey(EncryptingKey);
-
-/// Most padding bytes one call produces: (MAX_HOPS - 1) hops of 17 bytes, rounded up.
-const MAX_PAD: usize = 128;
-
-impl PadKey {
-    /// Builds the key from 32 bytes of derived key material.
-    pub fn new(key: &[u8; KEY_LEN]) -> Self {
-        let unbound = UnboundCipherKey::new(&AES_256, key).unwrap_or_else(|_| unreachable!());
-        Self(EncryptingKey::ctr(unbound).unwrap_or_else(|_| unreachable!()))
-    }
-
-    /// Writes the padding for `counter` into `out` (at most 128 bytes).
-    pub fn fill(&self, counter: u64, out: &mut [u8]) {
-        debug_assert!(out.len() <= MAX_PAD);
-        out.fill(0);
-        let mut iv = [0u8; 16];
-        iv[..8].copy_from_slice(&counter.to_be_bytes());
-        self.0
-            .less_safe_encrypt(out, EncryptionContext::Iv128(FixedLength::from(iv)))
-            .unwrap_or_else(|_| unreachable!("CTR mode accepts any length"));
-    }
-}
-
-impl std::fmt::Debug for PadKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PadKey(..)")
     }
 }
 

@@ -135,11 +135,11 @@ fn final_keys(
         ikm[i * 32..(i + 1) * 32].copy_from_slice(*p);
     }
     ikm[192..].copy_from_slice(client_ext);
-    let mut okm = [0u8; 6 * KEY_LEN];
+    let mut okm = [0u8; 4 * KEY_LEN];
     hkdf(PROTOID, &ikm, b"circuit keys", &mut okm);
     ikm.zeroize();
     let take = |i: usize| -> [u8; KEY_LEN] { okm[i * 32..(i + 1) * 32].try_into().unwrap_or([0; 32]) };
-    let out = (take(0), HopKeyMaterial { fwd: take(1), bwd: take(2), fwd_pad: take(3), bwd_pad: take(4) }, take(5));
+    let out = (take(0), HopKeyMaterial { fwd: take(1), bwd: take(2) }, take(3));
     okm.zeroize();
     out
 }

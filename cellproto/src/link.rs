@@ -118,7 +118,7 @@ pub fn seal_link_control(
     }
     let tag = seal_random_nonce(keys.control_key(), nonce, &lcid.to_be_bytes(), pt);
     body[NONCE_LEN + CONTROL_PT..].copy_from_slice(&tag);
-    protect_header(cell, keys.header(dir), lcid, LINK_CONTROL_COUNTER);
+    protect_header(cell, keys.header(dir), lcid, LINK_CONTROL_COUNTER, BODY_LEN);
 }
 
 /// Whether a received cell is a link-control cell (its unprotected counter is the marker).

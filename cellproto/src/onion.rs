@@ -13,7 +13,7 @@ use crate::cell::{
     BODY_LEN, CELL_LEN, COUNTER_LEN, Command, HEADER_LEN, HOP_OVERHEAD, LCID_LEN, LEN_FIELD, MAX_HOPS, SAMPLE_LEN,
     layer_plaintext_len, padding_len_before, payload_capacity, set_lcid,
 };
-use crate::crypto::{CryptoError, HeaderKey, KEY_LEN, LayerKey, PadKey, Suite, TAG_LEN, hkdf};
+use crate::crypto::{CryptoError, HeaderKey, KEY_LEN, LayerKey, Suite, TAG_LEN, hkdf};
 use thiserror::Error;
 
 /// Label that separates this protocol version's key derivations from any other use of HKDF.
@@ -60,19 +60,12 @@ impl From<CryptoError> for LayerError {
 pub struct HopKeys {
     fwd: LayerKey,
     bwd: LayerKey,
-    fwd_pad: PadKey,
-    bwd_pad: PadKey,
 }
 
 impl HopKeys {
     /// Builds the keys from the handshake's key material (SPEC.md, "Key schedule").
     pub fn from_material(suite: Suite, m: &HopKeyMaterial) -> Self {
-        Self {
-            fwd: LayerKey::new(suite, &m.fwd),
-            bwd: LayerKey::new(suite, &m.bwd),
-            fwd_pad: PadKey::new(&m.fwd_pad),
-            bwd_pad: PadKey::new(&m.bwd_pad),
-        }
+        Self { fwd: LayerKey::new(suite, &m.fwd), bwd: LayerKey::new(suite, &m.bwd) }
     }
 
     /// The negotiated AEAD suite.
@@ -87,17 +80,12 @@ pub struct HopKeyMaterial {
     pub fwd: [u8; KEY_LEN],
     /// Backward AEAD key.
     pub bwd: [u8; KEY_LEN],
-    /// Forward padding key.
-    pub fwd_pad: [u8; KEY_LEN],
-    /// Backward padding key.
-    pub bwd_pad: [u8; KEY_LEN],
 }
 
 impl Drop for HopKeyMaterial {
     fn drop(&mut self) {
-        for k in [&mut self.fwd, &mut self.bwd, &mut self.fwd_pad, &mut self.bwd_pad] {
-            zeroize::Zeroize::zeroize(k);
-        }
+        zeroize::Zeroize::zeroize(&mut self.fwd);
+        zeroize::Zeroize::zeroize(&mut self.bwd);
     }
 }
 
@@ -160,12 +148,17 @@ fn sample(cell: &[u8; CELL_LEN]) -> &[u8; SAMPLE_LEN] {
     cell[HEADER_LEN..HEADER_LEN + SAMPLE_LEN].try_into().unwrap_or_else(|_| unreachable!())
 }
 
-/// Writes the LCID and the protected counter. Call after the body is final: the mask depends on it.
-pub fn protect_header(cell: &mut [u8; CELL_LEN], key: &HeaderKey, lcid: u32, counter: u64) {
+/// Writes the LCID and the protected counter, and fills `body[pad_start..]` with the link's
+/// padding for `counter`. Call when the rest of the body is final: the mask depends on it.
+pub fn protect_header(cell: &mut [u8; CELL_LEN], key: &HeaderKey, lcid: u32, counter: u64, pad_start: usize) {
     set_lcid(cell, lcid);
-    let mask = key.mask(sample(cell));
+    let (header, body) = cell.split_at_mut(HEADER_LEN);
+    let (head, pad) = body.split_at_mut(pad_start);
+    let mut sample = [0u8; SAMPLE_LEN];
+    sample.copy_from_slice(&head[..SAMPLE_LEN]);
+    let mask = key.mask_and_pad(&sample, counter, pad);
     let protected = counter ^ u64::from_be_bytes(mask);
-    cell[LCID_LEN..HEADER_LEN].copy_from_slice(&protected.to_be_bytes());
+    header[LCID_LEN..].copy_from_slice(&protected.to_be_bytes());
 }
 
 /// Recovers the counter from a received cell's header.
@@ -219,13 +212,8 @@ fn read_trailer(cell: &[u8; CELL_LEN], hop: usize) -> Result<(Command, usize), L
 }
 
 /// Relay side, forward: opens hop `hop`'s layer in place. On success the command is returned;
-/// for [`Command::Relay`] call [`pad_forward`] before sending the cell on.
-pub fn open_forward(
-    cell: &mut [u8; CELL_LEN],
-    hop: usize,
-    keys: &HopKeys,
-    counter: u64,
-) -> Result<(Command, usize), LayerError> {
+/// for [`Command::Relay`] call [`forward_to_next`] before sending the cell on.
+pub fn open_forward(cell: &mut [u8; CELL_LEN], hop: usize, keys: &HopKeys, counter: u64) -> Result<(Command, usize), LayerError> {
     check_hop(hop)?;
     let ct_len = layer_plaintext_len(hop);
     let b = body(cell);
@@ -236,29 +224,34 @@ pub fn open_forward(
 }
 
 /// Relay side, forward: after [`open_forward`] returned [`Command::Relay`], overwrites the
-/// command byte, the tag and the old padding with this hop's padding for the next hop.
-pub fn pad_forward(cell: &mut [u8; CELL_LEN], hop: usize, keys: &HopKeys, counter: u64) {
-    let start = layer_plaintext_len(hop) - 1;
-    keys.fwd_pad.fill(counter, &mut body(cell)[start..]);
+/// command byte, the tag and the old padding with this hop's padding and writes the header for
+/// the next link (`next`, the next hop's `lcid`).
+pub fn forward_to_next(cell: &mut [u8; CELL_LEN], hop: usize, counter: u64, next: &LinkKeys, lcid: u32) {
+    protect_header(cell, next.header(Direction::Forward), lcid, counter, layer_plaintext_len(hop) - 1);
 }
 
-/// Relay side, backward: seals the inner cell from the next hop under this hop's layer.
-/// `counter` must have been accepted by this hop's backward replay window.
+/// Relay side, backward: seals the inner cell from the next hop under this hop's layer and
+/// writes the header for the previous link. `counter` must have been accepted by this hop's
+/// backward replay window.
 pub fn seal_backward_relay(
     cell: &mut [u8; CELL_LEN],
     hop: usize,
     keys: &HopKeys,
     counter: u64,
+    prev: &LinkKeys,
+    lcid: u32,
 ) -> Result<(), LayerError> {
     check_hop(hop)?;
     let pt_len = layer_plaintext_len(hop);
     body(cell)[pt_len - 1] = Command::Relay as u8;
-    seal_backward_layer(cell, hop, keys, counter);
+    seal_backward_layer(cell, hop, keys, counter, prev, lcid);
     Ok(())
 }
 
 /// Hop side, backward: seals a terminal command whose payload (`len` bytes) is already at the
-/// start of the body. `counter` must come from this hop's backward replay window.
+/// start of the body and writes the header for the previous link. `counter` must come from
+/// this hop's backward replay window.
+#[allow(clippy::too_many_arguments)]
 pub fn seal_backward_command(
     cell: &mut [u8; CELL_LEN],
     hop: usize,
@@ -266,31 +259,37 @@ pub fn seal_backward_command(
     counter: u64,
     cmd: Command,
     len: usize,
+    prev: &LinkKeys,
+    lcid: u32,
 ) -> Result<(), LayerError> {
     write_trailer(cell, hop, cmd, len)?;
-    seal_backward_layer(cell, hop, keys, counter);
+    seal_backward_layer(cell, hop, keys, counter, prev, lcid);
     Ok(())
 }
 
-fn seal_backward_layer(cell: &mut [u8; CELL_LEN], hop: usize, keys: &HopKeys, counter: u64) {
+fn seal_backward_layer(cell: &mut [u8; CELL_LEN], hop: usize, keys: &HopKeys, counter: u64, prev: &LinkKeys, lcid: u32) {
     let pt_len = layer_plaintext_len(hop);
     let b = body(cell);
     let tag = keys.bwd.seal(counter, &[], &mut b[..pt_len]);
     b[pt_len..pt_len + TAG_LEN].copy_from_slice(&tag);
-    keys.bwd_pad.fill(counter, &mut b[pt_len + TAG_LEN..]);
+    protect_header(cell, prev.header(Direction::Backward), lcid, counter, pt_len + TAG_LEN);
 }
 
 /// Client side, forward: seals a terminal command for hop `target` (1-based) through all layers
-/// `hops[..target]`. The payload (`len` bytes) must already be at the start of the body.
+/// `hops[..target]` and writes the header for the first link. The payload (`len` bytes) must
+/// already be at the start of the body. `links[j]` are the keys of the link into hop `j + 1`.
+#[allow(clippy::too_many_arguments)]
 pub fn seal_forward(
     cell: &mut [u8; CELL_LEN],
     hops: &[HopKeys],
+    links: &[LinkKeys],
     target: usize,
     counter: u64,
     cmd: Command,
     len: usize,
+    lcid: u32,
 ) -> Result<(), LayerError> {
-    if target == 0 || target > hops.len() {
+    if target == 0 || target > hops.len() || target > links.len() {
         return Err(LayerError::BadHop(target));
     }
     write_trailer(cell, target, cmd, len)?;
@@ -305,11 +304,12 @@ pub fn seal_forward(
         // The padding hop-1 will have written where this layer ends is this layer's AAD.
         let aad = &mut aad[..padding_len_before(hop)];
         if hop > 1 {
-            hops[hop - 2].fwd_pad.fill(counter, aad);
+            links[hop - 1].header(Direction::Forward).pad(counter, aad);
         }
         let tag = keys.fwd.seal(counter, aad, &mut b[..pt_len]);
         b[pt_len..pt_len + TAG_LEN].copy_from_slice(&tag);
     }
+    protect_header(cell, links[0].header(Direction::Forward), lcid, counter, BODY_LEN);
     Ok(())
 }
 

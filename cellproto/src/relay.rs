@@ -13,8 +13,8 @@ use crate::crypto::{KEY_LEN, Suite};
 use crate::handshake::HandshakeOutput;
 use crate::link::{LinkControl, open_link_control, seal_link_control};
 use crate::onion::{
-    Direction, HopKeys, LayerError, LinkKeys, open_forward, pad_forward, protect_header, seal_backward_command,
-    seal_backward_relay, unprotect_counter,
+    Direction, HopKeys, LayerError, LinkKeys, forward_to_next, open_forward, seal_backward_command, seal_backward_relay,
+    unprotect_counter,
 };
 use crate::replay::ReplayWindow;
 use rand_core::CryptoRngCore;
@@ -203,8 +203,7 @@ impl HopCircuit {
         match opened {
             Ok((Command::Relay, _)) => match &self.next {
                 Some(next) => {
-                    pad_forward(cell, self.hop, &self.keys, counter);
-                    protect_header(cell, next.keys.header(Direction::Forward), next.lcid_out, counter);
+                    forward_to_next(cell, self.hop, counter, &next.keys, next.lcid_out);
                     Verdict::Send(next.peer)
                 }
                 None => Verdict::Drop(DropReason::Protocol),
@@ -239,10 +238,9 @@ impl HopCircuit {
             return Verdict::Drop(DropReason::Limit);
         }
         self.bwd_window.commit(counter);
-        if seal_backward_relay(cell, self.hop, &self.keys, counter).is_err() {
+        if seal_backward_relay(cell, self.hop, &self.keys, counter, &self.prev.keys, self.prev.lcid_out).is_err() {
             return Verdict::Drop(DropReason::Malformed);
         }
-        protect_header(cell, self.prev.keys.header(Direction::Backward), self.prev.lcid_out, counter);
         self.last_active = now;
         Verdict::Send(self.prev.peer)
     }
@@ -259,8 +257,7 @@ impl HopCircuit {
         // The counter comes from the same window as relayed cells, in this hop's own residue
         // class, so it is never used twice.
         let counter = self.bwd_window.take_next(self.hop);
-        seal_backward_command(cell, self.hop, &self.keys, counter, cmd, len)?;
-        protect_header(cell, self.prev.keys.header(Direction::Backward), self.prev.lcid_out, counter);
+        seal_backward_command(cell, self.hop, &self.keys, counter, cmd, len, &self.prev.keys, self.prev.lcid_out)?;
         self.last_active = now;
         Ok(self.prev.peer)
     }
