@@ -20,7 +20,9 @@ fn handshakes(c: &mut Criterion) {
     let mut g = c.benchmark_group("handshake");
     g.bench_function("client_start", |b| b.iter(|| ClientHandshake::start(&relay, &req, &mut rng).unwrap()));
     let hs = ClientHandshake::start(&relay, &req, &mut rng).unwrap();
-    g.bench_function("relay_respond", |b| b.iter(|| respond(&identity, &[&onion], true, hs.message(), &mut rng).unwrap()));
+    g.bench_function("relay_respond", |b| {
+        b.iter(|| respond(&identity, &[&onion], true, hs.message(), &mut rng).unwrap())
+    });
     let (reply, _) = respond(&identity, &[&onion], true, hs.message(), &mut rng).unwrap();
     g.bench_function("client_finish", |b| b.iter(|| hs.finish(black_box(&reply)).unwrap()));
     g.finish();

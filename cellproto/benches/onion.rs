@@ -3,15 +3,12 @@
 //!
 //! `cargo bench -p cellproto --bench onion`; ratios: `python3 cellproto/benches/ratios.py`.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use aws_lc_rs::aead::{AES_256_GCM, Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use cellproto::cell::{CELL_LEN, Command, HOP_OVERHEAD, layer_plaintext_len, lcid};
 use cellproto::crypto::TAG_LEN;
 use cellproto::onion::payload_mut;
 use cellproto::relay::{Incoming, Verdict, process_batch};
-use common::*;
+use cellproto::sim::*;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 
@@ -80,7 +77,9 @@ fn forward(c: &mut Criterion) {
                             n += 1;
                             let mut cell = [0u8; CELL_LEN];
                             let (body, aad) = cell[12..].split_at_mut(ct_len + TAG_LEN);
-                            let tag = key.seal_in_place_separate_tag(nonce(n), Aad::from(&aad[..]), &mut body[..ct_len]).unwrap();
+                            let tag = key
+                                .seal_in_place_separate_tag(nonce(n), Aad::from(&aad[..]), &mut body[..ct_len])
+                                .unwrap();
                             body[ct_len..].copy_from_slice(tag.as_ref());
                             (n, cell)
                         })

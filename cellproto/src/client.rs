@@ -14,8 +14,7 @@ use crate::crypto::{KEY_LEN, Suite, local_aes_hw};
 use crate::handshake::{ClientHandshake, ClientRequest, HandshakeError, RelayKeys};
 use crate::link::{LinkControl, decode_created, encode_create, open_link_control, seal_link_control};
 use crate::onion::{
-    Direction, HopKeys, LayerError, LinkKeys, open_backward, payload, payload_mut, seal_forward,
-    unprotect_counter,
+    Direction, HopKeys, LayerError, LinkKeys, open_backward, payload, payload_mut, seal_forward, unprotect_counter,
 };
 use crate::replay::ReplayWindow;
 use rand_core::CryptoRngCore;

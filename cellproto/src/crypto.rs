@@ -167,7 +167,8 @@ impl HeaderKey {
         Self(EncryptingKey::ecb(unbound).unwrap_or_else(|_| unreachable!()))
     }
 
-    fn encrypt_blocks(&self, blocks: &mut [u8]) {
+    /// Encrypts whole 16-byte blocks in place (ECB): the batch form of [`HeaderKey::mask`].
+    pub fn encrypt_blocks(&self, blocks: &mut [u8]) {
         self.0
             .less_safe_encrypt(blocks, EncryptionContext::None)
             .unwrap_or_else(|_| unreachable!("ECB on whole blocks cannot fail"));
@@ -188,9 +189,7 @@ impl HeaderKey {
         let mut buf = [0u8; 16 + MAX_PAD];
         buf[..16].copy_from_slice(sample);
         for (j, block) in buf[16..16 + 16 * pad_blocks].chunks_exact_mut(16).enumerate() {
-            block[..8].copy_from_slice(&counter.to_be_bytes());
-            block[8..12].copy_from_slice(&(j as u32).to_be_bytes());
-            block[12..].copy_from_slice(b"pad\0");
+            pad_block(counter, j, block);
         }
         self.encrypt_blocks(&mut buf[..16 + 16 * pad_blocks]);
         let n = pad.len().min(MAX_PAD);
@@ -204,6 +203,13 @@ impl HeaderKey {
     pub fn pad(&self, counter: u64, pad: &mut [u8]) {
         self.mask_and_pad(&[0u8; 16], counter, pad);
     }
+}
+
+/// Input block `j` of the padding for `counter`: counter ‖ u32(j) ‖ "pad\0".
+pub(crate) fn pad_block(counter: u64, j: usize, block: &mut [u8]) {
+    block[..8].copy_from_slice(&counter.to_be_bytes());
+    block[8..12].copy_from_slice(&(j as u32).to_be_bytes());
+    block[12..16].copy_from_slice(b"pad\0");
 }
 
 impl std::fmt::Debug for HeaderKey {

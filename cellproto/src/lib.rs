@@ -34,4 +34,5 @@ pub mod link;
 pub mod onion;
 pub mod relay;
 pub mod replay;
+pub mod sim;
 pub mod stun;

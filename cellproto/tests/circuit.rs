@@ -1,12 +1,10 @@
 //! End-to-end protocol tests on an in-memory network: building through any hop count, data both
 //! ways, tamper detection at every byte, replay, header unlinkability across links.
 
-mod common;
-
 use cellproto::cell::{CELL_LEN, Command, HEADER_LEN, MAX_HOPS, payload_capacity};
 use cellproto::client::Event;
 use cellproto::relay::DropReason;
-use common::*;
+use cellproto::sim::*;
 use proptest::prelude::*;
 
 fn data_events(net: &Net) -> Vec<Vec<u8>> {
@@ -235,5 +233,77 @@ fn links_are_unlinkable_by_bytes() {
                 }
             }
         }
+    }
+}
+
+/// Lost handshake cells are retransmitted: the CREATED and then an EXTENDED are dropped once
+/// each; the client resends, the relay answers a repeated CREATE with the same CREATED and a
+/// repeated EXTEND with the same CREATE, and the circuit opens.
+#[test]
+fn lost_handshake_cells_are_retransmitted() {
+    let mut net = Net::new(3, 21, |_| true);
+    let mut dropped = 0;
+    let mut lose_first_two_replies = |from: std::net::SocketAddr, to: std::net::SocketAddr, _: &mut Cell| {
+        if to == addr(CLIENT) && from == addr(1) && dropped < 2 {
+            dropped += 1;
+            return false;
+        }
+        true
+    };
+    net.run(vec![], &mut lose_first_two_replies);
+    assert!(!net.circuit.is_open());
+    for step in 1..=3u32 {
+        net.now += std::time::Duration::from_secs(1 << step);
+        net.run(vec![], &mut lose_first_two_replies);
+    }
+    assert!(net.circuit.is_open(), "circuit did not open after retransmissions");
+    // One circuit per relay: the repeated CREATE did not create a second one.
+    assert!(net.relays.iter().all(|r| r.circuits.len() == 1));
+    net.send(b"after loss");
+    assert_eq!(net.relays[2].delivered[0].1, b"after loss");
+}
+
+/// A hop that never answers closes the circuit after the configured attempts.
+#[test]
+fn silent_hop_times_out() {
+    let mut net = Net::new(2, 22, |_| true);
+    let mut blackhole = |_: std::net::SocketAddr, to: std::net::SocketAddr, _: &mut Cell| to != addr(2);
+    net.run(vec![], &mut blackhole);
+    for _ in 0..10 {
+        net.now += std::time::Duration::from_secs(16);
+        if let Some(ev) = net.circuit.handle_timeout(net.now) {
+            assert_eq!(ev, Event::Closed(cellproto::client::CloseReason::HandshakeTimeout { hop: 2 }));
+            return;
+        }
+        net.run(vec![], &mut blackhole);
+    }
+    panic!("no timeout");
+}
+
+/// The client's DESTROY travels hop by hop, each relay removing the circuit.
+#[test]
+fn destroy_propagates() {
+    let mut net = Net::new(3, 23, |_| true);
+    net.build();
+    let mut cell = [0u8; CELL_LEN];
+    let to = net.circuit.close(&mut cell, &mut net.client_rng).unwrap();
+    net.run(vec![(addr(CLIENT), to, cell)], &mut |_, _, _| true);
+    assert!(net.relays.iter().all(|r| r.circuits.is_empty()), "a relay kept the circuit");
+    assert!(net.circuit.seal_data(1, &mut [0u8; CELL_LEN]).is_err());
+}
+
+/// PING to every hop gets a PONG from that hop.
+#[test]
+fn ping_any_hop() {
+    let mut net = Net::new(4, 24, |_| false);
+    net.build();
+    for hop in 1..=4usize {
+        let mut cell = [0u8; CELL_LEN];
+        cellproto::onion::payload_mut(&mut cell)[..8].copy_from_slice(&(hop as u64 * 77).to_be_bytes());
+        let to = net.circuit.seal(hop, Command::Ping, 8, &mut cell).unwrap();
+        net.run(vec![(addr(CLIENT), to, cell)], &mut |_, _, _| true);
+        let (ev, body) = net.events.last().unwrap().clone();
+        assert_eq!(ev, Event::Delivered { hop, cmd: Command::Pong, len: 8 });
+        assert_eq!(body, (hop as u64 * 77).to_be_bytes());
     }
 }

@@ -9,7 +9,10 @@ use aws_lc_rs::digest::{SHA256, digest};
 use cellproto::cell::{CELL_LEN, Command};
 use cellproto::crypto::Suite;
 use cellproto::handshake::{ClientHandshake, ClientRequest, OnionSecret, RelayKeys, respond};
-use cellproto::onion::{HopKeyMaterial, HopKeys, LinkKeys, forward_to_next, open_forward, payload_mut, seal_forward, unprotect_counter, Direction};
+use cellproto::onion::{
+    Direction, HopKeyMaterial, HopKeys, LinkKeys, forward_to_next, open_forward, payload_mut, seal_forward,
+    unprotect_counter,
+};
 use rand_core::{CryptoRng, RngCore};
 use std::collections::BTreeMap;
 
@@ -63,6 +66,10 @@ fn spec_test_vectors() {
     let identity = arr(&input(&v, "A.relay_identity"));
     let onion = OnionSecret::from_bytes(&arr(&input(&v, "A.relay_onion_secret")));
     got.insert("A.relay_onion_public", hex::encode(onion.public()));
+    // An independent X25519 implementation agrees on the public key.
+    let dalek =
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(arr(&input(&v, "A.relay_onion_secret"))));
+    assert_eq!(dalek.as_bytes(), onion.public());
     let relay = RelayKeys { identity, onion_key: *onion.public() };
     let mut client_rng = Scripted([input(&v, "A.client_x"), input(&v, "A.client_bit")].concat());
     let req = ClientRequest { hop: 1, offer_aes: true, link_secret: None };
@@ -73,7 +80,10 @@ fn spec_test_vectors() {
     got.insert("A.created", hex::encode(reply));
     let out = hs.finish(&reply).unwrap();
     assert_eq!(out.suite, Suite::Aes256Gcm);
-    assert_eq!((out.keys.fwd, out.keys.bwd, out.link_secret), (relay_out.keys.fwd, relay_out.keys.bwd, relay_out.link_secret));
+    assert_eq!(
+        (out.keys.fwd, out.keys.bwd, out.link_secret),
+        (relay_out.keys.fwd, relay_out.keys.bwd, relay_out.link_secret)
+    );
     got.insert("A.key_fwd", hex::encode(out.keys.fwd));
     got.insert("A.key_bwd", hex::encode(out.keys.bwd));
     got.insert("A.link_secret", hex::encode(out.link_secret));
@@ -85,13 +95,29 @@ fn spec_test_vectors() {
     let data = input(&v, "B.payload");
     let mut cell = [0u8; CELL_LEN];
     payload_mut(&mut cell)[..data.len()].copy_from_slice(&data);
-    seal_forward(&mut cell, std::slice::from_ref(&hop), std::slice::from_ref(&link), 1, 1, Command::Data, data.len(), lcid).unwrap();
+    seal_forward(
+        &mut cell,
+        std::slice::from_ref(&hop),
+        std::slice::from_ref(&link),
+        1,
+        1,
+        Command::Data,
+        data.len(),
+        lcid,
+    )
+    .unwrap();
     got.insert("B.cell_head", hex::encode(&cell[..48]));
     got.insert("B.cell_sha256", hex::encode(digest(&SHA256, &cell)));
 
     // Vector C: 2 hops with fixed keys (ChaCha20-Poly1305), DATA for hop 2, counter 5.
-    let material = |k: &str| HopKeyMaterial { fwd: arr(&input(&v, &format!("C.hop{k}_fwd"))), bwd: arr(&input(&v, &format!("C.hop{k}_bwd"))) };
-    let hops = [HopKeys::from_material(Suite::ChaCha20Poly1305, &material("1")), HopKeys::from_material(Suite::ChaCha20Poly1305, &material("2"))];
+    let material = |k: &str| HopKeyMaterial {
+        fwd: arr(&input(&v, &format!("C.hop{k}_fwd"))),
+        bwd: arr(&input(&v, &format!("C.hop{k}_bwd"))),
+    };
+    let hops = [
+        HopKeys::from_material(Suite::ChaCha20Poly1305, &material("1")),
+        HopKeys::from_material(Suite::ChaCha20Poly1305, &material("2")),
+    ];
     let links = [LinkKeys::derive(&arr(&input(&v, "C.link1"))), LinkKeys::derive(&arr(&input(&v, "C.link2")))];
     let lcid1 = u32::from_str_radix(v.get("C.lcid1").unwrap(), 16).unwrap();
     let lcid2 = u32::from_str_radix(v.get("C.lcid2").unwrap(), 16).unwrap();

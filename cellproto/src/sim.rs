@@ -1,64 +1,69 @@
-//! An in-memory network of sans-IO relays for the protocol tests: the same composition of
-//! cellproto pieces (handshake responder, circuit table, EXTEND bookkeeping) that relayd does
-//! with real sockets, driven by hand so tests can capture, drop, flip and replay any cell.
-#![allow(dead_code)]
+//! A deterministic in-memory network of sans-IO relays: the composition of cellproto pieces
+//! (control plane, circuit table, workers' verdicts) that relayd performs with real sockets,
+//! driven by hand so tests, benches, fuzz targets and the demo can capture, drop, flip and
+//! replay any cell. Addresses are labels (127.0.0.1:10000 + i); nothing is sent anywhere.
 
-use cellproto::cell::{CELL_LEN, Command, HANDSHAKE_LCID, lcid};
-use cellproto::client::{Circuit, CircuitConfig, Event, PathHop};
-use cellproto::command::{Extend, Extended, decode_ping};
-use cellproto::handshake::{OnionSecret, RelayKeys, respond};
-use cellproto::link::{LinkControl, decode_create, decode_created, encode_create, encode_created};
-use cellproto::onion::{Direction, payload, payload_mut};
-use cellproto::relay::{CircuitMap, CircuitTable, HopCircuit, Link, Verdict};
+use crate::cell::{CELL_LEN, Command, HANDSHAKE_LCID, is_valid_lcid, lcid};
+use crate::client::{Circuit, CircuitConfig, Event, PathHop};
+use crate::command::decode_ping;
+use crate::handshake::{OnionSecret, RelayKeys};
+use crate::link::LinkControl;
+use crate::onion::{Direction, payload, payload_mut};
+use crate::relay::control::{ControlPlane, Created};
+use crate::relay::{CircuitMap, CircuitTable, DropReason, Verdict};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+/// A cell buffer.
 pub type Cell = [u8; CELL_LEN];
 
+/// A deterministic RNG from a seed.
 pub fn rng(seed: u64) -> ChaCha20Rng {
     ChaCha20Rng::seed_from_u64(seed)
 }
 
+/// The address label of node `i` (0 is the client).
 pub fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16))
 }
 
+/// Index of the client in [`addr`].
 pub const CLIENT: usize = 0;
 
-/// One relay: its keys, its circuits, and the EXTENDs waiting for a CREATED.
+/// One relay: its control plane, its circuits, and what it delivered as an exit.
 pub struct TestRelay {
+    /// Its address label.
     pub addr: SocketAddr,
-    pub identity: [u8; 32],
-    pub onion: OnionSecret,
-    pub aes_hw: bool,
+    /// Its identity and onion key as a client sees them.
+    pub keys: RelayKeys,
+    /// Handshakes and EXTENDs.
+    pub control: ControlPlane,
+    /// Its circuits.
     pub circuits: CircuitMap,
-    /// reply LCID we put in a CREATE → (circuit's prev LCID, next address, link secret).
-    pending_extends: HashMap<u32, (u32, SocketAddr, [u8; 32])>,
-    /// (creator, its reply LCID) → the CREATED we sent, resent on a retransmitted CREATE.
-    created_cache: HashMap<(SocketAddr, u32), Cell>,
-    /// Data delivered to this hop as the exit: (prev LCID, payload).
+    /// DATA delivered to this hop as the exit: (circuit LCID, payload).
     pub delivered: Vec<(u32, Vec<u8>)>,
-    pub drops: Vec<cellproto::relay::DropReason>,
+    /// Every drop, in order.
+    pub drops: Vec<DropReason>,
+    /// Whether the exit answers DATA with the reversed packet.
     pub echo: bool,
     rng: ChaCha20Rng,
 }
 
 impl TestRelay {
+    /// Relay number `i`, with or without AES hardware, keys from `seed`.
     pub fn new(i: usize, aes_hw: bool, seed: u64) -> Self {
         let mut rng = rng(seed);
         let mut identity = [0u8; 32];
         rng.fill_bytes(&mut identity);
+        let onion = OnionSecret::generate(&mut rng);
+        let keys = RelayKeys { identity, onion_key: *onion.public() };
         Self {
             addr: addr(i),
-            identity,
-            onion: OnionSecret::generate(&mut rng),
-            aes_hw,
+            keys,
+            control: ControlPlane::new(identity, vec![onion], aes_hw),
             circuits: CircuitMap::new(),
-            pending_extends: HashMap::new(),
-            created_cache: HashMap::new(),
             delivered: Vec::new(),
             drops: Vec::new(),
             echo: true,
@@ -66,17 +71,15 @@ impl TestRelay {
         }
     }
 
+    /// This relay as a hop of a client's path.
     pub fn path_hop(&self) -> PathHop {
-        PathHop { keys: RelayKeys { identity: self.identity, onion_key: *self.onion.public() }, addr: self.addr }
+        PathHop { keys: self.keys, addr: self.addr }
     }
 
-    fn fresh_lcid(&mut self) -> u32 {
+    fn fresh_lcid(rng: &mut ChaCha20Rng, circuits: &CircuitMap, control: &ControlPlane) -> u32 {
         loop {
-            let id = self.rng.next_u32() | 0x4000_0000;
-            if cellproto::cell::is_valid_lcid(id)
-                && !self.circuits.contains_lcid(id)
-                && !self.pending_extends.contains_key(&id)
-            {
+            let id = rng.next_u32() | 0x4000_0000;
+            if is_valid_lcid(id) && !circuits.contains_lcid(id) && !control.is_pending(id) {
                 return id;
             }
         }
@@ -86,25 +89,38 @@ impl TestRelay {
     pub fn handle(&mut self, now: Instant, from: SocketAddr, cell: &mut Cell) -> Vec<(SocketAddr, Cell)> {
         let id = lcid(cell);
         if id == HANDSHAKE_LCID {
-            return self.handle_create(now, from, cell);
+            let lcid = Self::fresh_lcid(&mut self.rng, &self.circuits, &self.control);
+            return match self.control.handle_create(now, from, cell, || lcid, &mut self.rng) {
+                Ok(Created::New { reply, circuit }) => {
+                    self.circuits.insert(*circuit);
+                    vec![(from, *reply)]
+                }
+                Ok(Created::Repeat { reply }) => vec![(from, *reply)],
+                Err(_) => {
+                    self.drops.push(DropReason::Malformed);
+                    vec![]
+                }
+            };
         }
-        if let Some((prev_lcid, next_addr, secret)) = self.pending_extends.get(&id).copied() {
-            if from == next_addr
-                && let Ok((responder, reply)) = decode_created(cell)
-            {
-                let handshake = *reply;
-                self.pending_extends.remove(&id);
-                self.circuits.set_next(prev_lcid, Link::new(next_addr, responder, id, &secret));
-                let circ = self.circuits.get_mut(prev_lcid).expect("circuit");
-                let mut out = [0u8; CELL_LEN];
-                let len = Extended { handshake }.encode(payload_mut(&mut out)).unwrap();
-                let to = circ.seal_backward(now, Command::Extended, len, &mut out).unwrap();
-                return vec![(to, out)];
-            }
-            return vec![];
+        if self.control.is_pending(id) {
+            return match self.control.handle_created(from, cell) {
+                Ok(ext) => {
+                    self.circuits.set_next(ext.circuit, ext.link);
+                    let Some(circ) = self.circuits.get_mut(ext.circuit) else { return vec![] };
+                    let mut out = [0u8; CELL_LEN];
+                    let Ok(len) = ext.extended.encode(payload_mut(&mut out)) else { return vec![] };
+                    circ.seal_backward(now, Command::Extended, len, &mut out)
+                        .map(|to| vec![(to, out)])
+                        .unwrap_or_default()
+                }
+                Err(_) => {
+                    self.drops.push(DropReason::Malformed);
+                    vec![]
+                }
+            };
         }
         let Some((circ, dir)) = self.circuits.lookup(id) else {
-            self.drops.push(cellproto::relay::DropReason::UnknownCircuit);
+            self.drops.push(DropReason::UnknownCircuit);
             return vec![];
         };
         let prev_lcid = circ.prev().lcid_in;
@@ -119,15 +135,10 @@ impl TestRelay {
                 vec![]
             }
             Verdict::Control { msg: LinkControl::Destroy { reason }, from: side } => {
-                let circ = self.circuits.remove(prev_lcid).expect("circuit");
+                // Propagate away from the side it came from.
+                let Some(circ) = self.circuits.remove(prev_lcid) else { return vec![] };
                 let mut out = [0u8; CELL_LEN];
-                let to_side = match side {
-                    Direction::Forward => Direction::Forward,
-                    Direction::Backward => Direction::Backward,
-                };
-                circ.seal_destroy(to_side, reason, &mut out, &mut self.rng)
-                    .map(|to| vec![(to, out)])
-                    .unwrap_or_default()
+                circ.seal_destroy(side, reason, &mut out, &mut self.rng).map(|to| vec![(to, out)]).unwrap_or_default()
             }
             Verdict::Deliver { cmd, len } => self.deliver(now, prev_lcid, cmd, len, cell),
         }
@@ -143,22 +154,18 @@ impl TestRelay {
     ) -> Vec<(SocketAddr, Cell)> {
         match cmd {
             Command::Extend => {
-                let Ok(ext) = Extend::decode(payload(cell, len)) else { return vec![] };
-                // A retransmitted EXTEND: resend the CREATE with the same reply id.
-                let existing = self.pending_extends.iter().find(|(_, v)| v.0 == prev_lcid).map(|(k, _)| *k);
-                let reply_lcid = existing.unwrap_or_else(|| self.fresh_lcid());
-                self.pending_extends.insert(reply_lcid, (prev_lcid, ext.target, ext.link_secret));
-                let mut out = [0u8; CELL_LEN];
-                encode_create(&mut out, reply_lcid, &ext.handshake, &mut self.rng);
-                vec![(ext.target, out)]
+                let lcid = Self::fresh_lcid(&mut self.rng, &self.circuits, &self.control);
+                match self.control.handle_extend(now, prev_lcid, payload(cell, len), || lcid, &mut self.rng) {
+                    Ok((target, create)) => vec![(target, *create)],
+                    Err(_) => vec![],
+                }
             }
             Command::Ping => {
                 let Ok(id) = decode_ping(payload(cell, len)) else { return vec![] };
-                let circ = self.circuits.get_mut(prev_lcid).expect("circuit");
+                let Some(circ) = self.circuits.get_mut(prev_lcid) else { return vec![] };
                 let mut out = [0u8; CELL_LEN];
                 payload_mut(&mut out)[..8].copy_from_slice(&id.to_be_bytes());
-                let to = circ.seal_backward(now, Command::Pong, 8, &mut out).unwrap();
-                vec![(to, out)]
+                circ.seal_backward(now, Command::Pong, 8, &mut out).map(|to| vec![(to, out)]).unwrap_or_default()
             }
             Command::Data => {
                 let data = payload(cell, len).to_vec();
@@ -167,39 +174,27 @@ impl TestRelay {
                     return vec![];
                 }
                 // Echo the reversed packet, so the backward direction carries different bytes.
-                let circ = self.circuits.get_mut(prev_lcid).expect("circuit");
+                let Some(circ) = self.circuits.get_mut(prev_lcid) else { return vec![] };
                 let mut out = [0u8; CELL_LEN];
-                let rev: Vec<u8> = data.iter().rev().copied().collect();
-                payload_mut(&mut out)[..len].copy_from_slice(&rev);
-                let to = circ.seal_backward(now, Command::Data, len, &mut out).unwrap();
-                vec![(to, out)]
+                for (dst, src) in payload_mut(&mut out)[..len].iter_mut().zip(data.iter().rev()) {
+                    *dst = *src;
+                }
+                circ.seal_backward(now, Command::Data, len, &mut out).map(|to| vec![(to, out)]).unwrap_or_default()
             }
             _ => vec![],
         }
-    }
-
-    fn handle_create(&mut self, now: Instant, from: SocketAddr, cell: &Cell) -> Vec<(SocketAddr, Cell)> {
-        let Ok((reply_lcid, hs)) = decode_create(cell) else { return vec![] };
-        if let Some(cached) = self.created_cache.get(&(from, reply_lcid)) {
-            return vec![(from, *cached)];
-        }
-        let Ok((reply, out)) = respond(&self.identity, &[&self.onion], self.aes_hw, hs, &mut self.rng) else {
-            return vec![];
-        };
-        let my_lcid = self.fresh_lcid();
-        self.circuits.insert(HopCircuit::new(&out, from, reply_lcid, my_lcid, now));
-        let mut created = [0u8; CELL_LEN];
-        encode_created(&mut created, reply_lcid, my_lcid, &reply, &mut self.rng);
-        self.created_cache.insert((from, reply_lcid), created);
-        vec![(from, created)]
     }
 }
 
 /// A client and a line of relays, with every datagram passing through `deliver_all`.
 pub struct Net {
+    /// Relays 1..=n, at addr(1..=n).
     pub relays: Vec<TestRelay>,
+    /// The client's circuit through all of them.
     pub circuit: Circuit,
+    /// The client's RNG.
     pub client_rng: ChaCha20Rng,
+    /// The time every node is given.
     pub now: Instant,
     /// Every datagram sent, in order: (from, to, bytes).
     pub log: Vec<(SocketAddr, SocketAddr, Cell)>,
@@ -222,6 +217,7 @@ impl Net {
         Self { relays, circuit, client_rng, now, log: Vec::new(), events: Vec::new(), client_drops: 0 }
     }
 
+    /// Which relay has address `a`.
     pub fn relay_index(&self, a: SocketAddr) -> Option<usize> {
         self.relays.iter().position(|r| r.addr == a)
     }
