@@ -11,6 +11,7 @@ use crate::cell::{
 };
 use crate::command::{Extend, Extended, decode_destroy};
 use crate::crypto::{KEY_LEN, Suite, local_aes_hw};
+use crate::descriptor::RelayDescriptor;
 use crate::handshake::{ClientHandshake, ClientRequest, HandshakeError, RelayKeys};
 use crate::link::{LinkControl, decode_created, encode_create, open_link_control, seal_link_control};
 use crate::onion::{
@@ -29,6 +30,16 @@ pub struct PathHop {
     pub keys: RelayKeys,
     /// The relay's UDP address.
     pub addr: SocketAddr,
+}
+
+impl PathHop {
+    /// The hop for a relay from its verified descriptor: its onion key current at `now` and
+    /// its first address of the family the client wants (`ipv6`), or `None` if it has neither.
+    pub fn from_descriptor(desc: &RelayDescriptor, now: u64, ipv6: bool) -> Option<Self> {
+        let onion = desc.current_onion_key(now)?;
+        let addr = *desc.addresses.iter().find(|a| a.is_ipv6() == ipv6)?;
+        Some(Self { keys: RelayKeys { identity: desc.identity.0, onion_key: onion.onion_key }, addr })
+    }
 }
 
 /// Tunables of circuit construction.
@@ -140,7 +151,7 @@ struct Pending {
 
 #[derive(Debug)]
 enum Phase {
-    Building(Pending),
+    Building(Box<Pending>),
     Open,
     Closed(CloseReason),
 }
@@ -187,7 +198,7 @@ impl Circuit {
             links: Vec::with_capacity(MAX_HOPS),
             next_counter: 1,
             bwd_window: ReplayWindow::new(),
-            phase: Phase::Building(first),
+            phase: Phase::Building(Box::new(first)),
             config,
             started: now,
             build_time: None,
@@ -422,7 +433,7 @@ impl Circuit {
         }
         match Self::start_hop(&self.path, built + 1, &self.config, now, rng) {
             Ok(p) => {
-                self.phase = Phase::Building(p);
+                self.phase = Phase::Building(Box::new(p));
                 None
             }
             Err(_) => {

@@ -58,6 +58,12 @@ impl TestRelay {
         let mut identity = [0u8; 32];
         rng.fill_bytes(&mut identity);
         let onion = OnionSecret::generate(&mut rng);
+        Self::with_keys(i, identity, onion, aes_hw, seed)
+    }
+
+    /// Relay number `i` with the given identity (public key) and onion key.
+    pub fn with_keys(i: usize, identity: [u8; 32], onion: OnionSecret, aes_hw: bool, seed: u64) -> Self {
+        let rng = rng(seed ^ 0x5eed);
         let keys = RelayKeys { identity, onion_key: *onion.public() };
         Self {
             addr: addr(i),
@@ -210,6 +216,12 @@ impl Net {
         let relays: Vec<TestRelay> =
             (1..=n).map(|i| TestRelay::new(i, aes(i), seed.wrapping_mul(100).wrapping_add(i as u64))).collect();
         let path = relays.iter().map(TestRelay::path_hop).collect();
+        Self::with_path(relays, path, seed)
+    }
+
+    /// The given relays, and a circuit along `path` (hops the client learned elsewhere, e.g.
+    /// from a directory).
+    pub fn with_path(relays: Vec<TestRelay>, path: Vec<PathHop>, seed: u64) -> Self {
         let mut client_rng = rng(seed);
         let now = Instant::now();
         let config = CircuitConfig { offer_aes: true, ..CircuitConfig::default() };

@@ -47,7 +47,14 @@ impl Relay {
     }
 
     /// Answers a CREATE cell from `from`: the new circuit (receiving on `my_lcid`) and the CREATED.
-    fn create(&self, now: Instant, from: SocketAddr, cell: &Cell, my_lcid: u32, rng: &mut ChaCha20Rng) -> (HopCircuit, Cell) {
+    fn create(
+        &self,
+        now: Instant,
+        from: SocketAddr,
+        cell: &Cell,
+        my_lcid: u32,
+        rng: &mut ChaCha20Rng,
+    ) -> (HopCircuit, Cell) {
         let (reply_lcid, hs) = decode_create(cell).expect("CREATE decodes");
         let (reply, out) = respond(&self.identity, &[&self.onion], true, hs, rng).expect("handshake");
         let circ = HopCircuit::new(&out, from, reply_lcid, my_lcid, now);
@@ -173,8 +180,9 @@ fuzz_target!(|data: &[u8]| {
 
     // 2. A genuine forward cell from the client (command, target hop and payload length picked
     //    by the input), with the input XORed in, through hop 1 and on to hop 2.
+    //    Byte 0: bit 7 offers AES (above), bits 1..=6 pick the command, bit 0 the target hop.
     let target = 1 + usize::from(sel(0) & 1);
-    let cmd = COMMANDS[usize::from(sel(0) >> 1) % COMMANDS.len()];
+    let cmd = COMMANDS[usize::from((sel(0) >> 1) & 0x3F) % COMMANDS.len()];
     let len = usize::from(u16::from_be_bytes([sel(1), sel(2)]) % 1400);
     let mut cell = [0u8; CELL_LEN];
     for (i, b) in payload_mut(&mut cell).iter_mut().take(len).enumerate() {

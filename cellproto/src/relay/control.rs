@@ -66,6 +66,8 @@ pub struct Extension {
     pub extended: Extended,
 }
 
+type Answered = (Box<[u8; CELL_LEN]>, Instant);
+
 #[derive(Debug)]
 struct PendingExtend {
     circuit: u32,
@@ -80,7 +82,8 @@ pub struct ControlPlane {
     identity: [u8; 32],
     onion_keys: Vec<OnionSecret>,
     aes_hw: bool,
-    answered: HashMap<(SocketAddr, u32), (Box<[u8; CELL_LEN]>, Instant)>,
+    /// CREATEs answered, by (creator, reply LCID): the CREATED and when it was sent.
+    answered: HashMap<(SocketAddr, u32), Answered>,
     pending: HashMap<u32, PendingExtend>,
 }
 
