@@ -418,7 +418,7 @@ impl Circuit {
         }
         let ext = Extended::decode(body).map_err(|_| CircuitError::Malformed)?;
         let out = p.handshake.finish(&ext.handshake).map_err(|err| CircuitError::Handshake { hop: p.hop, err })?;
-        self.links.push(LinkKeys::derive(&p.link_secret.unwrap_or([0; KEY_LEN])));
+        self.links.push(LinkKeys::derive(&out.link_secret));
         self.hops.push(HopKeys::from_material(out.suite, &out.keys));
         Ok(self.advance(now, rng))
     }

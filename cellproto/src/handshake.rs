@@ -167,6 +167,7 @@ pub struct ClientHandshake {
     message: [u8; CREATE_LEN],
     offer_aes: bool,
     hop: u8,
+    link_secret: Option<[u8; KEY_LEN]>,
 }
 
 impl std::fmt::Debug for ClientHandshake {
@@ -200,7 +201,7 @@ impl ClientHandshake {
         let tag = seal_once(&k1, &aad[..96], &mut message[32..32 + CLIENT_EXT_LEN]);
         k1.zeroize();
         message[32 + CLIENT_EXT_LEN..].copy_from_slice(&tag);
-        Ok(Self { x, x_wire, relay: *relay, message, offer_aes: req.offer_aes, hop: req.hop })
+        Ok(Self { x, x_wire, relay: *relay, message, offer_aes: req.offer_aes, hop: req.hop, link_secret: req.link_secret })
     }
 
     /// The CREATE handshake message (also carried inside EXTEND).
@@ -230,6 +231,7 @@ impl ClientHandshake {
             return Err(HandshakeError::BadExtensions("relay chose a suite we did not offer"));
         }
         check_extensions(&ext[2..])?;
+        let link_secret = self.link_secret.unwrap_or(link_secret);
         Ok(HandshakeOutput { suite, keys, link_secret, hop: self.hop })
     }
 }
