@@ -153,8 +153,8 @@ impl std::fmt::Debug for LayerKey {
 ///   authenticates the padding as associated data. Sample blocks are ciphertext and never match
 ///   that fixed structure except with probability 2⁻⁶⁴ per block.
 ///
-/// Mask and padding for an outgoing cell come from one call: what costs here is the call, not
-/// the handful of AES blocks.
+/// Mask and padding for an outgoing cell come from one call: what costs here is the call
+/// (about 25 ns), not the handful of AES blocks (about 4 ns each).
 pub struct HeaderKey(EncryptingKey);
 
 /// Most padding one cell carries: (MAX_HOPS - 1) × 17 = 119 bytes, rounded up to blocks.
@@ -167,8 +167,7 @@ impl HeaderKey {
         Self(EncryptingKey::ecb(unbound).unwrap_or_else(|_| unreachable!()))
     }
 
-    /// Encrypts whole 16-byte blocks in place (ECB): the batch form of [`HeaderKey::mask`].
-    pub fn encrypt_blocks(&self, blocks: &mut [u8]) {
+    fn encrypt_blocks(&self, blocks: &mut [u8]) {
         self.0
             .less_safe_encrypt(blocks, EncryptionContext::None)
             .unwrap_or_else(|_| unreachable!("ECB on whole blocks cannot fail"));
@@ -206,7 +205,7 @@ impl HeaderKey {
 }
 
 /// Input block `j` of the padding for `counter`: counter ‖ u32(j) ‖ "pad\0".
-pub(crate) fn pad_block(counter: u64, j: usize, block: &mut [u8]) {
+fn pad_block(counter: u64, j: usize, block: &mut [u8]) {
     block[..8].copy_from_slice(&counter.to_be_bytes());
     block[8..12].copy_from_slice(&(j as u32).to_be_bytes());
     block[12..16].copy_from_slice(b"pad\0");

@@ -201,7 +201,15 @@ impl ClientHandshake {
         let tag = seal_once(&k1, &aad[..96], &mut message[32..32 + CLIENT_EXT_LEN]);
         k1.zeroize();
         message[32 + CLIENT_EXT_LEN..].copy_from_slice(&tag);
-        Ok(Self { x, x_wire, relay: *relay, message, offer_aes: req.offer_aes, hop: req.hop, link_secret: req.link_secret })
+        Ok(Self {
+            x,
+            x_wire,
+            relay: *relay,
+            message,
+            offer_aes: req.offer_aes,
+            hop: req.hop,
+            link_secret: req.link_secret,
+        })
     }
 
     /// The CREATE handshake message (also carried inside EXTEND).

@@ -161,69 +161,6 @@ pub fn protect_header(cell: &mut [u8; CELL_LEN], key: &HeaderKey, lcid: u32, cou
     header[LCID_LEN..].copy_from_slice(&protected.to_be_bytes());
 }
 
-/// Most cells [`unprotect_counters`] and [`protect_headers`] take in one call.
-pub const RUN_MAX: usize = 64;
-
-/// Recovers the counters of a run of cells that arrived on one link (at most [`RUN_MAX`]),
-/// with one AES call for the whole run: on the hot path the call, not the block, is the cost.
-pub fn unprotect_counters<'c>(
-    cells: impl Iterator<Item = &'c [u8; CELL_LEN]> + Clone,
-    key: &HeaderKey,
-    counters: &mut [u64],
-) {
-    let mut samples = [0u8; SAMPLE_LEN * RUN_MAX];
-    let mut n = 0;
-    for (cell, block) in cells.clone().zip(samples.chunks_exact_mut(SAMPLE_LEN)) {
-        block.copy_from_slice(&cell[HEADER_LEN..HEADER_LEN + SAMPLE_LEN]);
-        n += 1;
-    }
-    key.encrypt_blocks(&mut samples[..n * SAMPLE_LEN]);
-    for ((cell, mask), counter) in cells.zip(samples.chunks_exact(SAMPLE_LEN)).zip(counters.iter_mut()) {
-        let mut raw = [0u8; COUNTER_LEN];
-        raw.copy_from_slice(&cell[LCID_LEN..HEADER_LEN]);
-        let mut m = [0u8; COUNTER_LEN];
-        m.copy_from_slice(&mask[..COUNTER_LEN]);
-        *counter = u64::from_be_bytes(raw) ^ u64::from_be_bytes(m);
-    }
-}
-
-/// [`protect_header`] for a run of cells going out on one link (at most [`RUN_MAX`]), with one
-/// AES call for all their masks and padding.
-pub fn protect_headers<'c>(
-    cells: impl Iterator<Item = (&'c mut [u8; CELL_LEN], u64)>,
-    key: &HeaderKey,
-    lcid: u32,
-    pad_start: usize,
-) {
-    let pad_len = BODY_LEN - pad_start;
-    let per_cell = 1 + pad_len.div_ceil(16);
-    let mut blocks = [0u8; 16 * RUN_MAX * (1 + PAD_BLOCKS_MAX)];
-    let mut refs: [Option<(&mut [u8; CELL_LEN], u64)>; RUN_MAX] = [const { None }; RUN_MAX];
-    let mut n = 0;
-    for (slot, (cell, counter)) in refs.iter_mut().zip(cells) {
-        let chunk = &mut blocks[n * per_cell * 16..(n + 1) * per_cell * 16];
-        chunk[..16].copy_from_slice(&cell[HEADER_LEN..HEADER_LEN + SAMPLE_LEN]);
-        for (j, block) in chunk[16..].chunks_exact_mut(16).enumerate() {
-            crate::crypto::pad_block(counter, j, block);
-        }
-        *slot = Some((cell, counter));
-        n += 1;
-    }
-    key.encrypt_blocks(&mut blocks[..n * per_cell * 16]);
-    for (i, (cell, counter)) in refs.iter_mut().take(n).flatten().enumerate() {
-        let chunk = &blocks[i * per_cell * 16..(i + 1) * per_cell * 16];
-        cell[HEADER_LEN + pad_start..].copy_from_slice(&chunk[16..16 + pad_len]);
-        set_lcid(cell, lcid);
-        let mut m = [0u8; COUNTER_LEN];
-        m.copy_from_slice(&chunk[..COUNTER_LEN]);
-        let protected = *counter ^ u64::from_be_bytes(m);
-        cell[LCID_LEN..HEADER_LEN].copy_from_slice(&protected.to_be_bytes());
-    }
-}
-
-/// Padding blocks one cell can need: (MAX_HOPS − 1) × 17 bytes, rounded up.
-const PAD_BLOCKS_MAX: usize = (HOP_OVERHEAD * (MAX_HOPS - 1)).div_ceil(16);
-
 /// Recovers the counter from a received cell's header.
 pub fn unprotect_counter(cell: &[u8; CELL_LEN], key: &HeaderKey) -> u64 {
     let mask = key.mask(sample(cell));
@@ -299,7 +236,7 @@ pub fn forward_to_next(cell: &mut [u8; CELL_LEN], hop: usize, counter: u64, next
 }
 
 /// Relay side, backward: seals the inner cell from the next hop under this hop's layer. The
-/// caller then writes padding and header with [`protect_headers`] from
+/// caller then writes padding and header with [`protect_header`] from
 /// [`backward_pad_start`]. `counter` must have been accepted by this hop's backward window.
 pub fn seal_backward_relay(
     cell: &mut [u8; CELL_LEN],

@@ -15,8 +15,8 @@ use crate::crypto::{KEY_LEN, Suite};
 use crate::handshake::HandshakeOutput;
 use crate::link::{LinkControl, open_link_control, seal_link_control};
 use crate::onion::{
-    Direction, HopKeys, LayerError, LinkKeys, RUN_MAX, backward_pad_start, forward_pad_start, open_forward,
-    protect_headers, seal_backward_command, seal_backward_relay, unprotect_counters,
+    Direction, HopKeys, LayerError, LinkKeys, backward_pad_start, forward_to_next, open_forward, protect_header,
+    seal_backward_command, seal_backward_relay, unprotect_counter,
 };
 use crate::replay::ReplayWindow;
 use rand_core::CryptoRngCore;
@@ -178,66 +178,7 @@ impl HopCircuit {
 
     /// Processes a cell received from the previous hop, in place.
     pub fn handle_forward(&mut self, now: Instant, from: SocketAddr, cell: &mut [u8; CELL_LEN]) -> Verdict {
-        let mut verdict = [Verdict::Drop(DropReason::Malformed)];
-        self.handle_run(now, Direction::Forward, &mut [Incoming { from, cell }], &mut verdict);
-        verdict[0]
-    }
-
-    /// Processes a cell received from the next hop, in place.
-    pub fn handle_backward(&mut self, now: Instant, from: SocketAddr, cell: &mut [u8; CELL_LEN]) -> Verdict {
-        let mut verdict = [Verdict::Drop(DropReason::Malformed)];
-        self.handle_run(now, Direction::Backward, &mut [Incoming { from, cell }], &mut verdict);
-        verdict[0]
-    }
-
-    /// Processes a run of cells that arrived for this circuit in direction `dir`, in place,
-    /// writing one verdict per cell. Header masks and padding for the whole run cost one AES
-    /// call each way; at most [`RUN_MAX`] cells are processed (the rest get `Drop(Malformed)`).
-    pub fn handle_run(&mut self, now: Instant, dir: Direction, run: &mut [Incoming<'_>], verdicts: &mut [Verdict]) {
-        let n = run.len().min(verdicts.len()).min(RUN_MAX);
-        verdicts[n..].fill(Verdict::Drop(DropReason::Malformed));
-        let (run, verdicts) = (&mut run[..n], &mut verdicts[..n]);
-        let mut counters = [0u64; RUN_MAX];
-        let counters = &mut counters[..n];
-        match dir {
-            Direction::Forward => {
-                unprotect_counters(run.iter().map(|c| &*c.cell), self.prev.keys.header(Direction::Forward), counters);
-                for ((cell, verdict), &counter) in run.iter_mut().zip(verdicts.iter_mut()).zip(counters.iter()) {
-                    *verdict = self.open_forward_one(now, cell.from, cell.cell, counter);
-                }
-                if let Some(next) = &self.next {
-                    let relayed = sent(run, verdicts, counters);
-                    protect_headers(
-                        relayed,
-                        next.keys.header(Direction::Forward),
-                        next.lcid_out,
-                        forward_pad_start(self.hop),
-                    );
-                }
-            }
-            Direction::Backward => {
-                let Some(next) = &self.next else {
-                    verdicts.fill(Verdict::Drop(DropReason::UnknownCircuit));
-                    return;
-                };
-                unprotect_counters(run.iter().map(|c| &*c.cell), next.keys.header(Direction::Backward), counters);
-                for ((cell, verdict), &counter) in run.iter_mut().zip(verdicts.iter_mut()).zip(counters.iter()) {
-                    *verdict = self.seal_backward_one(now, cell.from, cell.cell, counter);
-                }
-                let relayed = sent(run, verdicts, counters);
-                protect_headers(
-                    relayed,
-                    self.prev.keys.header(Direction::Backward),
-                    self.prev.lcid_out,
-                    backward_pad_start(self.hop),
-                );
-            }
-        }
-    }
-
-    /// One forward cell whose counter is known: checks, opens, and decides. A cell to relay gets
-    /// `Send` here; its padding and header are written for the whole run afterwards.
-    fn open_forward_one(&mut self, now: Instant, from: SocketAddr, cell: &mut [u8; CELL_LEN], counter: u64) -> Verdict {
+        let counter = unprotect_counter(cell, self.prev.keys.header(Direction::Forward));
         if counter == LINK_CONTROL_COUNTER {
             return control(cell, &self.prev.keys, Direction::Forward);
         }
@@ -263,7 +204,10 @@ impl HopCircuit {
         self.prev.peer = from;
         match opened {
             Ok((Command::Relay, _)) => match &self.next {
-                Some(next) => Verdict::Send(next.peer),
+                Some(next) => {
+                    forward_to_next(cell, self.hop, counter, &next.keys, next.lcid_out);
+                    Verdict::Send(next.peer)
+                }
                 None => Verdict::Drop(DropReason::Protocol),
             },
             Ok((cmd, len)) => Verdict::Deliver { cmd, len },
@@ -272,19 +216,13 @@ impl HopCircuit {
         }
     }
 
-    /// One backward cell from the next hop whose counter is known: checks and seals this hop's
-    /// layer; padding and header follow for the whole run.
-    fn seal_backward_one(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        cell: &mut [u8; CELL_LEN],
-        counter: u64,
-    ) -> Verdict {
+    /// Processes a cell received from the next hop, in place.
+    pub fn handle_backward(&mut self, now: Instant, from: SocketAddr, cell: &mut [u8; CELL_LEN]) -> Verdict {
         let Some(next) = &self.next else { return Verdict::Drop(DropReason::UnknownCircuit) };
         if from != next.peer {
             return Verdict::Drop(DropReason::WrongPeer);
         }
+        let counter = unprotect_counter(cell, next.keys.header(Direction::Backward));
         if counter == LINK_CONTROL_COUNTER {
             return control(cell, &next.keys, Direction::Backward);
         }
@@ -305,6 +243,13 @@ impl HopCircuit {
         if seal_backward_relay(cell, self.hop, &self.keys, counter).is_err() {
             return Verdict::Drop(DropReason::Malformed);
         }
+        protect_header(
+            cell,
+            self.prev.keys.header(Direction::Backward),
+            self.prev.lcid_out,
+            counter,
+            backward_pad_start(self.hop),
+        );
         self.last_active = now;
         Verdict::Send(self.prev.peer)
     }
@@ -342,19 +287,6 @@ impl HopCircuit {
         seal_link_control(cell, &link.keys, dir, link.lcid_out, LinkControl::Destroy { reason }, rng);
         Some(link.peer)
     }
-}
-
-/// The cells of a run that are to be sent on, with their counters.
-fn sent<'r, 'c: 'r>(
-    run: &'r mut [Incoming<'c>],
-    verdicts: &'r [Verdict],
-    counters: &'r [u64],
-) -> impl Iterator<Item = (&'r mut [u8; CELL_LEN], u64)> {
-    run.iter_mut()
-        .zip(verdicts)
-        .zip(counters)
-        .filter(|((_, v), _)| matches!(v, Verdict::Send(_)))
-        .map(|((cell, _), &counter)| (&mut *cell.cell, counter))
 }
 
 fn control(cell: &mut [u8; CELL_LEN], keys: &LinkKeys, from: Direction) -> Verdict {
