@@ -377,6 +377,12 @@ impl CircuitMap {
         Some(circ)
     }
 
+    /// Removes and returns the circuits for which `expired` holds.
+    pub fn remove_where(&mut self, mut expired: impl FnMut(&HopCircuit) -> bool) -> Vec<HopCircuit> {
+        let ids: Vec<u32> = self.circuits.iter().filter(|(_, c)| expired(c)).map(|(id, _)| *id).collect();
+        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+    }
+
     /// Every circuit (e.g. to send DESTROY for each at shutdown).
     pub fn iter(&self) -> impl Iterator<Item = &HopCircuit> {
         self.circuits.values()

@@ -1,0 +1,258 @@
+//! relayd's TOML configuration. Every option is documented in `relayd.example.toml`, which
+//! runs as is on loopback; unknown keys and bad values are errors that name the key.
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Why a configuration file was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type (the message names the key).
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, naming the key.
+        message: String,
+    },
+    /// A value out of range.
+    #[error("invalid config {path}: `{key}` {problem}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Which data path to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathChoice {
+    /// io_uring, falling back to recvmmsg/sendmmsg (logged) where unavailable.
+    #[default]
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// recvmmsg/sendmmsg.
+    Recvmmsg,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// UDP address for cells and STUN.
+    pub listen: SocketAddr,
+    /// Addresses published in the descriptor (default: `listen`).
+    #[serde(default)]
+    pub public_addresses: Vec<SocketAddr>,
+    /// Directory with `identity.key` and `onion.key`.
+    pub key_dir: PathBuf,
+    /// Relay nickname (1–19 letters and digits).
+    pub nickname: String,
+    /// Operator contact or family id (path selection avoids two relays of one operator).
+    #[serde(default)]
+    pub operator: String,
+    /// Advertised bandwidth in bytes per second.
+    #[serde(default = "default_bandwidth")]
+    pub bandwidth: u64,
+    /// Offer to be a guard (first hop).
+    #[serde(default)]
+    pub guard: bool,
+    /// Worker threads; 0 = one per CPU core.
+    #[serde(default)]
+    pub workers: usize,
+    /// Pin each worker to its own core.
+    #[serde(default = "yes")]
+    pub pin_workers: bool,
+    /// Data path.
+    #[serde(default)]
+    pub datapath: DatapathChoice,
+    /// Circuits idle this long are torn down.
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+    /// How long a published descriptor is valid.
+    #[serde(default = "default_descriptor_lifetime")]
+    pub descriptor_lifetime_secs: u64,
+    /// Limits on circuit creation.
+    #[serde(default)]
+    pub limits: Limits,
+    /// EXTEND policy.
+    #[serde(default)]
+    pub extend: ExtendPolicy,
+    /// Metrics endpoint.
+    #[serde(default)]
+    pub metrics: Metrics,
+}
+
+/// Per-source limits (Tor's DoS defaults: 3 circuits/s, burst 90).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sustained CREATE rate per source IP (per second).
+    #[serde(default = "default_rate")]
+    pub create_rate: f64,
+    /// CREATE burst per source IP.
+    #[serde(default = "default_burst")]
+    pub create_burst: u32,
+    /// Live circuits per source IP.
+    #[serde(default = "default_max_circuits")]
+    pub max_circuits_per_ip: u32,
+    /// Sources exempt from these limits (other relays, e.g. from the directory).
+    #[serde(default)]
+    pub exempt: Vec<IpNet>,
+}
+
+/// Where EXTEND may go.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendPolicy {
+    /// Allow targets in private, loopback, link-local and CGNAT ranges (labs and private
+    /// deployments only: otherwise a client could make the relay probe its own network).
+    #[serde(default)]
+    pub allow_private: bool,
+}
+
+/// Prometheus metrics.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// Address for `GET /metrics` (text format); none = disabled.
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            create_rate: default_rate(),
+            create_burst: default_burst(),
+            max_circuits_per_ip: default_max_circuits(),
+            exempt: Vec::new(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_bandwidth() -> u64 {
+    12_500_000
+}
+fn default_idle() -> u64 {
+    300
+}
+fn default_descriptor_lifetime() -> u64 {
+    86_400
+}
+fn default_rate() -> f64 {
+    3.0
+}
+fn default_burst() -> u32 {
+    90
+}
+fn default_max_circuits() -> u32 {
+    1000
+}
+
+impl Config {
+    /// Reads and validates a configuration file. Relative `key_dir` is relative to the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let mut config = Self::parse(&text, path)?;
+        if config.key_dir.is_relative()
+            && let Some(parent) = path.parent()
+        {
+            config.key_dir = parent.join(&config.key_dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text (`path` only names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let bad = |key, problem: &str| ConfigError::Value { path: path.into(), key, problem: problem.into() };
+        let nick_ok =
+            (1..=19).contains(&config.nickname.len()) && config.nickname.chars().all(|c| c.is_ascii_alphanumeric());
+        if !nick_ok {
+            return Err(bad("nickname", "must be 1 to 19 ASCII letters and digits"));
+        }
+        if config.listen.port() == 0 {
+            return Err(bad("listen", "needs a port other than 0"));
+        }
+        if !(config.limits.create_rate > 0.0 && config.limits.create_rate.is_finite()) {
+            return Err(bad("limits.create_rate", "must be a positive number"));
+        }
+        if config.limits.create_burst == 0 {
+            return Err(bad("limits.create_burst", "must be at least 1"));
+        }
+        if config.idle_timeout_secs == 0 {
+            return Err(bad("idle_timeout_secs", "must be at least 1"));
+        }
+        if !(60..=7 * 86_400).contains(&config.descriptor_lifetime_secs) {
+            return Err(bad("descriptor_lifetime_secs", "must be between 60 and 604800"));
+        }
+        if config.workers > 1024 {
+            return Err(bad("workers", "must be at most 1024"));
+        }
+        Ok(config)
+    }
+
+    /// Worker count with 0 resolved to the number of CPU cores.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            n => n,
+        }
+    }
+
+    /// Addresses for the descriptor.
+    pub fn published_addresses(&self) -> Vec<SocketAddr> {
+        if self.public_addresses.is_empty() { vec![self.listen] } else { self.public_addresses.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../relayd.example.toml");
+        let c = Config::parse(text, Path::new("relayd.example.toml")).unwrap();
+        assert_eq!(c.limits.create_burst, 90);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let base = "listen = \"127.0.0.1:9001\"\nkey_dir = \"k\"\nnickname = \"a\"\n";
+        let err = Config::parse(&format!("{base}bogus = 1\n"), Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = Config::parse(&format!("{base}workers = \"many\"\n"), Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("workers"), "{err}");
+        let err = Config::parse(
+            "listen = \"127.0.0.1:9001\"\nkey_dir = \"k\"\nnickname = \"bad name!\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nickname"), "{err}");
+        let err =
+            Config::parse(&format!("{base}[limits]\ncreate_rate = 0\n"), Path::new("x.toml")).unwrap_err().to_string();
+        assert!(err.contains("limits.create_rate"), "{err}");
+    }
+}

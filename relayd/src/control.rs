@@ -1,0 +1,343 @@
+//! The control thread: handshakes (CREATE), EXTEND and CREATED, per-source limits, LCID
+//! allocation. It owns cellproto's sans-IO [`ControlPlane`] and talks to the workers over
+//! crossbeam channels; a flood of CREATEs queues here, never in front of established circuits.
+
+use crate::config::Config;
+use crate::datapath::Outgoing;
+use crate::metrics::{ControlStats, Registry};
+use crate::ratelimit::SourceLimits;
+use cellproto::cell::{CELL_LEN, is_valid_lcid};
+use cellproto::command::{Extend, Extended, reason};
+use cellproto::relay::control::{ControlPlane, Created};
+use cellproto::relay::{HopCircuit, Link};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rand_core::{OsRng, RngCore};
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tracing::{debug, info};
+
+/// A cell buffer.
+pub type Cell = Box<[u8; CELL_LEN]>;
+
+/// Worker → control.
+#[derive(Debug)]
+pub enum ToControl {
+    /// A CREATE arrived.
+    Create {
+        /// From this source.
+        from: SocketAddr,
+        /// The cell.
+        cell: Cell,
+    },
+    /// A cell on a pending EXTEND's reply LCID (a CREATED).
+    Created {
+        /// From this source.
+        from: SocketAddr,
+        /// The cell.
+        cell: Cell,
+    },
+    /// A circuit owned by `worker` asked to be extended.
+    Extend {
+        /// The worker that owns the circuit.
+        worker: usize,
+        /// The circuit's previous-link LCID.
+        circuit: u32,
+        /// The EXTEND body.
+        body: Vec<u8>,
+    },
+    /// Circuits ended; their LCIDs are free again.
+    Closed {
+        /// Previous- and next-link LCIDs of the ended circuits.
+        lcids: Vec<u32>,
+    },
+}
+
+/// Control → worker.
+#[derive(Debug)]
+pub enum ToWorker {
+    /// Own this new circuit, then send the CREATED.
+    Install {
+        /// The circuit.
+        circuit: Box<HopCircuit>,
+        /// The CREATED to send.
+        reply: Outgoing,
+    },
+    /// Send this datagram.
+    Send(Outgoing),
+    /// Cells on this LCID are CREATEDs for the control plane until told otherwise.
+    ExpectCreated(u32),
+    /// An EXTEND completed: set the next link and send EXTENDED to the client.
+    Extended {
+        /// The circuit's previous-link LCID.
+        circuit: u32,
+        /// The next link.
+        link: Box<Link>,
+        /// The EXTENDED body.
+        extended: Extended,
+        /// The reply LCID that was pending.
+        reply_lcid: u32,
+    },
+    /// An EXTEND failed or was refused: tell the client with DESTROY.
+    ExtendFailed {
+        /// The circuit's previous-link LCID.
+        circuit: u32,
+        /// DESTROY reason.
+        reason: u8,
+        /// The reply LCID that was pending, if one was allocated.
+        reply_lcid: Option<u32>,
+    },
+}
+
+/// Whether `ip` is in a range a public relay must not extend into.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || (o[0] == 100 && (o[1] & 0xC0) == 64) // 100.64.0.0/10 CGNAT
+                || o[0] == 0
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (s[0] & 0xFE00) == 0xFC00 // unique local
+                || (s[0] & 0xFFC0) == 0xFE80 // link local
+                || v6.to_ipv4_mapped().is_some_and(|v4| is_private(IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// The control thread's state.
+pub struct Control {
+    plane: ControlPlane,
+    limits: SourceLimits,
+    allow_private: bool,
+    workers: Vec<Sender<ToWorker>>,
+    next_worker: usize,
+    used: HashSet<u32>,
+    sources: HashMap<u32, IpAddr>,
+    registry: Arc<Registry>,
+}
+
+impl Control {
+    /// The control plane for `config`, with one channel per worker.
+    pub fn new(config: &Config, plane: ControlPlane, workers: Vec<Sender<ToWorker>>, registry: Arc<Registry>) -> Self {
+        let l = &config.limits;
+        Self {
+            plane,
+            limits: SourceLimits::new(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt.clone()),
+            allow_private: config.extend.allow_private,
+            workers,
+            next_worker: 0,
+            used: HashSet::new(),
+            sources: HashMap::new(),
+            registry,
+        }
+    }
+
+    fn stats(&self) -> &ControlStats {
+        &self.registry.control
+    }
+
+    /// An unused LCID that the reuseport steering delivers to `worker`.
+    fn alloc_lcid(used: &mut HashSet<u32>, workers: usize, worker: usize) -> u32 {
+        let n = workers as u32;
+        loop {
+            let r = OsRng.next_u32() | 0x4000_0000;
+            let id = r - r % n + worker as u32;
+            if is_valid_lcid(id) && id % n == worker as u32 && used.insert(id) {
+                return id;
+            }
+        }
+    }
+
+    fn send(&self, worker: usize, msg: ToWorker) {
+        // A worker that is gone (shutting down) no longer needs anything.
+        let _ = self.workers[worker].send(msg);
+    }
+
+    /// Runs until `stop` is set.
+    pub fn run(mut self, inbox: Receiver<ToControl>, stop: Arc<AtomicBool>) {
+        let mut last_expire = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            match inbox.recv_timeout(Duration::from_millis(100)) {
+                Ok(msg) => self.handle(Instant::now(), msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now.duration_since(last_expire) >= Duration::from_secs(1) {
+                last_expire = now;
+                self.limits.prune(now);
+                for circuit in self.plane.expire(now) {
+                    ControlStats::bump(&self.stats().extends_failed);
+                    let worker = circuit as usize % self.workers.len();
+                    self.send(
+                        worker,
+                        ToWorker::ExtendFailed { circuit, reason: reason::CONNECT_FAILED, reply_lcid: None },
+                    );
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, now: Instant, msg: ToControl) {
+        match msg {
+            ToControl::Create { from, cell } => self.create(now, from, &cell),
+            ToControl::Created { from, cell } => match self.plane.handle_created(from, &cell) {
+                Ok(ext) => {
+                    ControlStats::bump(&self.stats().extends);
+                    let worker = ext.circuit as usize % self.workers.len();
+                    let reply_lcid = ext.link.lcid_in;
+                    self.send(
+                        worker,
+                        ToWorker::Extended {
+                            circuit: ext.circuit,
+                            link: Box::new(ext.link),
+                            extended: ext.extended,
+                            reply_lcid,
+                        },
+                    );
+                }
+                Err(e) => debug!(%from, "CREATED refused: {e}"),
+            },
+            ToControl::Extend { worker, circuit, body } => self.extend(now, worker, circuit, &body),
+            ToControl::Closed { lcids } => {
+                for id in lcids {
+                    self.used.remove(&id);
+                    if let Some(ip) = self.sources.remove(&id) {
+                        self.limits.closed(ip);
+                    }
+                }
+            }
+        }
+    }
+
+    fn create(&mut self, now: Instant, from: SocketAddr, cell: &[u8; CELL_LEN]) {
+        if !self.limits.allow_create(from.ip(), now) {
+            ControlStats::bump(&self.stats().rate_limited);
+            return;
+        }
+        let worker = self.next_worker;
+        let workers = self.workers.len();
+        let used = &mut self.used;
+        let mut allocated = None;
+        let result = self.plane.handle_create(
+            now,
+            from,
+            cell,
+            || {
+                let id = Self::alloc_lcid(used, workers, worker);
+                allocated = Some(id);
+                id
+            },
+            &mut OsRng,
+        );
+        match result {
+            Ok(Created::New { reply, circuit }) => {
+                ControlStats::bump(&self.stats().handshakes_ok);
+                self.next_worker = (worker + 1) % workers;
+                if let Some(id) = allocated {
+                    self.sources.insert(id, from.ip());
+                }
+                self.limits.opened(from.ip());
+                let reply = Outgoing { to: from, data: reply.to_vec() };
+                self.send(worker, ToWorker::Install { circuit, reply });
+            }
+            Ok(Created::Repeat { reply }) => {
+                self.send(worker, ToWorker::Send(Outgoing { to: from, data: reply.to_vec() }));
+            }
+            Err(e) => {
+                ControlStats::bump(&self.stats().handshakes_failed);
+                debug!(%from, "CREATE refused: {e}");
+            }
+        }
+    }
+
+    fn extend(&mut self, now: Instant, worker: usize, circuit: u32, body: &[u8]) {
+        if let Ok(ext) = Extend::decode(body)
+            && !self.allow_private
+            && is_private(ext.target.ip())
+        {
+            ControlStats::bump(&self.stats().extends_failed);
+            info!(target = %ext.target, "EXTEND to a private address refused (extend.allow_private = false)");
+            self.send(worker, ToWorker::ExtendFailed { circuit, reason: reason::POLICY, reply_lcid: None });
+            return;
+        }
+        let workers = self.workers.len();
+        let used = &mut self.used;
+        let mut allocated = None;
+        let result = self.plane.handle_extend(
+            now,
+            circuit,
+            body,
+            || {
+                let id = Self::alloc_lcid(used, workers, worker);
+                allocated = Some(id);
+                id
+            },
+            &mut OsRng,
+        );
+        match result {
+            Ok((target, create)) => {
+                if let Some(id) = allocated {
+                    self.send(worker, ToWorker::ExpectCreated(id));
+                }
+                self.send(worker, ToWorker::Send(Outgoing { to: target, data: create.to_vec() }));
+            }
+            Err(e) => {
+                ControlStats::bump(&self.stats().extends_failed);
+                debug!("EXTEND refused: {e}");
+                self.send(worker, ToWorker::ExtendFailed { circuit, reason: reason::PROTOCOL, reply_lcid: None });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_ranges() {
+        for a in [
+            "10.1.2.3",
+            "127.0.0.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "192.168.1.1",
+            "::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_private(a.parse().unwrap()), "{a}");
+        }
+        for a in ["8.8.8.8", "100.128.0.1", "2001:4860::8888"] {
+            assert!(!is_private(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn lcids_land_on_their_worker() {
+        let mut used = HashSet::new();
+        for w in 0..7 {
+            for _ in 0..100 {
+                let id = Control::alloc_lcid(&mut used, 7, w);
+                assert!(is_valid_lcid(id));
+                assert_eq!(id as usize % 7, w);
+            }
+        }
+        assert_eq!(used.len(), 700);
+    }
+}

@@ -1,0 +1,134 @@
+//! The data path: how a worker's datagrams get in and out. Two backends behind one interface:
+//! io_uring (multishot `recvmsg` into a provided buffer ring, batched sends with UDP GSO) and
+//! a `recvmmsg`/`sendmmsg` fallback for kernels or sandboxes without io_uring.
+//!
+//! The worker never sees a socket: it gets a batch of received datagrams in buffers the
+//! backend owns, rewrites them in place and marks each one `Send(to)` or `Drop`; the backend
+//! sends the marked ones (grouping runs to one destination into GSO sends), sends the extra
+//! datagrams the worker originated, and recycles the buffers.
+//!
+//! A data path may be opened on one thread and moved to its worker, but the io_uring one must
+//! then be polled (and should be dropped) on the thread that polled it first: its ring has a
+//! single issuer. Sockets are steered per LCID (see [`socket`]), so a worker owns both
+//! directions of its circuits.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Once;
+use std::time::Duration;
+
+mod mmsg;
+pub mod socket;
+mod uring;
+
+pub use mmsg::MmsgDatapath;
+pub use socket::{bind_group, gro_enabled, steering_worker};
+pub use uring::UringDatapath;
+
+/// What to do with a received datagram after the worker handled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Drop it (the worker counted why).
+    Drop,
+    /// Send the (rewritten, same-length) buffer to this address.
+    Send(SocketAddr),
+}
+
+/// One received datagram, in a buffer the backend owns.
+#[derive(Debug)]
+pub struct Datagram<'a> {
+    /// Sender.
+    pub from: SocketAddr,
+    /// The datagram's bytes (exactly its length), rewritten in place by the worker.
+    pub data: &'a mut [u8],
+    /// Set by the worker; `Drop` until then.
+    pub action: Action,
+}
+
+/// A datagram the worker originated (CREATED, DESTROY, EXTENDED, STUN replies, …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes to send.
+    pub data: Vec<u8>,
+}
+
+/// Counters a backend keeps about its own work (exported as metrics by the worker).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DatapathStats {
+    /// Datagrams received.
+    pub rx_datagrams: u64,
+    /// Datagrams sent.
+    pub tx_datagrams: u64,
+    /// Send system calls or submissions.
+    pub tx_batches: u64,
+    /// Receives that failed or were truncated.
+    pub rx_errors: u64,
+    /// Sends that failed (datagrams lost).
+    pub tx_errors: u64,
+}
+
+/// One worker's socket and its batched I/O.
+pub trait Datapath: Send {
+    /// Waits up to `timeout` for datagrams; hands what arrived to `handle` in one or more
+    /// batches (at most 64 each); then sends every datagram `handle` marked `Send` and
+    /// everything in `extra` (which it empties), and recycles the buffers. Returns the number
+    /// of datagrams received. A timeout with nothing received still sends `extra`.
+    fn poll(
+        &mut self,
+        timeout: Duration,
+        handle: &mut dyn FnMut(&mut [Datagram<'_>]),
+        extra: &mut Vec<Outgoing>,
+    ) -> io::Result<usize>;
+
+    /// The bound local address.
+    fn local_addr(&self) -> SocketAddr;
+
+    /// "io_uring" or "recvmmsg", for the log and metrics.
+    fn kind(&self) -> &'static str;
+
+    /// Counters so far.
+    fn stats(&self) -> DatapathStats;
+}
+
+/// Which backend [`open`] uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// io_uring where the kernel allows it, else `recvmmsg` (logged once).
+    #[default]
+    Auto,
+    /// io_uring or an error.
+    Uring,
+    /// `recvmmsg`/`sendmmsg`, whatever the kernel offers (also how tests force the fallback).
+    Mmsg,
+}
+
+/// Opens a worker's data path on `socket` (one of [`bind_group`]'s). With [`Backend::Auto`],
+/// a failure to set io_uring up (ENOSYS on old kernels, EPERM from
+/// `kernel.io_uring_disabled` or seccomp, EINVAL or missing features before 6.0) falls back to
+/// `recvmmsg` with a warning, logged once per process.
+pub fn open(socket: UdpSocket, backend: Backend) -> io::Result<Box<dyn Datapath>> {
+    match backend {
+        Backend::Mmsg => Ok(Box::new(MmsgDatapath::new(socket)?)),
+        Backend::Uring => UringDatapath::new(socket)
+            .map(|d| Box::new(d) as Box<dyn Datapath>)
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring data path unavailable: {e}"))),
+        Backend::Auto => match UringDatapath::try_new(socket) {
+            Ok(d) => Ok(Box::new(d)),
+            Err((error, socket)) => {
+                static WARNED: Once = Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(%error, "io_uring unavailable, falling back to recvmmsg/sendmmsg");
+                });
+                Ok(Box::new(MmsgDatapath::new(socket)?))
+            }
+        },
+    }
+}
+
+/// Whether the io_uring backend can run here (a ring with the needed features and a provided
+/// buffer ring), and if not, why. For diagnostics and tests; [`open`] checks by itself.
+pub fn uring_available() -> Result<(), io::Error> {
+    uring::probe()
+}

@@ -1,0 +1,44 @@
+//! The relay's signed descriptor, as `relayd descriptor` prints it for the directory.
+
+use crate::config::Config;
+use crate::keys::RelayKeys;
+use anyhow::{Context, Result};
+use cellproto::descriptor::{FLAG_AES_HW, FLAG_GUARD, RelayDescriptor};
+use cellproto::identity::OnionKeyCert;
+
+/// Slack before `now` in validity windows, so a directory made on a machine whose clock is a
+/// little behind still accepts the descriptor.
+const CLOCK_SKEW_SECS: u64 = 3600;
+
+/// Builds and signs the descriptor for `config` and `keys` at unix time `now`.
+pub fn signed(config: &Config, keys: &RelayKeys, now: u64, extra_flags: u32) -> Result<Vec<u8>> {
+    let expires = now + config.descriptor_lifetime_secs;
+    let identity = keys.identity.public();
+    let onion_keys = keys
+        .onion
+        .iter()
+        .take(1)
+        .map(|k| OnionKeyCert { identity, onion_key: *k.public(), valid_after: now - CLOCK_SKEW_SECS, expires })
+        .collect();
+    let mut flags = extra_flags;
+    if cellproto::crypto::local_aes_hw() {
+        flags |= FLAG_AES_HW;
+    }
+    if config.guard {
+        flags |= FLAG_GUARD;
+    }
+    let desc = RelayDescriptor {
+        identity,
+        onion_keys,
+        addresses: config.published_addresses(),
+        nickname: config.nickname.clone(),
+        operator: config.operator.clone(),
+        bandwidth: config.bandwidth,
+        flags,
+        exit_policy: None,
+        protocol_versions: vec![cellproto::handshake::HANDSHAKE_VERSION],
+        published: now,
+        expires,
+    };
+    desc.sign(&keys.identity).context("cannot sign the descriptor (check nickname, operator and addresses)")
+}

@@ -1,0 +1,163 @@
+//! Key files: the relay's Ed25519 identity seed and X25519 onion key, 32 raw bytes each,
+//! mode 0600 in a 0700 directory. `keygen` refuses to overwrite; loading refuses files that
+//! group or others can read, as ssh does, so a misconfigured deployment fails loudly.
+
+use cellproto::handshake::OnionSecret;
+use cellproto::identity::RelayIdentity;
+use rand_core::{OsRng, RngCore};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// File name of the identity seed inside the key directory.
+pub const IDENTITY_FILE: &str = "identity.key";
+/// File name of the current onion key.
+pub const ONION_FILE: &str = "onion.key";
+/// File name of the previous onion key, kept during rotation.
+pub const ONION_PREV_FILE: &str = "onion.key.prev";
+
+/// Why keys could not be created or loaded.
+#[derive(Debug, Error)]
+pub enum KeyError {
+    /// A key file already exists (keygen never overwrites).
+    #[error("{0} already exists; refusing to overwrite a key (move it away first)")]
+    Exists(PathBuf),
+    /// A file system error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is readable by group or others.
+    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
+    /// The file does not hold a 32-byte key.
+    #[error("{path} is not a key file: expected 32 bytes, found {len}")]
+    Length {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+}
+
+/// A relay's long-term keys.
+pub struct RelayKeys {
+    /// The Ed25519 identity.
+    pub identity: RelayIdentity,
+    /// Onion keys, current first, then the previous one if present.
+    pub onion: Vec<OnionSecret>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
+    move |source| KeyError::Io { path: path.into(), source }
+}
+
+fn write_new(path: &Path, bytes: &[u8; 32]) -> Result<(), KeyError> {
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists { KeyError::Exists(path.into()) } else { io_err(path)(e) }
+    })?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_err(path))
+}
+
+/// Creates `dir` (0700) with a new identity and onion key; refuses to overwrite either.
+pub fn keygen(dir: &Path) -> Result<RelayKeys, KeyError> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+    for name in [IDENTITY_FILE, ONION_FILE] {
+        let path = dir.join(name);
+        if path.exists() {
+            return Err(KeyError::Exists(path));
+        }
+    }
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    let identity = RelayIdentity::from_seed(&seed);
+    write_new(&dir.join(IDENTITY_FILE), &seed)?;
+    let mut onion_secret = [0u8; 32];
+    OsRng.fill_bytes(&mut onion_secret);
+    write_new(&dir.join(ONION_FILE), &onion_secret)?;
+    let onion = OnionSecret::from_bytes(&onion_secret);
+    seed.fill(0);
+    onion_secret.fill(0);
+    Ok(RelayKeys { identity, onion: vec![onion] })
+}
+
+fn read_key(path: &Path) -> Result<[u8; 32], KeyError> {
+    let meta = fs::metadata(path).map_err(io_err(path))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Permissions { path: path.into(), mode });
+    }
+    let bytes = fs::read(path).map_err(io_err(path))?;
+    bytes.as_slice().try_into().map_err(|_| KeyError::Length { path: path.into(), len: meta.len() })
+}
+
+/// Loads the keys from `dir`.
+pub fn load(dir: &Path) -> Result<RelayKeys, KeyError> {
+    let mut seed = read_key(&dir.join(IDENTITY_FILE))?;
+    let identity = RelayIdentity::from_seed(&seed);
+    seed.fill(0);
+    let mut onion = Vec::with_capacity(2);
+    for name in [ONION_FILE, ONION_PREV_FILE] {
+        let path = dir.join(name);
+        if name == ONION_PREV_FILE && !path.exists() {
+            break;
+        }
+        let mut secret = read_key(&path)?;
+        onion.push(OnionSecret::from_bytes(&secret));
+        secret.fill(0);
+    }
+    Ok(RelayKeys { identity, onion })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("relayd-keys-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn keygen_then_load_round_trips_and_never_overwrites() {
+        let dir = tmp("rt");
+        let made = keygen(&dir).unwrap();
+        let loaded = load(&dir).unwrap();
+        assert_eq!(made.identity.public(), loaded.identity.public());
+        assert_eq!(made.onion[0].public(), loaded.onion[0].public());
+        assert_eq!(fs::metadata(dir.join(IDENTITY_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(matches!(keygen(&dir), Err(KeyError::Exists(_))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn readable_key_is_refused() {
+        let dir = tmp("perm");
+        keygen(&dir).unwrap();
+        fs::set_permissions(dir.join(ONION_FILE), fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load(&dir).err().unwrap();
+        assert!(matches!(err, KeyError::Permissions { mode: 0o644, .. }), "{err}");
+        assert!(err.to_string().contains("chmod 600"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn wrong_length_is_refused() {
+        let dir = tmp("len");
+        keygen(&dir).unwrap();
+        fs::write(dir.join(IDENTITY_FILE), b"short").unwrap();
+        assert!(matches!(load(&dir), Err(KeyError::Length { len: 5, .. })));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

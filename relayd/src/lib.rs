@@ -1,0 +1,25 @@
+//! relayd as a library: the relay engine that `relayd` runs and `exitd` reuses.
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | [`config`] | TOML configuration |
+//! | [`keys`] | key files (0600) |
+//! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
+//! | [`worker`] | the data-plane pipeline: classify → process in place → route |
+//! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
+//! | [`ratelimit`] | per-source CREATE limits |
+//! | [`stun`] | STUN Binding answers on the relay port |
+//! | [`metrics`] | Prometheus counters and endpoint |
+//! | [`relay`] | wiring it all together |
+//! | [`descriptor`] | the relay's signed descriptor |
+
+pub mod config;
+pub mod control;
+pub mod datapath;
+pub mod descriptor;
+pub mod keys;
+pub mod metrics;
+pub mod ratelimit;
+pub mod relay;
+pub mod stun;
+pub mod worker;

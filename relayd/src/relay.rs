@@ -1,0 +1,118 @@
+//! Wiring: sockets and data paths, the control thread, pinned workers, the metrics endpoint.
+//! `exitd` starts the same engine.
+
+use crate::config::{Config, DatapathChoice};
+use crate::control::{Control, ToControl, ToWorker};
+use crate::datapath::{self, Backend};
+use crate::keys::RelayKeys;
+use crate::metrics::{self, Registry};
+use crate::worker::Worker;
+use anyhow::{Context, Result};
+use cellproto::crypto::local_aes_hw;
+use cellproto::relay::control::ControlPlane;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Queue between workers and the control thread: deep enough for bursts of handshakes, bounded
+/// so a CREATE flood is shed at the worker instead of growing memory.
+const CONTROL_QUEUE: usize = 8192;
+
+/// A running relay.
+pub struct RelayHandle {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    /// The UDP address cells and STUN arrive on.
+    pub local_addr: SocketAddr,
+    /// Where `GET /metrics` is served, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The counters.
+    pub registry: Arc<Registry>,
+}
+
+impl RelayHandle {
+    /// Stops every thread (workers send DESTROY for their circuits first) and waits for them.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn pin_to_core(core: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if set.set(core % cores).is_ok() && nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).is_err() {
+        warn!(core, "could not pin worker to its core");
+    }
+}
+
+/// Starts a relay with `config` and `keys`.
+pub fn start(config: &Config, keys: RelayKeys) -> Result<RelayHandle> {
+    let workers = config.worker_count();
+    let sockets = datapath::socket::bind_group(config.listen, workers)
+        .with_context(|| format!("cannot bind UDP {} for {workers} workers", config.listen))?;
+    let backend = match config.datapath {
+        DatapathChoice::Auto => Backend::Auto,
+        DatapathChoice::Uring => Backend::Uring,
+        DatapathChoice::Recvmmsg => Backend::Mmsg,
+    };
+    let mut paths = Vec::with_capacity(workers);
+    for socket in sockets {
+        paths.push(datapath::open(socket, backend).context("cannot open the data path")?);
+    }
+    let local_addr = paths[0].local_addr();
+    let kind = paths[0].kind();
+    info!(%local_addr, workers, datapath = kind, "relay listening");
+
+    let registry = Arc::new(Registry::new(workers, kind));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (to_control, control_inbox) = crossbeam_channel::bounded::<ToControl>(CONTROL_QUEUE);
+    let mut inboxes = Vec::with_capacity(workers);
+    let mut worker_senders = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = crossbeam_channel::unbounded::<ToWorker>();
+        worker_senders.push(tx);
+        inboxes.push(rx);
+    }
+
+    let plane = ControlPlane::new(keys.identity.public().0, keys.onion, local_aes_hw());
+    let control = Control::new(config, plane, worker_senders, registry.clone());
+    let mut threads = Vec::with_capacity(workers + 1);
+    let control_stop = stop.clone();
+    threads.push(
+        std::thread::Builder::new().name("control".into()).spawn(move || control.run(control_inbox, control_stop))?,
+    );
+
+    let idle = Duration::from_secs(config.idle_timeout_secs);
+    for (index, (dp, inbox)) in paths.into_iter().zip(inboxes).enumerate() {
+        let worker = Worker::new(index, to_control.clone(), inbox, registry.clone(), idle, local_addr);
+        let stop = stop.clone();
+        let pin = config.pin_workers;
+        threads.push(std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {
+            if pin {
+                pin_to_core(index);
+            }
+            worker.run(dp, stop);
+        })?);
+    }
+
+    let metrics_addr = match config.metrics.listen {
+        Some(addr) => Some(
+            metrics::serve(addr, registry.clone(), stop.clone())
+                .with_context(|| format!("cannot serve metrics on {addr} (metrics.listen)"))?,
+        ),
+        None => None,
+    };
+    Ok(RelayHandle { stop, threads, local_addr, metrics_addr, registry })
+}
