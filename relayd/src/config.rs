@@ -97,6 +97,32 @@ pub struct Config {
     /// Metrics endpoint.
     #[serde(default)]
     pub metrics: Metrics,
+    /// STUN options.
+    #[serde(default)]
+    pub stun: StunOptions,
+    /// Benchmark-only switches.
+    #[serde(default)]
+    pub bench: Bench,
+}
+
+/// STUN options.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StunOptions {
+    /// A second UDP port on the listen address for RFC 5780 NAT behaviour discovery
+    /// (OTHER-ADDRESS, CHANGE-REQUEST change-port). None: plain RFC 8489 Binding only.
+    pub alternate_port: Option<u16>,
+}
+
+/// Switches for the `perf` harness. Never set them on a real relay.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bench {
+    /// Forward cells by LCID with no cryptography at all (no header protection, no layer, no
+    /// replay check): the same engine's I/O ceiling, for `perf relay`'s null baseline. Cells
+    /// forwarded this way are useless to the next hop.
+    #[serde(default)]
+    pub null_forwarder: bool,
 }
 
 /// Per-source limits (Tor's DoS defaults: 3 circuits/s, burst 90).
@@ -205,6 +231,9 @@ impl Config {
         }
         if !(60..=7 * 86_400).contains(&config.descriptor_lifetime_secs) {
             return Err(bad("descriptor_lifetime_secs", "must be between 60 and 604800"));
+        }
+        if config.stun.alternate_port.is_some_and(|p| p == 0 || p == config.listen.port()) {
+            return Err(bad("stun.alternate_port", "must be a port other than 0 and other than listen's"));
         }
         if config.workers > 1024 {
             return Err(bad("workers", "must be at most 1024"));

@@ -67,6 +67,8 @@ pub fn start(config: &Config, keys: RelayKeys) -> Result<RelayHandle> {
         DatapathChoice::Uring => Backend::Uring,
         DatapathChoice::Recvmmsg => Backend::Mmsg,
     };
+    // A handle on the main port for the alternate-port STUN thread (RFC 5780 change-port).
+    let primary = sockets[0].try_clone().context("cannot duplicate the relay socket")?;
     let mut paths = Vec::with_capacity(workers);
     for socket in sockets {
         paths.push(datapath::open(socket, backend).context("cannot open the data path")?);
@@ -74,6 +76,9 @@ pub fn start(config: &Config, keys: RelayKeys) -> Result<RelayHandle> {
     let local_addr = paths[0].local_addr();
     let kind = paths[0].kind();
     info!(%local_addr, workers, datapath = kind, "relay listening");
+    if config.bench.null_forwarder {
+        warn!("bench.null_forwarder is on: cells are forwarded WITHOUT cryptography (benchmark only)");
+    }
 
     let registry = Arc::new(Registry::new(workers, kind));
     let stop = Arc::new(AtomicBool::new(false));
@@ -94,9 +99,24 @@ pub fn start(config: &Config, keys: RelayKeys) -> Result<RelayHandle> {
         std::thread::Builder::new().name("control".into()).spawn(move || control.run(control_inbox, control_stop))?,
     );
 
+    let stun_alternate = match config.stun.alternate_port {
+        Some(port) => {
+            let addr = SocketAddr::new(local_addr.ip(), port);
+            let alt = std::net::UdpSocket::bind(addr)
+                .with_context(|| format!("cannot bind the STUN alternate port {addr} (stun.alternate_port)"))?;
+            let addr = alt.local_addr()?;
+            let (tx, rx) = crossbeam_channel::bounded(1024);
+            threads.push(crate::stun::serve_alternate(alt, primary, rx, stop.clone())?);
+            info!(%addr, "RFC 5780 alternate STUN port");
+            Some((addr, tx))
+        }
+        None => None,
+    };
     let idle = Duration::from_secs(config.idle_timeout_secs);
     for (index, (dp, inbox)) in paths.into_iter().zip(inboxes).enumerate() {
-        let worker = Worker::new(index, to_control.clone(), inbox, registry.clone(), idle, local_addr);
+        let worker = Worker::new(index, to_control.clone(), inbox, registry.clone(), idle, local_addr)
+            .with_null_forwarder(config.bench.null_forwarder)
+            .with_stun_alternate(stun_alternate.clone());
         let stop = stop.clone();
         let pin = config.pin_workers;
         threads.push(std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {

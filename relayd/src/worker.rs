@@ -70,6 +70,9 @@ pub struct Worker {
     local: SocketAddr,
     out: Vec<Outgoing>,
     log: DropLog,
+    null_forwarder: bool,
+    /// The RFC 5780 alternate address and where change-port answers are handed over.
+    stun_alternate: Option<(SocketAddr, crate::stun::Handover)>,
 }
 
 impl Worker {
@@ -94,7 +97,21 @@ impl Worker {
             local,
             out: Vec::new(),
             log: DropLog::new(),
+            null_forwarder: false,
+            stun_alternate: None,
         }
+    }
+
+    /// Benchmark only: forward cells by LCID without cryptography (see `config::Bench`).
+    pub fn with_null_forwarder(mut self, on: bool) -> Self {
+        self.null_forwarder = on;
+        self
+    }
+
+    /// Answers STUN with OTHER-ADDRESS `addr` and hands change-port answers to `handover`.
+    pub fn with_stun_alternate(mut self, alternate: Option<(SocketAddr, crate::stun::Handover)>) -> Self {
+        self.stun_alternate = alternate;
+        self
     }
 
     /// Runs until `stop` is set, then sends DESTROY for every circuit both ways.
@@ -236,10 +253,7 @@ impl Worker {
             for (i, d) in batch.iter_mut().enumerate() {
                 if d.data.len() != CELL_LEN {
                     if cellproto::stun::is_stun(d.data) {
-                        if let Some(reply) = crate::stun::reply(d.from, self.local, d.data) {
-                            self.counters.stun += 1;
-                            self.out.push(Outgoing { to: d.from, data: reply });
-                        }
+                        self.answer_stun(d.from, d.data);
                     } else {
                         self.drop(drop_index(DropReason::Malformed));
                     }
@@ -258,7 +272,11 @@ impl Worker {
                     n += 1;
                 }
             }
-            process_batch(&mut self.circuits, now, &mut cells, &mut verdicts[..n]);
+            if self.null_forwarder {
+                null_forward(&mut self.circuits, &mut cells, &mut verdicts[..n]);
+            } else {
+                process_batch(&mut self.circuits, now, &mut cells, &mut verdicts[..n]);
+            }
         }
         for (k, verdict) in verdicts[..n].iter().enumerate() {
             let d = &mut batch[which[k]];
@@ -279,6 +297,21 @@ impl Worker {
                     self.deliver(now, id, cmd, payload_of(d.data, len));
                 }
             }
+        }
+    }
+
+    fn answer_stun(&mut self, from: SocketAddr, request: &[u8]) {
+        let other = self.stun_alternate.as_ref().map(|(addr, _)| *addr);
+        let Some(answer) = crate::stun::reply(from, self.local, other, request) else { return };
+        self.counters.stun += 1;
+        let out = Outgoing { to: from, data: answer.data };
+        match &self.stun_alternate {
+            Some((_, handover)) if answer.from_other => {
+                if handover.try_send(out).is_err() {
+                    self.drop(DROP_OVERLOAD);
+                }
+            }
+            _ => self.out.push(out),
         }
     }
 
@@ -311,6 +344,26 @@ impl Worker {
             // DATA and ATTACH are for exits; anything else is not for a relay.
             _ => self.drop(drop_index(DropReason::Protocol)),
         }
+    }
+}
+
+/// The null forwarder: the same lookup and routing as `process_batch`, with the cryptography
+/// left out (only the LCID is rewritten), to measure the engine's I/O ceiling.
+fn null_forward(circuits: &mut CircuitMap, cells: &mut [Incoming<'_>], verdicts: &mut [Verdict]) {
+    use cellproto::relay::CircuitTable;
+    for (incoming, verdict) in cells.iter_mut().zip(verdicts.iter_mut()) {
+        let link = match circuits.lookup(lcid(incoming.cell)) {
+            Some((circ, Direction::Forward)) => circ.next(),
+            Some((circ, Direction::Backward)) => Some(circ.prev()),
+            None => None,
+        };
+        *verdict = match link {
+            Some(link) => {
+                cellproto::cell::set_lcid(incoming.cell, link.lcid_out);
+                Verdict::Send(link.peer)
+            }
+            None => Verdict::Drop(DropReason::UnknownCircuit),
+        };
     }
 }
 

@@ -215,3 +215,36 @@ fn shutdown_sends_destroy() {
     let ev = client.recv_event(Duration::from_secs(2)).map(|e| e.0);
     assert_eq!(ev, Some(Event::Closed(CloseReason::LinkDestroyed { reason: cellproto::command::reason::SHUTDOWN })));
 }
+
+/// RFC 5780 with an alternate port: OTHER-ADDRESS in every answer, CHANGE-REQUEST change-port
+/// answered from the other port, and the alternate port answering too.
+#[test]
+fn stun_rfc5780_alternate_port() {
+    use cellproto::stun::{Attribute, Message, decode};
+    let alt_port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let r = start_relay("stun5780", 2, "auto", &format!("[stun]\nalternate_port = {alt_port}\n"));
+    let alt: std::net::SocketAddr = format!("127.0.0.1:{alt_port}").parse().unwrap();
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let ask = |to: std::net::SocketAddr, m: Message| {
+        let mut req = [0u8; 128];
+        let n = m.encode(&mut req, true).unwrap();
+        sock.send_to(&req[..n], to).unwrap();
+        let mut buf = [0u8; 512];
+        let (n, from) = sock.recv_from(&mut buf).unwrap();
+        (from, decode(&buf[..n]).unwrap())
+    };
+    let (from, resp) = ask(r.hop.addr, Message::binding_request([1; 12]));
+    assert_eq!(from, r.hop.addr);
+    assert!(resp.attributes.contains(&Attribute::OtherAddress(alt)), "{resp:?}");
+    let change =
+        Message::binding_request([2; 12]).with(Attribute::ChangeRequest { change_ip: false, change_port: true });
+    let (from, resp) = ask(r.hop.addr, change);
+    assert_eq!(from, alt, "change-port answer must come from the other port");
+    assert!(resp.attributes.contains(&Attribute::ResponseOrigin(alt)));
+    assert_eq!(resp.reflexive_address(), Some(sock.local_addr().unwrap()));
+    let (from, resp) = ask(alt, Message::binding_request([3; 12]));
+    assert_eq!(from, alt);
+    assert!(resp.attributes.contains(&Attribute::OtherAddress(r.hop.addr)));
+    r.handle.shutdown();
+}
