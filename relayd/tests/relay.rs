@@ -248,3 +248,34 @@ fn stun_rfc5780_alternate_port() {
     assert!(resp.attributes.contains(&Attribute::OtherAddress(r.hop.addr)));
     r.handle.shutdown();
 }
+
+/// The client's DESTROY travels through both relays, each removing the circuit.
+#[test]
+fn destroy_propagates_through_relays() {
+    let a = start_relay("dpa", 2, "auto", LOOPBACK_OK);
+    let b = start_relay("dpb", 2, "auto", LOOPBACK_OK);
+    let exit = EchoExit::start();
+    let mut client = UdpClient::new("127.0.0.1:0", vec![a.hop, b.hop, exit.hop]);
+    client.build(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    let circuits = |r: &TestRelay| sum(&metrics(r.handle.metrics_addr.unwrap()), "relayd_circuits", "");
+    assert_eq!((circuits(&a), circuits(&b)), (1.0, 1.0));
+    let mut cell = [0u8; CELL_LEN];
+    let to = client.circuit.close(&mut cell, &mut OsRng).unwrap();
+    client.socket.send_to(&cell, to).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!((circuits(&a), circuits(&b)), (0.0, 0.0), "a relay kept the circuit");
+    a.handle.shutdown();
+    b.handle.shutdown();
+}
+
+/// An idle circuit is torn down after `idle_timeout_secs`, and the client is told why.
+#[test]
+fn idle_circuits_expire() {
+    let r = start_relay("idle", 1, "auto", "idle_timeout_secs = 1\n");
+    let mut client = UdpClient::new("127.0.0.1:0", vec![r.hop]);
+    client.build(Duration::from_secs(5));
+    let ev = client.recv_event(Duration::from_secs(5)).map(|e| e.0);
+    assert_eq!(ev, Some(Event::Closed(CloseReason::LinkDestroyed { reason: cellproto::command::reason::TIMEOUT })));
+    r.handle.shutdown();
+}
