@@ -3,6 +3,7 @@
 //! Every decoder in cellproto reads through [`Reader`], so a short or malformed input becomes a
 //! [`CodecError`] instead of a panic, and the same checks are not written again in each module.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use thiserror::Error;
 
 /// Why bytes could not be decoded or encoded.
@@ -87,6 +88,17 @@ impl<'a> Reader<'a> {
         self.take(n, what)
     }
 
+    /// Reads a socket address: family (4 or 6), the address bytes, the port. IPv6 flow label
+    /// and scope are local matters and are not carried.
+    pub fn socket_addr(&mut self) -> Result<SocketAddr, CodecError> {
+        let ip = match self.u8("address family")? {
+            4 => IpAddr::V4(Ipv4Addr::from(self.array::<4>("IPv4 address")?)),
+            6 => IpAddr::V6(Ipv6Addr::from(self.array::<16>("IPv6 address")?)),
+            _ => return Err(CodecError::Invalid("address family")),
+        };
+        Ok(SocketAddr::new(ip, self.u16("port")?))
+    }
+
     /// Fails unless every byte has been read.
     pub fn finish(&self) -> Result<(), CodecError> {
         match self.buf.len() {
@@ -140,6 +152,21 @@ impl<'a> Writer<'a> {
     /// Appends a big-endian `u64`.
     pub fn u64(&mut self, v: u64, what: &'static str) -> Result<(), CodecError> {
         self.put(&v.to_be_bytes(), what)
+    }
+
+    /// Appends a socket address as [`Reader::socket_addr`] reads it.
+    pub fn socket_addr(&mut self, addr: &SocketAddr) -> Result<(), CodecError> {
+        match addr.ip() {
+            IpAddr::V4(ip) => {
+                self.u8(4, "address family")?;
+                self.put(&ip.octets(), "IPv4 address")?;
+            }
+            IpAddr::V6(ip) => {
+                self.u8(6, "address family")?;
+                self.put(&ip.octets(), "IPv6 address")?;
+            }
+        }
+        self.u16(addr.port(), "port")
     }
 
     /// Appends a `u16` length prefix and the bytes.

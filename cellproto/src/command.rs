@@ -6,7 +6,7 @@
 use crate::codec::{CodecError, Reader, Writer};
 use crate::crypto::KEY_LEN;
 use crate::handshake::{CREATE_LEN, CREATED_LEN};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// DESTROY reason codes.
 pub mod reason {
@@ -41,38 +41,19 @@ pub struct Extend {
     pub handshake: [u8; CREATE_LEN],
 }
 
-fn put_addr(w: &mut Writer<'_>, addr: &SocketAddr) -> Result<(), CodecError> {
-    match addr.ip() {
-        IpAddr::V4(ip) => {
-            w.u8(4, "address family")?;
-            w.put(&ip.octets(), "IPv4 address")?;
-        }
-        IpAddr::V6(ip) => {
-            w.u8(6, "address family")?;
-            w.put(&ip.octets(), "IPv6 address")?;
-        }
-    }
-    w.u16(addr.port(), "port")
-}
-
 fn get_addr(r: &mut Reader<'_>) -> Result<SocketAddr, CodecError> {
-    let ip = match r.u8("address family")? {
-        4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>("IPv4 address")?)),
-        6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>("IPv6 address")?)),
-        _ => return Err(CodecError::Invalid("address family")),
-    };
-    let port = r.u16("port")?;
-    if port == 0 {
+    let addr = r.socket_addr()?;
+    if addr.port() == 0 {
         return Err(CodecError::Invalid("port"));
     }
-    Ok(SocketAddr::new(ip, port))
+    Ok(addr)
 }
 
 impl Extend {
     /// Writes the body; returns its length.
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, CodecError> {
         let mut w = Writer::new(out);
-        put_addr(&mut w, &self.target)?;
+        w.socket_addr(&self.target)?;
         w.put(&self.link_secret, "link secret")?;
         w.put(&self.handshake, "handshake")?;
         Ok(w.position())

@@ -6,7 +6,7 @@
 //! signature before anything else in the body is believed. The byte layout is specified in
 //! `spec/descriptors.md`.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 
 use thiserror::Error;
 
@@ -413,17 +413,7 @@ impl RelayDescriptor {
         }
         w.u8(len_u8(self.addresses.len())?, "address count")?;
         for addr in &self.addresses {
-            match addr.ip() {
-                IpAddr::V4(ip) => {
-                    w.u8(4, "address family")?;
-                    w.put(&ip.octets(), "IPv4 address")?;
-                }
-                IpAddr::V6(ip) => {
-                    w.u8(6, "address family")?;
-                    w.put(&ip.octets(), "IPv6 address")?;
-                }
-            }
-            w.u16(addr.port(), "port")?;
+            w.socket_addr(addr)?;
         }
         w.u8(len_u8(self.nickname.len())?, "nickname")?;
         w.put(self.nickname.as_bytes(), "nickname")?;
@@ -464,12 +454,9 @@ fn read_string(r: &mut Reader<'_>, what: &'static str, max: usize) -> Result<Str
 }
 
 fn read_address(r: &mut Reader<'_>) -> Result<SocketAddr, DescriptorError> {
-    // Arguments are evaluated left to right: the address bytes, then the port.
-    Ok(match r.u8("address family")? {
-        4 => SocketAddr::V4(SocketAddrV4::new(r.array("IPv4 address")?.into(), r.u16("port")?)),
-        // Flow label and scope are local matters and are not carried.
-        6 => SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(r.array::<16>("IPv6 address")?), r.u16("port")?, 0, 0)),
-        _ => return Err(invalid("address family", "must be 4 or 6")),
+    r.socket_addr().map_err(|e| match e {
+        CodecError::Invalid(_) => invalid("address family", "must be 4 or 6"),
+        other => other.into(),
     })
 }
 
