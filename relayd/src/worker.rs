@@ -273,7 +273,7 @@ impl Worker {
                 }
             }
             if self.null_forwarder {
-                null_forward(&mut self.circuits, &mut cells, &mut verdicts[..n]);
+                null_forward(&mut self.circuits, now, &mut cells, &mut verdicts[..n]);
             } else {
                 process_batch(&mut self.circuits, now, &mut cells, &mut verdicts[..n]);
             }
@@ -349,10 +349,15 @@ impl Worker {
 
 /// The null forwarder: the same lookup and routing as `process_batch`, with the cryptography
 /// left out (only the LCID is rewritten), to measure the engine's I/O ceiling.
-fn null_forward(circuits: &mut CircuitMap, cells: &mut [Incoming<'_>], verdicts: &mut [Verdict]) {
+fn null_forward(circuits: &mut CircuitMap, now: Instant, cells: &mut [Incoming<'_>], verdicts: &mut [Verdict]) {
     use cellproto::relay::CircuitTable;
     for (incoming, verdict) in cells.iter_mut().zip(verdicts.iter_mut()) {
         let link = match circuits.lookup(lcid(incoming.cell)) {
+            // Not extended yet: the cell is for this hop (EXTEND, PING), so the normal path.
+            Some((circ, Direction::Forward)) if circ.next().is_none() => {
+                *verdict = circ.handle_forward(now, incoming.from, incoming.cell);
+                continue;
+            }
             Some((circ, Direction::Forward)) => circ.next(),
             Some((circ, Direction::Backward)) => Some(circ.prev()),
             None => None,

@@ -246,6 +246,8 @@ fn reuseport_steering_by_lcid() {
     let group = bind_group(localhost(), 4).unwrap();
     let port = group[0].local_addr().unwrap().port();
     assert!(group.iter().all(|s| s.local_addr().unwrap().port() == port));
+    // GRO stays off in a group: a coalesced run would be steered by its first cell alone.
+    assert!(group.iter().all(|s| !datapath::gro_enabled(s)));
     let relay = group[0].local_addr().unwrap();
     let sender = test_socket();
     for k in 0..64u32 {

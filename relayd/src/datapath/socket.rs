@@ -23,8 +23,10 @@ const SOCKET_BUFFER: usize = 8 << 20;
 ///
 /// Every socket is non-blocking and close-on-exec, has its buffers raised to 8 MiB (beyond
 /// `net.core.rmem_max` when the process has `CAP_NET_ADMIN`; failures are ignored: the kernel
-/// default still works, only burst tolerance suffers) and UDP GRO enabled where the kernel
-/// supports it (see [`gro_enabled`]). With more than one worker, a classic BPF program attached
+/// default still works, only burst tolerance suffers) and, for a single worker only, UDP GRO
+/// enabled where the kernel supports it (see [`gro_enabled`]; with several workers a coalesced
+/// datagram would be steered by its first cell alone, while its cells belong to circuits of
+/// different workers). With more than one worker, a classic BPF program attached
 /// with `SO_ATTACH_REUSEPORT_CBPF` sends each datagram to socket `lcid % workers` (see
 /// [`steering_worker`]); datagrams shorter than 4 bytes make the program's load fail, which
 /// returns 0: they go to socket 0.
@@ -40,7 +42,7 @@ pub fn bind_group(addr: SocketAddr, workers: usize) -> io::Result<Vec<UdpSocket>
     let mut sockets: Vec<UdpSocket> = Vec::with_capacity(workers);
     let mut addr = addr;
     for _ in 0..workers {
-        let socket = bind_one(addr)?;
+        let socket = bind_one(addr, workers == 1)?;
         if addr.port() == 0 {
             // The rest of the group must join the port the kernel picked for the first.
             addr.set_port(socket.local_addr()?.port());
@@ -77,7 +79,7 @@ pub(crate) fn set_gro(socket: &UdpSocket, on: bool) -> io::Result<()> {
     sock::setsockopt(socket, sockopt::UdpGroSegment, &on).map_err(io::Error::from)
 }
 
-fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
+fn bind_one(addr: SocketAddr, gro: bool) -> io::Result<UdpSocket> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -93,7 +95,11 @@ fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
         let _ = sock::setsockopt(&fd, sockopt::SndBuf, &SOCKET_BUFFER);
     }
     // GRO is an optimisation (kernel ≥ 5.0); gro_enabled() tells the backend whether it took.
-    let _ = sock::setsockopt(&fd, sockopt::UdpGroSegment, &true);
+    // Only for a single worker: the reuseport program steers a coalesced datagram by its first
+    // cell's LCID, and a neighbour's GRO run mixes circuits that other workers own.
+    if gro {
+        let _ = sock::setsockopt(&fd, sockopt::UdpGroSegment, &true);
+    }
     sock::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
     Ok(UdpSocket::from(fd))
 }

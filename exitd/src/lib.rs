@@ -1,0 +1,17 @@
+//! exitd as a library: the pieces an exit adds to the relay engine.
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | [`packet`] | looking inside IP packets (pnet): source, destination, protocol, port |
+//! | [`policy`] | the exit policy: default-denied classes, configured prefixes and ports |
+//! | [`pool`] | inner IPv4/IPv6 addresses and resumable sessions |
+//! | [`bucket`] | token buckets for per-circuit and per-exit limits |
+//! | [`nft`] | the nftables table exitd owns: NAT, forward filter, MSS clamping |
+//! | [`tun`] | the TUN device: multi-queue, non-blocking, batched reads and writes; its `ip` setup |
+
+pub mod bucket;
+pub mod nft;
+pub mod packet;
+pub mod policy;
+pub mod pool;
+pub mod tun;

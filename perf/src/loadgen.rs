@@ -1,0 +1,768 @@
+//! The load generator: `circuits` 2-hop circuits whose first hop is the relay under test and
+//! whose second hop is a sink in this process, then DATA cells blasted through them.
+//!
+//! - Cells are sealed ahead of time, in rounds of at most `--pool` cells (all circuits in
+//!   parallel), so that the client's two AEAD seals per cell do not compete for CPU with the
+//!   relay during the blast: what is measured is the relay.
+//! - The sender (this thread) sends them round-robin over the circuits in bursts of 64 with one
+//!   `sendmmsg` (or, with `--gso`, runs of 45 cells of one circuit per `sendmsg` with UDP GSO:
+//!   see [`send_order`]), keeping at most a window of
+//!   cells in flight (sent and not yet counted by the sink). The window halves when it has been
+//!   full with nothing arriving for 100 ms (cells were lost: they are written off) and grows back
+//!   by a burst after each window's worth of cells without such a stall, up to `--window`: big
+//!   enough to keep the relay busy, small enough that the queue in front of it (and so the
+//!   latency) stays bounded.
+//! - The sink (its own thread and UDP socket, with UDP GRO) answers the relay's CREATE with
+//!   cellproto's `ControlPlane`, owns the `HopCircuit`s, and counts every cell that arrives on
+//!   one of its circuits. For latency it samples: with the relay's cryptography on, every 16th
+//!   cell is opened (`HopCircuit::handle_forward`, it is the last hop) and its sequence number
+//!   read; with the null forwarder the relay did not remove its layer, so the sink cannot open
+//!   the cell and instead matches its first 16 body bytes against those of every 16th cell
+//!   sealed. Latency is arrival time minus the time the sender handed the cell's burst to the
+//!   kernel, on one clock.
+//! - With `--sync` (how `perf relay` runs it) it speaks a line protocol on stdin/stdout so the
+//!   orchestrator can read the relay's CPU time exactly around each blast: `ready PORT`, then per
+//!   round `start N` (answered `go`) and `end N` (answered `ok`), and at last one JSON line.
+//!
+//! Everything is bounded: circuit building 20 s, sending 60 s in all, waiting for the last cells
+//! 2 s after the last arrival.
+
+use crate::sys;
+use anyhow::{Context, Result, anyhow, bail};
+use cellproto::cell::{CELL_LEN, Command, HANDSHAKE_LCID, is_valid_lcid, lcid};
+use cellproto::client::{Circuit, CircuitConfig, Event, PathHop};
+use cellproto::handshake::{OnionSecret, RelayKeys};
+use cellproto::onion::{Direction, payload, payload_mut};
+use cellproto::relay::control::{ControlPlane, Created};
+use cellproto::relay::{CircuitMap, CircuitTable, Verdict};
+use nix::errno::Errno;
+use nix::sys::socket::{self as sock, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
+use rand_core::{OsRng, RngCore};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{BufRead, IoSlice, IoSliceMut, Write};
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bytes of IP packet carried per DATA cell (the cell is 1452 bytes whatever this is).
+pub const PAYLOAD: usize = 1200;
+/// One cell in this many is opened (or matched) by the sink for a latency sample.
+const SAMPLE_EVERY: u64 = 16;
+/// Cells per `sendmmsg`.
+const BURST: usize = 64;
+/// Cells per GSO send: 45 × 1452 = 65,340 bytes, under the 65,507-byte UDP limit.
+const GSO_SEGMENTS: usize = 45;
+/// Sending stops after this long in all, sent or not.
+const SEND_LIMIT: Duration = Duration::from_secs(60);
+/// A round ends (for the CPU reading) once nothing arrived for this long.
+const QUIET_ROUND: Duration = Duration::from_millis(100);
+/// The last cells are waited for until nothing arrived for this long.
+const QUIET_FINAL: Duration = Duration::from_secs(2);
+/// A full window with no arrival for this long means cells were lost (long enough that a
+/// descheduled relay or sink on a busy machine is not taken for a loss).
+const STALL: Duration = Duration::from_millis(100);
+/// Circuit building gives up after this long.
+const BUILD_LIMIT: Duration = Duration::from_secs(20);
+/// Smallest window (cells in flight) after stalls; the largest is `--window`.
+const MIN_WINDOW: usize = 128;
+/// The sink's made-up identity (only the onion key matters to the handshake).
+const SINK_IDENTITY: [u8; 32] = [0x5A; 32];
+/// Socket buffers of the client and sink sockets.
+const SOCKET_BUFFER: usize = 32 << 20;
+
+/// `perf loadgen` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadgenArgs {
+    /// The relay under test (first hop), a loopback address.
+    #[arg(long)]
+    pub relay: SocketAddr,
+    /// The relay's Ed25519 identity, hex.
+    #[arg(long)]
+    pub identity: String,
+    /// The relay's X25519 onion key, hex.
+    #[arg(long)]
+    pub onion_key: String,
+    /// DATA cells to send.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub cells: u64,
+    /// Circuits to build and spread the cells over.
+    #[arg(long, default_value_t = 64)]
+    pub circuits: usize,
+    /// The relay is a null forwarder (it does not remove its layer): match cells by their bytes.
+    #[arg(long)]
+    pub null: bool,
+    /// Window: cells in flight at most (halved after a stall, down to 128, and grown back).
+    #[arg(long, default_value_t = 1024)]
+    pub window: usize,
+    /// Cells sealed ahead per round (1,452 bytes each).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub pool: usize,
+    /// Send with UDP GSO, 45 cells of one circuit per send, instead of sendmmsg of 64 cells of
+    /// 64 circuits: bulk flows from an upstream that batches, as relayd does.
+    #[arg(long)]
+    pub gso: bool,
+    /// Speak the line protocol of `perf relay` on stdin/stdout.
+    #[arg(long)]
+    pub sync: bool,
+}
+
+/// What one load generator run measured (its last line of output, JSON).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LoadgenResult {
+    /// Cells handed to the kernel.
+    pub sent: u64,
+    /// Cells that reached the sink, in the end.
+    pub received: u64,
+    /// Cells that reached the sink within the measured intervals.
+    pub received_measured: u64,
+    /// Sum over rounds of first send to last arrival.
+    pub blast_secs: f64,
+    /// `received_measured / blast_secs`.
+    pub cells_per_s: f64,
+    /// Latency percentiles over the samples, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Largest sample.
+    pub max_us: f64,
+    /// Latency samples.
+    pub samples: u64,
+    /// Sampled cells the sink could not open (or match): corrupted or misrouted.
+    pub bad: u64,
+    /// Times the window stalled and its cells were written off.
+    pub stalls: u64,
+    /// Window at the end.
+    pub window: usize,
+    /// Rounds of sealing and sending.
+    pub rounds: u32,
+    /// Seconds to build all circuits.
+    pub build_secs: f64,
+    /// Seconds spent sealing (outside the measured intervals).
+    pub seal_secs: f64,
+    /// CPU seconds of this process during the measured intervals (sender and sink).
+    pub cpu_secs: f64,
+    /// The sink's UDP port.
+    pub sink_port: u16,
+    /// Datagrams the kernel dropped at the sink's socket (receive buffer full).
+    pub sink_socket_drops: u64,
+}
+
+/// State shared by the sender and the sink.
+struct Shared {
+    epoch: Instant,
+    null: bool,
+    received: AtomicU64,
+    last_arrival_ns: AtomicU64,
+    /// Send time (ns since `epoch`) of each cell, by sequence number.
+    send_ns: Vec<AtomicU64>,
+    /// Null mode: first 16 body bytes → sequence number, for every `SAMPLE_EVERY`th cell.
+    fingerprints: Mutex<HashMap<[u8; 16], u64>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+/// What the sink thread found.
+#[derive(Debug, Default)]
+struct SinkOutput {
+    latencies_ns: Vec<u64>,
+    bad: u64,
+    socket_drops: u64,
+}
+
+fn key32(hex_text: &str, what: &str) -> Result<[u8; 32]> {
+    hex::decode(hex_text)
+        .ok()
+        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+        .ok_or_else(|| anyhow!("--{what} must be 32 bytes in hex"))
+}
+
+/// The line protocol with `perf relay` (a no-op without `--sync`).
+struct Sync {
+    lines: Option<std::io::Lines<std::io::StdinLock<'static>>>,
+}
+
+impl Sync {
+    fn new(on: bool) -> Self {
+        Self { lines: on.then(|| std::io::stdin().lock().lines()) }
+    }
+
+    fn say(&self, line: &str) -> Result<()> {
+        if self.lines.is_some() {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Says `line` and waits for `answer`.
+    fn ask(&mut self, line: &str, answer: &str) -> Result<()> {
+        self.say(line)?;
+        let Some(lines) = &mut self.lines else { return Ok(()) };
+        match lines.next() {
+            Some(Ok(got)) if got.trim() == answer => Ok(()),
+            Some(Ok(got)) => bail!("expected {answer:?} from the orchestrator, got {got:?}"),
+            _ => bail!("the orchestrator closed stdin"),
+        }
+    }
+}
+
+/// Runs the load generator; prints its result as one JSON line on stdout.
+pub fn run(args: LoadgenArgs) -> Result<()> {
+    if !args.relay.ip().is_loopback() {
+        bail!("--relay must be a loopback address (this is a benchmark, not a traffic generator)");
+    }
+    if args.circuits == 0 || args.cells == 0 {
+        bail!("--cells and --circuits must be at least 1");
+    }
+    let result = generate(&args)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&result)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+fn generate(args: &LoadgenArgs) -> Result<LoadgenResult> {
+    let mut sync = Sync::new(args.sync);
+    let relay_keys =
+        RelayKeys { identity: key32(&args.identity, "identity")?, onion_key: key32(&args.onion_key, "onion-key")? };
+
+    // The sink: hop 2.
+    let sink_socket = UdpSocket::bind("127.0.0.1:0")?;
+    sys::deep_buffers(&sink_socket, SOCKET_BUFFER);
+    let _ = sock::setsockopt(&sink_socket, sockopt::UdpGroSegment, &true);
+    sink_socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let sink_addr = sink_socket.local_addr()?;
+    let sink_onion = OnionSecret::generate(&mut OsRng);
+    let sink_hop =
+        PathHop { keys: RelayKeys { identity: SINK_IDENTITY, onion_key: *sink_onion.public() }, addr: sink_addr };
+    let shared = Arc::new(Shared {
+        epoch: Instant::now(),
+        null: args.null,
+        received: AtomicU64::new(0),
+        last_arrival_ns: AtomicU64::new(0),
+        send_ns: (0..args.cells).map(|_| AtomicU64::new(0)).collect(),
+        fingerprints: Mutex::new(HashMap::new()),
+        stop: AtomicBool::new(false),
+    });
+    let sink = {
+        let shared = shared.clone();
+        std::thread::Builder::new().name("sink".into()).spawn(move || sink_loop(sink_socket, sink_onion, &shared))?
+    };
+    let outcome = drive(args, &mut sync, relay_keys, sink_hop, &shared);
+    shared.stop.store(true, Ordering::Relaxed);
+    let sink_out = sink.join().map_err(|_| anyhow!("sink thread panicked"))?;
+    let mut result = outcome?;
+    let mut lat = sink_out.latencies_ns;
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+        lat[i] as f64 / 1000.0
+    };
+    result.p50_us = pct(0.50);
+    result.p99_us = pct(0.99);
+    result.max_us = lat.last().map_or(0.0, |&v| v as f64 / 1000.0);
+    result.samples = lat.len() as u64;
+    result.bad = sink_out.bad;
+    result.sink_port = sink_addr.port();
+    result.sink_socket_drops = sink_out.socket_drops;
+    Ok(result)
+}
+
+/// Builds the circuits, then seals and sends round after round.
+fn drive(
+    args: &LoadgenArgs,
+    sync: &mut Sync,
+    relay_keys: RelayKeys,
+    sink_hop: PathHop,
+    shared: &Shared,
+) -> Result<LoadgenResult> {
+    let client = UdpSocket::bind("127.0.0.1:0")?;
+    sys::deep_buffers(&client, SOCKET_BUFFER);
+    client.connect(args.relay)?;
+    client.set_read_timeout(Some(Duration::from_millis(5)))?;
+    let path = vec![PathHop { keys: relay_keys, addr: args.relay }, sink_hop];
+    let started = Instant::now();
+    let mut circuits = build_circuits(&client, path, args.circuits, args.null)?;
+    let mut result = LoadgenResult { build_secs: started.elapsed().as_secs_f64(), ..Default::default() };
+    eprintln!("loadgen: {} circuits built in {:.2} s", circuits.len(), result.build_secs);
+    sync.say(&format!("ready {}", sink_hop.addr.port()))?;
+
+    let n = circuits.len();
+    let pool_cells = args.pool.max(n).min(args.cells as usize);
+    let rows = pool_cells.div_ceil(n);
+    let mut pools: Vec<Vec<u8>> = (0..n).map(|_| vec![0u8; rows * CELL_LEN]).collect();
+    let mut window = Window::new(args.window);
+    let mut sender = Sender { fd: client.as_raw_fd(), gso: args.gso };
+    let send_deadline = Instant::now() + SEND_LIMIT;
+    let me = std::process::id();
+    let mut base = 0u64;
+    while base < args.cells && Instant::now() < send_deadline {
+        let count = (args.cells - base).min((rows * n) as u64) as usize;
+        let sealing = Instant::now();
+        seal_round(&mut circuits, &mut pools, base, count)?;
+        if shared.null {
+            let mut fp = shared.fingerprints.lock().map_err(|_| anyhow!("poisoned"))?;
+            fp.clear();
+            for k in (0..count).filter(|k| (base + *k as u64) % SAMPLE_EVERY == 0) {
+                fp.insert(fingerprint(cell_at(&pools, n, k)), base + k as u64);
+            }
+        }
+        result.seal_secs += sealing.elapsed().as_secs_f64();
+        result.rounds += 1;
+        sync.ask(&format!("start {}", result.rounds), "go")?;
+        let cpu0 = sys::process_cpu(me)?;
+        let received0 = shared.received.load(Ordering::Relaxed);
+        let first_ns = shared.now_ns();
+        let sent = sender.blast(&pools, n, base, count, shared, &mut window, &mut result.sent, send_deadline)?;
+        wait_quiet(shared, result.sent, QUIET_ROUND);
+        let last_ns = shared.last_arrival_ns.load(Ordering::Relaxed).max(first_ns);
+        result.cpu_secs += sys::process_cpu(me)? - cpu0;
+        sync.ask(&format!("end {}", result.rounds), "ok")?;
+        result.blast_secs += (last_ns - first_ns) as f64 / 1e9;
+        result.received_measured += shared.received.load(Ordering::Relaxed) - received0;
+        base += sent as u64;
+        if sent < count {
+            eprintln!("loadgen: sending stopped after {SEND_LIMIT:?}");
+            break;
+        }
+    }
+    wait_quiet(shared, result.sent, QUIET_FINAL);
+    result.received = shared.received.load(Ordering::Relaxed);
+    result.cells_per_s =
+        if result.blast_secs > 0.0 { result.received_measured as f64 / result.blast_secs } else { 0.0 };
+    result.stalls = window.stalls;
+    result.window = window.size;
+    Ok(result)
+}
+
+/// Waits until every sent cell arrived or nothing arrived for `quiet`.
+fn wait_quiet(shared: &Shared, sent: u64, quiet: Duration) {
+    let mut last = shared.received.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    loop {
+        let now = shared.received.load(Ordering::Relaxed);
+        if now >= sent {
+            return;
+        }
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Builds `n` circuits through `path` over `socket` (connected to the first hop).
+fn build_circuits(socket: &UdpSocket, path: Vec<PathHop>, n: usize, null: bool) -> Result<Vec<Circuit>> {
+    let config =
+        CircuitConfig { handshake_timeout: Duration::from_millis(500), handshake_attempts: 8, ..Default::default() };
+    let start = Instant::now();
+    let mut circuits: Vec<Circuit> = Vec::with_capacity(n);
+    let mut index: HashMap<u32, usize> = HashMap::new();
+    while circuits.len() < n {
+        let id = 0x4000_0000 | (OsRng.next_u32() & 0x3FFF_FFFF);
+        if !is_valid_lcid(id) || index.contains_key(&id) {
+            continue;
+        }
+        index.insert(id, circuits.len());
+        circuits.push(Circuit::new(path.clone(), id, config, start, &mut OsRng)?);
+    }
+    let mut open = 0;
+    let mut cell = [0u8; CELL_LEN];
+    let mut buf = [0u8; 2048];
+    while open < n {
+        if start.elapsed() > BUILD_LIMIT {
+            let one_hop = circuits.iter().filter(|c| c.suites().len() == 1).count();
+            let hint = if null && one_hop > 0 {
+                " (with the null forwarder, EXTEND must still reach the relay's control plane: cells of a \
+                 circuit without a next hop have to take the normal path)"
+            } else {
+                ""
+            };
+            bail!("only {open} of {n} circuits built in {BUILD_LIMIT:?}; {one_hop} stopped after the first hop{hint}");
+        }
+        let now = Instant::now();
+        for c in circuits.iter_mut() {
+            while let Some(_to) = c.poll_transmit(now, &mut cell, &mut OsRng) {
+                socket.send(&cell).context("sending a handshake to the relay")?;
+            }
+            if let Some(Event::Closed(r)) = c.handle_timeout(now) {
+                bail!("circuit closed while building: {r:?}");
+            }
+        }
+        let Ok(len) = socket.recv(&mut buf) else { continue };
+        let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(&mut buf[..len]) else { continue };
+        let Some(&i) = index.get(&lcid(cell)) else { continue };
+        match circuits[i].handle_cell(Instant::now(), cell, &mut OsRng) {
+            Ok(Some(Event::Established)) => open += 1,
+            Ok(Some(Event::Closed(r))) => bail!("circuit closed while building: {r:?}"),
+            _ => {}
+        }
+    }
+    Ok(circuits)
+}
+
+/// The order in which the cells `0..count` of a round are sent: round-robin over the circuits
+/// cell by cell; with GSO, round-robin in runs of `GSO_SEGMENTS` cells of one circuit, so that
+/// each GSO send (which the relay receives whole, with UDP GRO, and its socket group steers by
+/// the first cell's LCID) holds cells of one circuit only.
+fn send_order(n: usize, count: usize, gso: bool) -> Vec<usize> {
+    if !gso {
+        return (0..count).collect();
+    }
+    let rows = count.div_ceil(n);
+    let mut order = Vec::with_capacity(count);
+    for block in (0..rows).step_by(GSO_SEGMENTS) {
+        for c in 0..n {
+            order.extend((block..(block + GSO_SEGMENTS).min(rows)).map(|r| r * n + c).filter(|&k| k < count));
+        }
+    }
+    order
+}
+
+/// Cell `k` of a round: circuit `k % n`, row `k / n`.
+fn cell_at(pools: &[Vec<u8>], n: usize, k: usize) -> &[u8] {
+    let r = k / n;
+    &pools[k % n][r * CELL_LEN..(r + 1) * CELL_LEN]
+}
+
+/// The bytes the sink matches in null mode: the first 16 body bytes (AEAD output, unique).
+fn fingerprint(cell: &[u8]) -> [u8; 16] {
+    let mut f = [0u8; 16];
+    f.copy_from_slice(&cell[12..28]);
+    f
+}
+
+/// Seals cells `base .. base + count` (sequence numbers) into the pools, circuits in parallel.
+fn seal_round(circuits: &mut [Circuit], pools: &mut [Vec<u8>], base: u64, count: usize) -> Result<()> {
+    let n = circuits.len();
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n);
+    let per = n.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = circuits
+            .chunks_mut(per)
+            .zip(pools.chunks_mut(per))
+            .enumerate()
+            .map(|(t, (circs, pools))| {
+                s.spawn(move || -> Result<()> {
+                    for (j, (circ, pool)) in circs.iter_mut().zip(pools.iter_mut()).enumerate() {
+                        let c = t * per + j;
+                        for (r, chunk) in pool.chunks_exact_mut(CELL_LEN).enumerate() {
+                            let k = r * n + c;
+                            if k >= count {
+                                break;
+                            }
+                            let cell: &mut [u8; CELL_LEN] = chunk.try_into().map_err(|_| anyhow!("cell size"))?;
+                            let body = payload_mut(cell);
+                            body[..8].copy_from_slice(&(base + k as u64).to_be_bytes());
+                            body[8..PAYLOAD].fill(0xA5);
+                            circ.seal_data(PAYLOAD, cell).map_err(|e| anyhow!("cannot seal: {e}"))?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().map_err(|_| anyhow!("sealing thread panicked"))?)
+    })
+}
+
+/// The in-flight window (see the module doc).
+struct Window {
+    size: usize,
+    max: usize,
+    written_off: u64,
+    stalls: u64,
+    clean: usize,
+    stalled_since: Option<(Instant, u64)>,
+}
+
+impl Window {
+    fn new(size: usize) -> Self {
+        let size = size.max(MIN_WINDOW);
+        Self { size, max: size, written_off: 0, stalls: 0, clean: 0, stalled_since: None }
+    }
+
+    /// How many cells may be sent now; 0 means wait (and handles a stall).
+    fn room(&mut self, sent: u64, received: u64) -> usize {
+        let in_flight = sent.saturating_sub(received + self.written_off) as usize;
+        if in_flight + BURST <= self.size {
+            self.stalled_since = None;
+            return self.size - in_flight;
+        }
+        match self.stalled_since {
+            Some((since, at)) if at == received && since.elapsed() >= STALL => {
+                // Nothing arrived for a while with the window full: those cells are lost.
+                self.written_off = sent.saturating_sub(received);
+                self.stalls += 1;
+                self.size = (self.size / 2).max(MIN_WINDOW);
+                self.clean = 0;
+                self.stalled_since = None;
+            }
+            Some((_, at)) if at == received => {}
+            _ => self.stalled_since = Some((Instant::now(), received)),
+        }
+        0
+    }
+
+    fn sent(&mut self, n: usize) {
+        self.clean += n;
+        if self.clean >= self.size {
+            self.clean = 0;
+            self.size = (self.size + BURST).min(self.max);
+        }
+    }
+}
+
+/// The client socket's sending side.
+struct Sender {
+    fd: RawFd,
+    gso: bool,
+}
+
+impl Sender {
+    /// Sends cells `0..count` of the pools within the window; returns how many were sent.
+    #[allow(clippy::too_many_arguments)]
+    fn blast(
+        &mut self,
+        pools: &[Vec<u8>],
+        n: usize,
+        base: u64,
+        count: usize,
+        shared: &Shared,
+        window: &mut Window,
+        sent_total: &mut u64,
+        deadline: Instant,
+    ) -> Result<usize> {
+        let order = send_order(n, count, self.gso);
+        let burst = if self.gso { GSO_SEGMENTS } else { BURST };
+        let mut i = 0;
+        let mut cells: Vec<&[u8]> = Vec::with_capacity(burst);
+        while i < count {
+            let room = window.room(*sent_total, shared.received.load(Ordering::Relaxed));
+            if room == 0 {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(20));
+                continue;
+            }
+            let mut m = burst.min(room).min(count - i);
+            if self.gso {
+                // One GSO send carries cells of one circuit only (see `send_order`).
+                let c = order[i] % n;
+                m = order[i..i + m].iter().take_while(|&&k| k % n == c).count();
+            }
+            cells.clear();
+            cells.extend(order[i..i + m].iter().map(|&k| cell_at(pools, n, k)));
+            let now = shared.now_ns();
+            for &k in &order[i..i + m] {
+                if let Some(slot) = shared.send_ns.get((base + k as u64) as usize) {
+                    slot.store(now, Ordering::Relaxed);
+                }
+            }
+            if self.gso { self.send_gso(&cells) } else { self.send_mmsg(&cells) }
+                .context("sending cells to the relay")?;
+            i += m;
+            *sent_total += m as u64;
+            window.sent(m);
+        }
+        Ok(i)
+    }
+
+    /// One `sendmmsg` (repeated after a partial send) on the connected socket.
+    fn send_mmsg(&self, cells: &[&[u8]]) -> std::io::Result<()> {
+        let n = cells.len().min(BURST);
+        let mut iovs: [libc::iovec; BURST] =
+            std::array::from_fn(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 });
+        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
+        let mut hdrs: [libc::mmsghdr; BURST] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            // The kernel only reads through this pointer (sendmmsg).
+            iovs[i] = libc::iovec { iov_base: cells[i].as_ptr().cast_mut().cast(), iov_len: cells[i].len() };
+            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut done = 0;
+        let mut retries = 0;
+        while done < n {
+            // SAFETY: `hdrs[done..n]` are initialised headers, each pointing to one iovec in
+            // `iovs` that covers one live cell borrowed from `cells`; both arrays outlive the
+            // call. No address: the socket is connected.
+            let r = unsafe { libc::sendmmsg(self.fd, hdrs.as_mut_ptr().add(done), (n - done) as u32, 0) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN | libc::ENOBUFS) if retries < 1000 => {
+                        retries += 1;
+                        std::thread::sleep(Duration::from_micros(50));
+                        continue;
+                    }
+                    _ => return Err(e),
+                }
+            }
+            done += r as usize;
+        }
+        Ok(())
+    }
+
+    /// One `sendmsg` with a `UDP_SEGMENT` control message: the kernel splits it into cells.
+    fn send_gso(&self, cells: &[&[u8]]) -> std::io::Result<()> {
+        let iov: Vec<IoSlice<'_>> = cells.iter().map(|c| IoSlice::new(c)).collect();
+        let seg = CELL_LEN as u16;
+        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        let cmsg: &[ControlMessage<'_>] = if cells.len() > 1 { &cmsg } else { &[] };
+        loop {
+            match sock::sendmsg::<SockaddrStorage>(self.fd, &iov, cmsg, MsgFlags::empty(), None) {
+                Ok(_) => return Ok(()),
+                Err(Errno::EINTR | Errno::EAGAIN | Errno::ENOBUFS) => std::thread::sleep(Duration::from_micros(50)),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The sink: answers CREATE, counts cells, samples latency (see the module doc).
+fn sink_loop(socket: UdpSocket, onion: OnionSecret, shared: &Shared) -> SinkOutput {
+    let mut plane = ControlPlane::new(SINK_IDENTITY, vec![onion], cellproto::crypto::local_aes_hw());
+    let mut circuits = CircuitMap::new();
+    let mut next_lcid = 0x6000_0000u32;
+    let mut out = SinkOutput::default();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut cmsg = nix::cmsg_space!(i32);
+    let mut count = 0u64;
+    let fd = socket.as_raw_fd();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let (len, from, segment) = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let Ok(msg) = sock::recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty()) else {
+                continue;
+            };
+            let segment = msg.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|c| match c {
+                    ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok(),
+                    _ => None,
+                })
+            });
+            let from = msg.address.and_then(|a| a.as_sockaddr_in().map(|s| SocketAddr::V4(SocketAddrV4::from(*s))));
+            (msg.bytes, from, segment)
+        };
+        let Some(from) = from else { continue };
+        let now_ns = shared.now_ns();
+        let segment = segment.filter(|&s| s > 0).unwrap_or(len.max(1));
+        let mut fingerprints = if shared.null { shared.fingerprints.lock().ok() } else { None };
+        let mut arrived = 0;
+        for chunk in buf[..len].chunks_mut(segment) {
+            let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(chunk) else { continue };
+            let id = lcid(cell);
+            if id == HANDSHAKE_LCID {
+                let alloc = || {
+                    next_lcid += 1;
+                    next_lcid
+                };
+                match plane.handle_create(Instant::now(), from, cell, alloc, &mut OsRng) {
+                    Ok(Created::New { reply, circuit }) => {
+                        circuits.insert(*circuit);
+                        let _ = socket.send_to(&reply[..], from);
+                    }
+                    Ok(Created::Repeat { reply }) => {
+                        let _ = socket.send_to(&reply[..], from);
+                    }
+                    Err(_) => {}
+                }
+                continue;
+            }
+            if !circuits.contains_lcid(id) {
+                continue;
+            }
+            arrived += 1;
+            count += 1;
+            let seq = if let Some(fp) = fingerprints.as_mut() {
+                fp.remove(&fingerprint(&cell[..]))
+            } else if count % SAMPLE_EVERY == 0 {
+                match circuits.lookup(id) {
+                    Some((circ, Direction::Forward)) => match circ.handle_forward(Instant::now(), from, cell) {
+                        Verdict::Deliver { cmd: Command::Data, len } if len >= 8 => {
+                            let mut seq = [0u8; 8];
+                            seq.copy_from_slice(&payload(cell, len)[..8]);
+                            Some(u64::from_be_bytes(seq))
+                        }
+                        _ => {
+                            out.bad += 1;
+                            None
+                        }
+                    },
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            if let Some(sent_at) = seq.and_then(|s| shared.send_ns.get(s as usize)).map(|a| a.load(Ordering::Relaxed))
+                && sent_at > 0
+            {
+                out.latencies_ns.push(now_ns.saturating_sub(sent_at));
+            }
+        }
+        drop(fingerprints);
+        if arrived > 0 {
+            shared.received.fetch_add(arrived, Ordering::Relaxed);
+            shared.last_arrival_ns.store(now_ns, Ordering::Relaxed);
+        }
+    }
+    out.socket_drops = socket.local_addr().map_or(0, |a| sys::udp_socket_drops(a.port()));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_order_is_a_permutation_with_single_circuit_gso_runs() {
+        for (n, count) in [(1, 10), (4, 1000), (64, 20_000), (7, 1234), (64, 10)] {
+            for gso in [false, true] {
+                let mut order = send_order(n, count, gso);
+                assert_eq!(order.len(), count);
+                if gso {
+                    // Within a circuit, cells go out in sealing (counter) order.
+                    for c in 0..n {
+                        let rows: Vec<usize> = order.iter().filter(|&&k| k % n == c).map(|&k| k / n).collect();
+                        assert!(rows.windows(2).all(|w| w[0] < w[1]));
+                    }
+                }
+                order.sort_unstable();
+                assert!(order.iter().enumerate().all(|(i, &k)| i == k));
+            }
+        }
+    }
+
+    #[test]
+    fn window_halves_on_stall_and_grows_back() {
+        let mut w = Window::new(1024);
+        assert_eq!(w.room(0, 0), 1024);
+        assert_eq!(w.room(1024, 0), 0);
+        w.stalled_since = Some((Instant::now() - STALL, 0));
+        assert_eq!(w.room(1024, 0), 0);
+        assert_eq!((w.size, w.stalls, w.written_off), (512, 1, 1024));
+        assert_eq!(w.room(1024, 0), 512);
+        for _ in 0..64 {
+            w.sent(1024);
+        }
+        assert_eq!(w.size, 1024);
+    }
+}

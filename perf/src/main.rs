@@ -1,0 +1,97 @@
+//! `perf`: meshvpn's benchmark harness.
+//!
+//! `perf relay` measures relayd's forwarding on loopback against two baselines in one run: the
+//! same engine with the cryptography switched off (`[bench] null_forwarder`, the I/O ceiling)
+//! and a plain tokio `recv_from`/`send_to` relay with the same cryptography. The relay under
+//! test and the load generator are separate processes (`perf relay-child`, `perf tokio-relay`,
+//! `perf loadgen`: this binary re-executing itself), so the relay's CPU time can be read from
+//! `/proc` on its own.
+
+mod loadgen;
+mod orchestrate;
+mod sys;
+mod tokio_relay;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// meshvpn benchmark harness.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Benchmark relayd against its null forwarder and a plain tokio relay (loopback only).
+    Relay(orchestrate::RelayArgs),
+    /// The load generator: builds 2-hop circuits through a relay to a sink in this process and
+    /// blasts DATA cells through them (started by `perf relay`).
+    Loadgen(loadgen::LoadgenArgs),
+    /// The baseline: a straightforward tokio relay with the same cryptography.
+    TokioRelay(tokio_relay::TokioRelayArgs),
+    /// Prints a relay's identity and onion key in hex (for running `perf loadgen` by hand).
+    Keys {
+        /// Directory with identity.key and onion.key.
+        #[arg(long)]
+        key_dir: PathBuf,
+    },
+    /// relayd's engine in this process (`relayd::relay::start`), until stdin closes or SIGTERM.
+    #[command(hide = true)]
+    RelayChild {
+        /// relayd configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Relay(args) => orchestrate::run(args),
+        Cmd::Loadgen(args) => loadgen::run(args),
+        Cmd::TokioRelay(args) => tokio_relay::run(args),
+        Cmd::RelayChild { config } => relay_child(&config),
+        Cmd::Keys { key_dir } => {
+            let keys = relayd::keys::load(&key_dir)?;
+            println!(
+                "--identity {} --onion-key {}",
+                hex::encode(keys.identity.public().0),
+                hex::encode(keys.onion[0].public())
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Runs relayd's engine as `relayd run` does, and stops when stdin reaches end of file (the
+/// orchestrator exited or closed it) or on SIGTERM/SIGINT.
+fn relay_child(path: &std::path::Path) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let config = relayd::config::Config::load(path)?;
+    let keys = relayd::keys::load(&config.key_dir)
+        .with_context(|| format!("cannot load keys from {}", config.key_dir.display()))?;
+    let relay = relayd::relay::start(&config, keys)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handler")?;
+    }
+    sys::stop_on_stdin_eof(stop.clone());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    relay.shutdown();
+    Ok(())
+}
