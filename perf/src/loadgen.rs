@@ -587,36 +587,22 @@ impl Sender {
     /// One `sendmmsg` (repeated after a partial send) on the connected socket.
     fn send_mmsg(&self, cells: &[&[u8]]) -> std::io::Result<()> {
         let n = cells.len().min(BURST);
-        let mut iovs: [libc::iovec; BURST] =
-            std::array::from_fn(|_| libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 });
-        // SAFETY: an all-zero mmsghdr is valid (null pointers, zero lengths).
-        let mut hdrs: [libc::mmsghdr; BURST] = unsafe { std::mem::zeroed() };
-        for i in 0..n {
-            // The kernel only reads through this pointer (sendmmsg).
-            iovs[i] = libc::iovec { iov_base: cells[i].as_ptr().cast_mut().cast(), iov_len: cells[i].len() };
-            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
-            hdrs[i].msg_hdr.msg_iovlen = 1;
-        }
+        let slices: Vec<[IoSlice<'_>; 1]> = cells[..n].iter().map(|c| [IoSlice::new(c)]).collect();
+        let no_addrs: Vec<Option<SockaddrStorage>> = vec![None; n];
         let mut done = 0;
         let mut retries = 0;
         while done < n {
-            // SAFETY: `hdrs[done..n]` are initialised headers, each pointing to one iovec in
-            // `iovs` that covers one live cell borrowed from `cells`; both arrays outlive the
-            // call. No address: the socket is connected.
-            let r = unsafe { libc::sendmmsg(self.fd, hdrs.as_mut_ptr().add(done), (n - done) as u32, 0) };
-            if r < 0 {
-                let e = std::io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN | libc::ENOBUFS) if retries < 1000 => {
-                        retries += 1;
-                        std::thread::sleep(Duration::from_micros(50));
-                        continue;
-                    }
-                    _ => return Err(e),
+            let mut headers = sock::MultiHeaders::<SockaddrStorage>::preallocate(n - done, None);
+            let sent = sock::sendmmsg(self.fd, &mut headers, &slices[done..], &no_addrs[done..], [], MsgFlags::empty());
+            match sent {
+                Ok(results) => done += results.count(),
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN | Errno::ENOBUFS) if retries < 1000 => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_micros(50));
                 }
+                Err(e) => return Err(e.into()),
             }
-            done += r as usize;
         }
         Ok(())
     }

@@ -7,6 +7,8 @@
 //! `perf loadgen`: this binary re-executing itself), so the relay's CPU time can be read from
 //! `/proc` on its own.
 
+#![forbid(unsafe_code)]
+
 mod loadgen;
 mod orchestrate;
 mod sys;
@@ -55,9 +57,18 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Relay(args) => orchestrate::run(args),
-        Cmd::Loadgen(args) => loadgen::run(args),
-        Cmd::TokioRelay(args) => tokio_relay::run(args),
-        Cmd::RelayChild { config } => relay_child(&config),
+        Cmd::Loadgen(args) => {
+            sys::die_with_parent();
+            loadgen::run(args)
+        }
+        Cmd::TokioRelay(args) => {
+            sys::die_with_parent();
+            tokio_relay::run(args)
+        }
+        Cmd::RelayChild { config } => {
+            sys::die_with_parent();
+            relay_child(&config)
+        }
         Cmd::Keys { key_dir } => {
             let keys = relayd::keys::load(&key_dir)?;
             println!(

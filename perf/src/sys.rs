@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,9 +14,10 @@ use std::time::{Duration, Instant};
 
 /// Clock ticks per second of `/proc/*/stat` times.
 fn clock_ticks() -> f64 {
-    // SAFETY: sysconf has no preconditions; it only reads a system constant.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as f64,
+        _ => 100.0,
+    }
 }
 
 /// utime + stime in seconds from the text of a `/proc/.../stat` file, and the command name.
@@ -111,8 +111,22 @@ pub fn stop_on_stdin_eof(stop: Arc<AtomicBool>) {
     });
 }
 
+/// Environment variable naming the orchestrator's pid, for [`die_with_parent`].
+const PARENT_ENV: &str = "MESHVPN_PERF_PARENT";
+
+/// Called first by every child subcommand: asks the kernel to kill this process when the
+/// orchestrator dies (`PR_SET_PDEATHSIG`), and exits if it already has, so a killed `perf relay`
+/// leaves nothing running.
+pub fn die_with_parent() {
+    let Some(parent) = std::env::var(PARENT_ENV).ok().and_then(|p| p.parse::<i32>().ok()) else { return };
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if nix::unistd::getppid().as_raw() != parent {
+        std::process::exit(1);
+    }
+}
+
 /// A child process that is killed and reaped when dropped, and killed by the kernel if this
-/// process dies first (`PR_SET_PDEATHSIG`).
+/// process dies first (the child calls [`die_with_parent`]).
 pub struct ChildGuard {
     pub child: Child,
     pub name: &'static str,
@@ -121,14 +135,7 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd` under a guard.
     pub fn spawn(name: &'static str, cmd: &mut Command) -> Result<Self> {
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-        // which is async-signal-safe and touches no memory of this process.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
-                Ok(())
-            });
-        }
+        cmd.env(PARENT_ENV, std::process::id().to_string());
         let child = cmd.spawn().with_context(|| format!("cannot start {name} ({cmd:?})"))?;
         Ok(Self { child, name })
     }
