@@ -11,6 +11,7 @@
 //! | [`stun`] | STUN Binding answers on the relay port |
 //! | [`metrics`] | Prometheus counters and endpoint |
 //! | [`relay`] | wiring it all together |
+//! | [`terminal`] | the hook an exit plugs into each worker |
 //! | [`descriptor`] | the relay's signed descriptor |
 
 pub mod config;
@@ -22,4 +23,5 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
 pub mod stun;
+pub mod terminal;
 pub mod worker;

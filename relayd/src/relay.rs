@@ -6,6 +6,7 @@ use crate::control::{Control, ToControl, ToWorker};
 use crate::datapath::{self, Backend};
 use crate::keys::RelayKeys;
 use crate::metrics::{self, Registry};
+use crate::terminal::Terminal;
 use crate::worker::Worker;
 use anyhow::{Context, Result};
 use cellproto::crypto::local_aes_hw;
@@ -59,6 +60,15 @@ fn pin_to_core(core: usize) {
 
 /// Starts a relay with `config` and `keys`.
 pub fn start(config: &Config, keys: RelayKeys) -> Result<RelayHandle> {
+    start_with(config, keys, |_| None)
+}
+
+/// Starts the engine with a [`Terminal`] per worker (`terminal(worker index)`): an exit.
+pub fn start_with(
+    config: &Config,
+    keys: RelayKeys,
+    mut terminal: impl FnMut(usize) -> Option<Box<dyn Terminal>>,
+) -> Result<RelayHandle> {
     let workers = config.worker_count();
     let sockets = datapath::socket::bind_group(config.listen, workers)
         .with_context(|| format!("cannot bind UDP {} for {workers} workers", config.listen))?;
@@ -116,7 +126,8 @@ pub fn start(config: &Config, keys: RelayKeys) -> Result<RelayHandle> {
     for (index, (dp, inbox)) in paths.into_iter().zip(inboxes).enumerate() {
         let worker = Worker::new(index, to_control.clone(), inbox, registry.clone(), idle, local_addr)
             .with_null_forwarder(config.bench.null_forwarder)
-            .with_stun_alternate(stun_alternate.clone());
+            .with_stun_alternate(stun_alternate.clone())
+            .with_terminal(terminal(index));
         let stop = stop.clone();
         let pin = config.pin_workers;
         threads.push(std::thread::Builder::new().name(format!("worker-{index}")).spawn(move || {

@@ -6,6 +6,7 @@
 use crate::control::{ToControl, ToWorker};
 use crate::datapath::{Action, Datagram, Datapath, Outgoing};
 use crate::metrics::{DROP_LABELS, DROP_OVERLOAD, Registry, WorkerCounters, drop_index};
+use crate::terminal::Terminal;
 use cellproto::cell::{CELL_LEN, Command, HANDSHAKE_LCID, lcid};
 use cellproto::command::{decode_ping, reason};
 use cellproto::link::LinkControl;
@@ -73,6 +74,8 @@ pub struct Worker {
     null_forwarder: bool,
     /// The RFC 5780 alternate address and where change-port answers are handed over.
     stun_alternate: Option<(SocketAddr, crate::stun::Handover)>,
+    /// The exit's hook, if this relay is an exit.
+    terminal: Option<Box<dyn Terminal>>,
 }
 
 impl Worker {
@@ -99,6 +102,7 @@ impl Worker {
             log: DropLog::new(),
             null_forwarder: false,
             stun_alternate: None,
+            terminal: None,
         }
     }
 
@@ -114,6 +118,12 @@ impl Worker {
         self
     }
 
+    /// Makes this worker an exit's: `terminal` gets DATA and ATTACH and may originate cells.
+    pub fn with_terminal(mut self, terminal: Option<Box<dyn Terminal>>) -> Self {
+        self.terminal = terminal;
+        self
+    }
+
     /// Runs until `stop` is set, then sends DESTROY for every circuit both ways.
     pub fn run(mut self, mut dp: Box<dyn Datapath>, stop: Arc<AtomicBool>) {
         let mut last_publish = Instant::now();
@@ -121,6 +131,9 @@ impl Worker {
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             self.drain_inbox(now);
+            if let Some(terminal) = self.terminal.as_mut() {
+                terminal.poll(now, &mut self.circuits, &mut self.out);
+            }
             // What the handler originates while `out` is being sent (PONG, STUN answers,
             // DESTROY) collects in `self.out` and goes out on the next round, at once.
             let mut out = std::mem::take(&mut self.out);
@@ -223,6 +236,9 @@ impl Worker {
                 self.out.push(Outgoing { to, data: cell.to_vec() });
             }
         }
+        if let Some(terminal) = self.terminal.as_mut() {
+            terminal.closed(circ.prev().lcid_in);
+        }
         let mut lcids = vec![circ.prev().lcid_in];
         if let Some(next) = circ.next() {
             lcids.push(next.lcid_in);
@@ -292,6 +308,17 @@ impl Worker {
                         self.teardown(circ, reason, Some(from_side(from)));
                     }
                 }
+                Verdict::Deliver { cmd: cmd @ (Command::Data | Command::Attach), len } => {
+                    // For the exit, in place: DATA is the exit's per-packet path.
+                    let id = lcid_of(d.data);
+                    match (self.terminal.as_mut(), self.circuits.get_mut(id)) {
+                        (Some(terminal), Some(circ)) => {
+                            let payload = <&[u8; CELL_LEN]>::try_from(&*d.data).map(|c| payload(c, len)).unwrap_or(&[]);
+                            terminal.deliver(now, id, circ, cmd, payload, &mut self.out);
+                        }
+                        _ => self.drop(drop_index(DropReason::Protocol)),
+                    }
+                }
                 Verdict::Deliver { cmd, len } => {
                     let id = lcid_of(d.data);
                     self.deliver(now, id, cmd, payload_of(d.data, len));
@@ -341,7 +368,7 @@ impl Worker {
                     self.teardown(circ, reason::REQUESTED, Some(Direction::Backward));
                 }
             }
-            // DATA and ATTACH are for exits; anything else is not for a relay.
+            // DATA and ATTACH went to the exit's terminal; anything else is not for a relay.
             _ => self.drop(drop_index(DropReason::Protocol)),
         }
     }
