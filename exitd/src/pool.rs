@@ -137,6 +137,11 @@ impl AddressPool {
         }
     }
 
+    /// Sessions holding addresses (attached or within their grace period).
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
     /// The circuit a packet to inner address `addr` belongs to (routing TUN → circuit).
     pub fn circuit_of(&self, addr: IpAddr) -> Option<u32> {
         self.sessions.get(self.by_addr.get(&addr)?)?.circuit

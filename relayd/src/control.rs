@@ -3,7 +3,7 @@
 //! crossbeam channels; a flood of CREATEs queues here, never in front of established circuits.
 
 use crate::config::Config;
-use crate::datapath::Outgoing;
+use crate::datapath::{Outgoing, Waker};
 use crate::metrics::{ControlStats, Registry};
 use crate::ratelimit::SourceLimits;
 use cellproto::cell::{CELL_LEN, is_valid_lcid};
@@ -123,6 +123,7 @@ pub struct Control {
     limits: SourceLimits,
     allow_private: bool,
     workers: Vec<Sender<ToWorker>>,
+    wakers: Vec<Waker>,
     next_worker: usize,
     used: HashSet<u32>,
     sources: HashMap<u32, IpAddr>,
@@ -130,14 +131,21 @@ pub struct Control {
 }
 
 impl Control {
-    /// The control plane for `config`, with one channel per worker.
-    pub fn new(config: &Config, plane: ControlPlane, workers: Vec<Sender<ToWorker>>, registry: Arc<Registry>) -> Self {
+    /// The control plane for `config`, with one channel and one waker per worker.
+    pub fn new(
+        config: &Config,
+        plane: ControlPlane,
+        workers: Vec<Sender<ToWorker>>,
+        wakers: Vec<Waker>,
+        registry: Arc<Registry>,
+    ) -> Self {
         let l = &config.limits;
         Self {
             plane,
             limits: SourceLimits::new(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt.clone()),
             allow_private: config.extend.allow_private,
             workers,
+            wakers,
             next_worker: 0,
             used: HashSet::new(),
             sources: HashMap::new(),
@@ -164,6 +172,10 @@ impl Control {
     fn send(&self, worker: usize, msg: ToWorker) {
         // A worker that is gone (shutting down) no longer needs anything.
         let _ = self.workers[worker].send(msg);
+        // Workers block in their data path's poll; this makes them read the message now.
+        if let Some(waker) = self.wakers.get(worker) {
+            waker.wake();
+        }
     }
 
     /// Runs until `stop` is set.

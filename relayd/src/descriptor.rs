@@ -3,15 +3,16 @@
 use crate::config::Config;
 use crate::keys::RelayKeys;
 use anyhow::{Context, Result};
-use cellproto::descriptor::{FLAG_AES_HW, FLAG_GUARD, RelayDescriptor};
+use cellproto::descriptor::{ExitPolicySummary, FLAG_AES_HW, FLAG_EXIT, FLAG_GUARD, RelayDescriptor};
 use cellproto::identity::OnionKeyCert;
 
 /// Slack before `now` in validity windows, so a directory made on a machine whose clock is a
 /// little behind still accepts the descriptor.
 const CLOCK_SKEW_SECS: u64 = 3600;
 
-/// Builds and signs the descriptor for `config` and `keys` at unix time `now`.
-pub fn signed(config: &Config, keys: &RelayKeys, now: u64, extra_flags: u32) -> Result<Vec<u8>> {
+/// Builds and signs the descriptor for `config` and `keys` at unix time `now`; an exit passes
+/// its policy summary (which also sets the EXIT flag).
+pub fn signed(config: &Config, keys: &RelayKeys, now: u64, exit_policy: Option<ExitPolicySummary>) -> Result<Vec<u8>> {
     let expires = now + config.descriptor_lifetime_secs;
     let identity = keys.identity.public();
     let onion_keys = keys
@@ -20,7 +21,7 @@ pub fn signed(config: &Config, keys: &RelayKeys, now: u64, extra_flags: u32) -> 
         .take(1)
         .map(|k| OnionKeyCert { identity, onion_key: *k.public(), valid_after: now - CLOCK_SKEW_SECS, expires })
         .collect();
-    let mut flags = extra_flags;
+    let mut flags = if exit_policy.is_some() { FLAG_EXIT } else { 0 };
     if cellproto::crypto::local_aes_hw() {
         flags |= FLAG_AES_HW;
     }
@@ -35,7 +36,7 @@ pub fn signed(config: &Config, keys: &RelayKeys, now: u64, extra_flags: u32) -> 
         operator: config.operator.clone(),
         bandwidth: config.bandwidth,
         flags,
-        exit_policy: None,
+        exit_policy,
         protocol_versions: vec![cellproto::handshake::HANDSHAKE_VERSION],
         published: now,
         expires,

@@ -63,7 +63,7 @@ fn main() -> Result<()> {
             let config = Config::load(&config)?;
             let keys = relayd::keys::load(&config.key_dir)
                 .with_context(|| format!("cannot load keys from {} (key_dir)", config.key_dir.display()))?;
-            let signed = relayd::descriptor::signed(&config, &keys, unix_now(), 0)?;
+            let signed = relayd::descriptor::signed(&config, &keys, unix_now(), None)?;
             println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
         }
         Cmd::Run { config: path } => {

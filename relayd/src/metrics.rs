@@ -125,7 +125,6 @@ impl ControlStats {
 type PerWorker = (&'static str, &'static str, &'static str, fn(&WorkerCounters) -> u64);
 
 /// Everything the metrics endpoint shows.
-#[derive(Debug)]
 pub struct Registry {
     /// One block per worker.
     pub workers: Vec<WorkerStats>,
@@ -133,6 +132,14 @@ pub struct Registry {
     pub control: ControlStats,
     /// Which data path runs ("io_uring" or "recvmmsg").
     pub datapath: &'static str,
+    /// More series appended by what embeds the engine (exitd's), set once after start.
+    pub extra: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("workers", &self.workers.len()).field("datapath", &self.datapath).finish()
+    }
 }
 
 impl Registry {
@@ -142,6 +149,7 @@ impl Registry {
             workers: (0..workers).map(|_| WorkerStats::default()).collect(),
             control: ControlStats::default(),
             datapath,
+            extra: std::sync::OnceLock::new(),
         }
     }
 
@@ -188,6 +196,9 @@ impl Registry {
         let _ = writeln!(out, "# HELP relayd_extends_total EXTEND requests.\n# TYPE relayd_extends_total counter");
         let _ = writeln!(out, "relayd_extends_total{{result=\"ok\"}} {}", c.extends.load(Ordering::Relaxed));
         let _ = writeln!(out, "relayd_extends_total{{result=\"failed\"}} {}", c.extends_failed.load(Ordering::Relaxed));
+        if let Some(extra) = self.extra.get() {
+            out.push_str(&extra());
+        }
         out
     }
 }

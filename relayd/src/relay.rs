@@ -102,7 +102,8 @@ pub fn start_with(
     }
 
     let plane = ControlPlane::new(keys.identity.public().0, keys.onion, local_aes_hw());
-    let control = Control::new(config, plane, worker_senders, registry.clone());
+    let wakers = paths.iter().map(|dp| dp.waker()).collect();
+    let control = Control::new(config, plane, worker_senders, wakers, registry.clone());
     let mut threads = Vec::with_capacity(workers + 1);
     let control_stop = stop.clone();
     threads.push(

@@ -21,9 +21,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-/// How long one poll waits for datagrams: bounds the latency of control messages (new
-/// circuits, EXTENDED) when the socket is idle.
-const POLL_TIMEOUT: Duration = Duration::from_millis(1);
+/// How long one poll waits for datagrams when idle. The control thread wakes the worker when
+/// it sends a message, so this only paces the timers (publishing, expiry).
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+/// The same for an exit's workers, whose terminal reads its TUN queue between polls: a TUN
+/// packet waits at most this long (until the TUN fd can wake the data path itself).
+const POLL_TIMEOUT_EXIT: Duration = Duration::from_millis(1);
 /// How often counters are published to the metrics registry.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How often idle circuits are looked for.
@@ -137,7 +140,8 @@ impl Worker {
             // What the handler originates while `out` is being sent (PONG, STUN answers,
             // DESTROY) collects in `self.out` and goes out on the next round, at once.
             let mut out = std::mem::take(&mut self.out);
-            let timeout = if out.is_empty() { POLL_TIMEOUT } else { Duration::ZERO };
+            let idle = if self.terminal.is_some() { POLL_TIMEOUT_EXIT } else { POLL_TIMEOUT };
+            let timeout = if out.is_empty() { idle } else { Duration::ZERO };
             let polled = dp.poll(timeout, &mut |batch| self.handle_batch(now, batch), &mut out);
             if self.out.is_empty() {
                 out.clear();

@@ -7,17 +7,22 @@
 //! (coalesced datagrams would not fit these buffers), and there is no GSO: `sendmmsg` already
 //! amortises the system call, which is what this backend is for.
 //!
+//! The wait is one `poll(2)` on the socket and the [`Waker`]'s eventfd.
+//!
 //! The libc calls are made directly rather than through nix's `recvmmsg`/`sendmmsg` wrappers:
 //! nix does not reset `msg_namelen` between calls on reused headers (an IPv6 sender after an
 //! IPv4 one would be truncated) and its lifetimes force an allocation per call.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
 use super::socket::{RawSockAddr, decode_sockaddr, is_v6, set_gro};
-use super::{Action, Datagram, Datapath, DatapathStats, Outgoing};
+use super::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
 
 /// Datagrams per `recvmmsg`/`sendmmsg` (and per batch handed to the worker).
 const BATCH: usize = 64;
@@ -42,6 +47,7 @@ pub struct MmsgDatapath {
     /// as truncated or with an unknown address family).
     received: Vec<(usize, Option<SocketAddr>)>,
     stats: DatapathStats,
+    waker: Waker,
 }
 
 impl MmsgDatapath {
@@ -58,6 +64,7 @@ impl MmsgDatapath {
             bufs: vec![0u8; BATCH * BUF_SIZE].into_boxed_slice(),
             received: Vec::with_capacity(BATCH),
             stats: DatapathStats::default(),
+            waker: Waker::new()?,
         })
     }
 
@@ -121,9 +128,26 @@ impl MmsgDatapath {
         Ok(n)
     }
 
-    /// Waits until the socket is readable or `timeout` passes; `false` on timeout or signal.
-    fn wait(&self, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
-        wait_fd(self.socket.as_raw_fd(), events, timeout)
+    /// Waits until the socket is readable, a wake comes or `timeout` passes; returns whether
+    /// the socket is readable (`false` on timeout, signal or wake). Consumes the wake: the
+    /// caller must not wait again before returning from `poll`.
+    fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        let mut fds =
+            [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN), PollFd::new(self.waker.fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, poll_timeout(timeout)) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        let [socket, wake] = fds.map(|fd| fd.revents().unwrap_or(PollFlags::empty()));
+        if (socket | wake).contains(PollFlags::POLLNVAL) {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        if !wake.is_empty() {
+            self.waker.reset();
+        }
+        // POLLERR too: a pending error (ICMP) that the next `recvmmsg` reports and clears.
+        Ok(!socket.is_empty())
     }
 }
 
@@ -142,7 +166,7 @@ impl Datapath for MmsgDatapath {
             // poll(2) call per batch.
             let n = self.recv_batch()?;
             if n == 0 {
-                if total > 0 || waited || !self.wait(libc::POLLIN, timeout)? {
+                if total > 0 || waited || !self.wait(timeout)? {
                     break;
                 }
                 waited = true;
@@ -187,6 +211,10 @@ impl Datapath for MmsgDatapath {
 
     fn stats(&self) -> DatapathStats {
         self.stats
+    }
+
+    fn waker(&self) -> Waker {
+        self.waker.clone()
     }
 }
 
@@ -268,11 +296,16 @@ impl Sender {
     }
 }
 
+/// `timeout` in whole milliseconds for `poll(2)`, rounded up so that a sub-millisecond timeout
+/// still waits rather than spins; at most `i32::MAX` ms (24 days).
+fn poll_timeout(timeout: Duration) -> PollTimeout {
+    PollTimeout::try_from(timeout.as_nanos().div_ceil(1_000_000)).unwrap_or(PollTimeout::MAX)
+}
+
 /// `poll(2)` on one descriptor: `Ok(true)` when ready, `Ok(false)` on timeout or signal.
 fn wait_fd(fd: RawFd, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
     let mut pfd = libc::pollfd { fd, events, revents: 0 };
-    // Round up so that a sub-millisecond timeout still waits rather than spins.
-    let ms = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int;
+    let ms = i32::from(poll_timeout(timeout));
     // SAFETY: `pfd` is one valid pollfd on this frame, and nfds is 1.
     let r = unsafe { libc::poll(&mut pfd, 1, ms) };
     if r < 0 {

@@ -11,11 +11,19 @@
 //! then be polled (and should be dropped) on the thread that polled it first: its ring has a
 //! single issuer. Sockets are steered per LCID (see [`socket`]), so a worker owns both
 //! directions of its circuits.
+//!
+//! Each data path has a [`Waker`]: another thread (the control thread, after it sent the
+//! worker a message) calls [`Waker::wake`] to end a `poll` that is waiting, so that workers can
+//! poll with a long timeout and still see their messages at once.
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::Once;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Once};
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 mod mmsg;
 pub mod socket;
@@ -69,12 +77,71 @@ pub struct DatapathStats {
     pub tx_errors: u64,
 }
 
+/// Interrupts a data path's [`Datapath::poll`] from any thread: a handle on the data path's
+/// eventfd, cheap to clone and to share.
+///
+/// A wake while `poll` waits ends the wait at once; a wake while it does not (the worker is
+/// busy) makes the next `poll` return without waiting. Wakes do not queue: however many came
+/// since, a returning `poll` consumes them all, so one wake is enough per check of the
+/// worker's inbox.
+#[derive(Debug, Clone)]
+pub struct Waker {
+    fd: Arc<EventFd>,
+}
+
+impl Waker {
+    /// A new non-blocking, close-on-exec eventfd.
+    pub(crate) fn new() -> io::Result<Waker> {
+        let fd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        Ok(Waker { fd: Arc::new(fd) })
+    }
+
+    /// Makes the data path's current or next `poll` return. Never blocks: one system call
+    /// (`write(2)` of 1 to the eventfd). A counter at its maximum (EAGAIN) is already a wake.
+    pub fn wake(&self) {
+        match self.fd.write(1) {
+            Ok(_) | Err(Errno::EAGAIN | Errno::EINTR) => {}
+            // Only EBADF or EINVAL, which a live `EventFd` written 8 bytes cannot give.
+            Err(e) => tracing::debug!(error = %e, "cannot wake a data path"),
+        }
+    }
+
+    /// The eventfd, for the backend to wait on.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Consumes every wake so far (the next wait blocks again). Called by the backend only when
+    /// it saw the eventfd readable, and only when `poll` returns after it without waiting again:
+    /// the caller then checks its inbox, which holds whatever was sent before those wakes.
+    pub(crate) fn reset(&self) {
+        // EAGAIN: nothing to consume (the wake was consumed already).
+        let _ = self.fd.read();
+    }
+}
+
 /// One worker's socket and its batched I/O.
+///
+/// # Waking
+///
+/// [`Datapath::waker`] gives a [`Waker`] that other threads use to end a `poll` early. The
+/// protocol for a worker with an inbox (a channel from the control thread):
+///
+/// - the sender pushes its message, *then* calls [`Waker::wake`];
+/// - the worker checks its inbox after every `poll` returns, and can then poll with a long
+///   timeout (bounded only by its own timers), instead of a short one that makes an idle
+///   worker wake up hundreds of times a second.
+///
+/// No message is missed: a wake that comes while `poll` waits ends the wait; one that comes
+/// while it does not makes the next `poll` return at once (the eventfd stays readable until a
+/// `poll` consumes it, and a `poll` that consumes it always returns right after, without
+/// waiting again).
 pub trait Datapath: Send {
-    /// Waits up to `timeout` for datagrams; hands what arrived to `handle` in one or more
-    /// batches (at most 64 each); then sends every datagram `handle` marked `Send` and
-    /// everything in `extra` (which it empties), and recycles the buffers. Returns the number
-    /// of datagrams received. A timeout with nothing received still sends `extra`.
+    /// Waits up to `timeout` for datagrams or a wake ([`Datapath::waker`]); hands what arrived
+    /// to `handle` in one or more batches (at most 64 each); then sends every datagram
+    /// `handle` marked `Send` and everything in `extra` (which it empties), and recycles the
+    /// buffers. Returns the number of datagrams received. A timeout or a wake with nothing
+    /// received still sends `extra` (and returns 0).
     fn poll(
         &mut self,
         timeout: Duration,
@@ -90,6 +157,10 @@ pub trait Datapath: Send {
 
     /// Counters so far.
     fn stats(&self) -> DatapathStats;
+
+    /// A handle that ends this data path's current or next `poll` (see the trait docs); every
+    /// call returns a clone of the same one.
+    fn waker(&self) -> Waker;
 }
 
 /// Which backend [`open`] uses.

@@ -11,6 +11,12 @@
 //! - Buffers go back to the ring only after every send of the poll completed (the sends read
 //!   them): each poll waits for its own send completions. UDP sends complete inline at submit
 //!   time unless the send buffer is full, so this costs no extra system call.
+//! - Wake: a multishot `poll` on the [`Waker`]'s eventfd stays armed in the ring; its
+//!   completion ends the wait like a datagram does, and the eventfd is then read (reset) with
+//!   one `read(2)` (wakes are rare: one per control message). A poll rather than an io_uring
+//!   read: older kernels complete a read of an `O_NONBLOCK` file with EAGAIN at once instead
+//!   of waiting (the waker's eventfd must stay non-blocking for `wake`), and a poll has no
+//!   buffer in flight. Re-armed by the next `poll` if the kernel ended it.
 //! - No zero-copy send: for 1452-byte datagrams, pinning pages and the extra notification
 //!   completion cost more than the copy they save.
 //!
@@ -35,7 +41,7 @@ use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode};
 
 use super::socket::{decode_sockaddr, gro_enabled, is_v6};
-use super::{Action, Datagram, Datapath, DatapathStats, Outgoing};
+use super::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
 use bufring::BufRing;
 use send::{SendItem, SendSlot};
 
@@ -56,6 +62,8 @@ const GRO_BUF_SIZE: usize = 68 * 1024;
 const BGID: u16 = 0;
 /// `user_data` of the receive; a send's is its slot index.
 const RECV_TAG: u64 = u64::MAX;
+/// `user_data` of the poll on the waker's eventfd.
+const WAKE_TAG: u64 = u64::MAX - 1;
 
 /// A received datagram not yet handed over: buffer id, payload offset and length, sender.
 struct Segment {
@@ -78,6 +86,12 @@ pub struct UringDatapath {
     gso: bool,
     /// Whether the multishot receive is armed.
     armed: bool,
+    waker: Waker,
+    /// Whether the multishot poll on the waker's eventfd is armed.
+    wake_armed: bool,
+    /// A wake was consumed (the eventfd reset) and `poll` has not returned since: it must not
+    /// wait (the caller has yet to look at what the wake was for).
+    woken: bool,
     /// Sends submitted and not completed (nonzero only after an error inside `poll`).
     inflight: usize,
     bufs: BufRing,
@@ -133,10 +147,10 @@ impl UringDatapath {
         let gro = gro_enabled(&socket);
         let (buf_size, buf_count, control_len) =
             if gro { (GRO_BUF_SIZE, 128u16, GRO_CONTROL_LEN) } else { (2048, 512u16, 0) };
-        let parts = (|| -> io::Result<(SocketAddr, bool, BufRing)> {
-            Ok((socket.local_addr()?, is_v6(&socket)?, BufRing::new(&ring, buf_size, buf_count, BGID)?))
+        let parts = (|| -> io::Result<(SocketAddr, bool, BufRing, Waker)> {
+            Ok((socket.local_addr()?, is_v6(&socket)?, BufRing::new(&ring, buf_size, buf_count, BGID)?, Waker::new()?))
         })();
-        let (local, v6, bufs) = match parts {
+        let (local, v6, bufs, waker) = match parts {
             Ok(p) => p,
             Err(e) => return Err((e, socket)),
         };
@@ -154,6 +168,9 @@ impl UringDatapath {
             gro,
             gso: true,
             armed: false,
+            waker,
+            wake_armed: false,
+            woken: false,
             inflight: 0,
             bufs,
             recv_hdr,
@@ -186,8 +203,24 @@ impl UringDatapath {
         self.gso_sends
     }
 
-    /// Arms the multishot receive if it is not and the kernel has buffers for it.
+    /// Arms the multishot receive if it is not and the kernel has buffers for it, and the
+    /// poll on the waker's eventfd if it is not.
     fn arm(&mut self) -> io::Result<()> {
+        if !self.wake_armed {
+            let sqe = opcode::PollAdd::new(Fd(self.waker.fd().as_raw_fd()), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(WAKE_TAG);
+            // SAFETY: a poll request points to no memory of ours: only the eventfd, which the
+            // kernel holds a reference to while the request is in flight (and which `waker`
+            // keeps open anyway). `Drop` cancels it with the receive.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                self.ring.submit()?;
+                // SAFETY: as above.
+                unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("submission queue full"))?;
+            }
+            self.wake_armed = true;
+        }
         if self.armed || self.bufs.in_ring() == 0 {
             return Ok(());
         }
@@ -236,6 +269,23 @@ impl UringDatapath {
                                 fatal = Some(e);
                             }
                             _ => self.stats.rx_errors += 1,
+                        }
+                    }
+                }
+                WAKE_TAG => {
+                    if !cqueue::more(flags) {
+                        self.wake_armed = false;
+                    }
+                    if res > 0 {
+                        // Readable: consume the wakes; `poll` returns without waiting again.
+                        self.waker.reset();
+                        self.woken = true;
+                    } else if res < 0 {
+                        match -res {
+                            // Cancelled (quiesce, stuck sends) or ended: re-armed next poll.
+                            libc::ECANCELED | libc::EINTR | libc::EAGAIN | libc::ENOMEM => {}
+                            // Re-arming would fail the same way and end every wait at once.
+                            e => fatal = Some(e),
                         }
                     }
                 }
@@ -337,7 +387,7 @@ impl Datapath for UringDatapath {
         // Anything left by an interrupted poll (a panicking handler) goes back first.
         self.recycle();
         self.arm()?;
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && !self.woken {
             // The kernel rejects absurd timespecs; an hour is as good as forever here.
             self.submit(1, Some(timeout.min(Duration::from_secs(3600))))?;
         }
@@ -372,6 +422,9 @@ impl Datapath for UringDatapath {
         }
         self.send_all()?;
         self.recycle();
+        // Whatever woke this poll is the caller's to look at now (a wake consumed by an
+        // earlier, failed poll is kept until a poll returns normally).
+        self.woken = false;
         Ok(received)
     }
 
@@ -386,14 +439,18 @@ impl Datapath for UringDatapath {
     fn stats(&self) -> DatapathStats {
         self.stats
     }
+
+    fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
 }
 
 impl UringDatapath {
     /// Stops the kernel from using our memory: the multishot receive may still write into the
-    /// buffers, a send (after an error) may still read them. Cancels both synchronously;
-    /// returns whether that is confirmed.
+    /// buffers, a send (after an error) may still read them. Cancels them synchronously, with
+    /// the poll on the waker's eventfd; returns whether that is confirmed.
     fn quiesce(&mut self) -> bool {
-        if !self.armed && self.inflight == 0 {
+        if !self.armed && !self.wake_armed && self.inflight == 0 {
             return true;
         }
         let ts = Timespec::new().sec(1);
@@ -405,6 +462,7 @@ impl UringDatapath {
             }
             _ => {
                 self.armed = false;
+                self.wake_armed = false;
                 self.inflight = 0;
                 true
             }
@@ -518,8 +576,10 @@ mod tests {
     #[test]
     fn quiesce_cancels_the_receive() {
         let mut dp = armed();
+        assert!(dp.wake_armed);
         assert!(dp.quiesce());
         assert!(!dp.armed);
+        assert!(!dp.wake_armed);
     }
 
     #[test]

@@ -1,0 +1,222 @@
+//! The exit's [`Terminal`]: one per relay worker, owning that worker's TUN queue.
+//!
+//! Forward (DATA from a circuit): inspect → anti-spoofing (the source must be the circuit's
+//! own inner address) → exit policy → per-circuit and per-exit rate limits → TUN. Backward:
+//! packets read from the TUN queue are sealed as DATA on the circuit that owns their
+//! destination; a packet for another worker's circuit is handed to that worker (the kernel
+//! picks a TUN queue by flow hash, not by circuit). ATTACH leases inner addresses from the
+//! shared pool (a mutex taken once per circuit, never per packet).
+
+use crate::bucket::TokenBucket;
+use crate::packet::inspect;
+use crate::policy::{Decision, ExitPolicy};
+use crate::pool::{AddressPool, Lease};
+use crate::tun::TunQueue;
+use cellproto::cell::{CELL_LEN, Command, payload_capacity};
+use cellproto::command::{Attach, Attached};
+use cellproto::onion::payload_mut;
+use cellproto::relay::{CircuitMap, HopCircuit};
+use crossbeam_channel::{Receiver, Sender};
+use ipnet::{Ipv4Net, Ipv6Net};
+use rand_core::OsRng;
+use relayd::datapath::Outgoing;
+use relayd::terminal::Terminal;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tracing::info;
+
+/// Packets read from the TUN queue per worker loop: bounds how long TUN traffic can delay cells.
+const TUN_BATCH: usize = 64;
+
+/// Settings every worker's terminal shares.
+#[derive(Debug)]
+pub struct ExitShared {
+    /// The inner-address pools and sessions.
+    pub pool: Mutex<AddressPool>,
+    /// The exit policy.
+    pub policy: ExitPolicy,
+    /// The pools (for prefix lengths in ATTACHED) and the gateway/resolver addresses.
+    pub pools: (Ipv4Net, Ipv6Net),
+    /// Per-circuit limit: bytes per second and burst.
+    pub circuit_limit: (u64, u64),
+    /// Per-exit limit, split evenly across workers (no counter shared per packet).
+    pub exit_limit: (u64, u64),
+    /// Where to hand packets for another worker's circuits, by worker index.
+    pub handoff: Vec<Sender<Vec<u8>>>,
+    /// Drop counters by reason, summed from the workers' published copies.
+    pub stats: Vec<Mutex<BTreeMap<&'static str, u64>>>,
+}
+
+/// One worker's exit state.
+pub struct ExitTerminal {
+    index: usize,
+    shared: Arc<ExitShared>,
+    tun: TunQueue,
+    inbox: Receiver<Vec<u8>>,
+    leases: HashMap<u32, Lease>,
+    by_addr: HashMap<IpAddr, u32>,
+    buckets: HashMap<u32, TokenBucket>,
+    total: TokenBucket,
+    counts: BTreeMap<&'static str, u64>,
+    last_publish: Instant,
+}
+
+impl ExitTerminal {
+    /// Worker `index`'s terminal with its TUN queue and handoff inbox.
+    pub fn new(index: usize, shared: Arc<ExitShared>, tun: TunQueue, inbox: Receiver<Vec<u8>>, now: Instant) -> Self {
+        let workers = shared.handoff.len().max(1) as u64;
+        let total = TokenBucket::new(shared.exit_limit.0 / workers, shared.exit_limit.1 / workers, now);
+        Self {
+            index,
+            shared,
+            tun,
+            inbox,
+            leases: HashMap::new(),
+            by_addr: HashMap::new(),
+            buckets: HashMap::new(),
+            total,
+            counts: BTreeMap::new(),
+            last_publish: now,
+        }
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.counts.entry(what).or_insert(0) += 1;
+    }
+
+    fn forward(&mut self, now: Instant, lcid: u32, packet: &[u8]) {
+        let info = match inspect(packet) {
+            Ok(i) => i,
+            Err(e) => return self.count(e.label()),
+        };
+        let Some(lease) = self.leases.get(&lcid) else { return self.count("not_attached") };
+        if info.src != IpAddr::V4(lease.v4) && info.src != IpAddr::V6(lease.v6) {
+            return self.count("spoofed_source");
+        }
+        if let Decision::Deny(rule) = self.shared.policy.check(&info) {
+            return self.count(rule);
+        }
+        let (rate, burst) = self.shared.circuit_limit;
+        let bucket = self.buckets.entry(lcid).or_insert_with(|| TokenBucket::new(rate, burst, now));
+        if !bucket.take(packet.len(), now) || !self.total.take(packet.len(), now) {
+            return self.count("rate_limited");
+        }
+        match self.tun.write(packet) {
+            Ok(_) => self.count("to_tun"),
+            Err(_) => self.count("tun_write_error"),
+        }
+    }
+
+    fn attach(&mut self, now: Instant, lcid: u32, circ: &mut HopCircuit, body: &[u8], out: &mut Vec<Outgoing>) {
+        let Ok(request) = Attach::decode(body) else { return self.count("bad_attach") };
+        let attached = self
+            .shared
+            .pool
+            .lock()
+            .ok()
+            .map(|mut pool| (pool.attach(lcid, request.resume, &mut OsRng), pool.gateway()));
+        let Some((lease, gateway)) = attached else { return self.count("pool_poisoned") };
+        let Ok(lease) = lease else { return self.count("pool_exhausted") };
+        if request.resume == Some(lease.token) {
+            info!(worker = self.index, "session resumed on a new circuit");
+        }
+        self.leases.insert(lcid, lease);
+        self.by_addr.insert(IpAddr::V4(lease.v4), lcid);
+        self.by_addr.insert(IpAddr::V6(lease.v6), lcid);
+        let (v4net, v6net) = self.shared.pools;
+        let reply = Attached {
+            token: lease.token,
+            ipv4: (lease.v4, v4net.prefix_len()),
+            ipv6: (lease.v6, v6net.prefix_len()),
+            dns: gateway,
+        };
+        let mut cell = [0u8; CELL_LEN];
+        let Ok(len) = reply.encode(payload_mut(&mut cell)) else { return };
+        if let Ok(to) = circ.seal_backward(now, Command::Attached, len, &mut cell) {
+            out.push(Outgoing { to, data: cell.to_vec() });
+        }
+    }
+
+    /// A packet from the internet for one of our inner addresses.
+    fn backward(&mut self, now: Instant, circuits: &mut CircuitMap, packet: &[u8], out: &mut Vec<Outgoing>) {
+        let Ok(info) = inspect(packet) else { return self.count("bad_tun_packet") };
+        let Some(&lcid) = self.by_addr.get(&info.dst) else {
+            // Not ours: the circuit lives on another worker, or the session is gone.
+            let owner = self.shared.pool.lock().ok().and_then(|p| p.circuit_of(info.dst));
+            let workers = self.shared.handoff.len();
+            match owner {
+                Some(lcid) if lcid as usize % workers != self.index => {
+                    let _ = self.shared.handoff[lcid as usize % workers].try_send(packet.to_vec());
+                    self.count("handed_off");
+                }
+                _ => self.count("no_circuit"),
+            }
+            return;
+        };
+        let Some(circ) = circuits.get_mut(lcid) else { return self.count("no_circuit") };
+        if packet.len() > payload_capacity(circ.hop()) {
+            return self.count("too_big");
+        }
+        let mut cell = [0u8; CELL_LEN];
+        payload_mut(&mut cell)[..packet.len()].copy_from_slice(packet);
+        match circ.seal_backward(now, Command::Data, packet.len(), &mut cell) {
+            Ok(to) => {
+                self.count("from_tun");
+                out.push(Outgoing { to, data: cell.to_vec() });
+            }
+            Err(_) => self.count("seal_failed"),
+        }
+    }
+}
+
+impl Terminal for ExitTerminal {
+    fn deliver(
+        &mut self,
+        now: Instant,
+        lcid: u32,
+        circ: &mut HopCircuit,
+        cmd: Command,
+        payload: &[u8],
+        out: &mut Vec<Outgoing>,
+    ) {
+        match cmd {
+            Command::Data => self.forward(now, lcid, payload),
+            Command::Attach => self.attach(now, lcid, circ, payload, out),
+            _ => {}
+        }
+    }
+
+    fn poll(&mut self, now: Instant, circuits: &mut CircuitMap, out: &mut Vec<Outgoing>) {
+        while let Ok(packet) = self.inbox.try_recv() {
+            self.backward(now, circuits, &packet, out);
+        }
+        let mut buf = [0u8; crate::tun::PACKET_BUF_LEN];
+        for _ in 0..TUN_BATCH {
+            match self.tun.read(&mut buf) {
+                Ok(n) => self.backward(now, circuits, &buf[..n], out),
+                Err(_) => break,
+            }
+        }
+        if now.duration_since(self.last_publish).as_millis() >= 100 {
+            self.last_publish = now;
+            if let Some(slot) = self.shared.stats.get(self.index)
+                && let Ok(mut s) = slot.lock()
+            {
+                s.clone_from(&self.counts);
+            }
+        }
+    }
+
+    fn closed(&mut self, lcid: u32) {
+        if let Some(lease) = self.leases.remove(&lcid) {
+            self.by_addr.remove(&IpAddr::V4(lease.v4));
+            self.by_addr.remove(&IpAddr::V6(lease.v6));
+        }
+        self.buckets.remove(&lcid);
+        if let Ok(mut pool) = self.shared.pool.lock() {
+            pool.detach(lcid, Some(Instant::now()));
+        }
+    }
+}
