@@ -1,0 +1,399 @@
+//! exitd end to end, as root, in three network namespaces this test creates and deletes:
+//!
+//! ```text
+//!  client ns ──cl0 203.0.113.2 ══ 203.0.113.1 ex0── exit ns ──wan0 198.18.0.1 ══ 198.18.0.2 i0── internet ns
+//!                                                 (exitd, TUN, nftables)        2001:db8:1::1/2 (UDP echo)
+//! ```
+//!
+//! The client drives a 1-hop circuit into the real `exitd` binary: ATTACH, then crafted IPv4 and
+//! IPv6 UDP packets that reach the internet namespace from the exit's WAN address and come back;
+//! denied destinations, port 25, a spoofed source and malformed packets are counted at the exit
+//! and never reach the internet; the nftables table is there while exitd runs, gone after
+//! SIGTERM, and exactly once after kill -9 and a restart. Addresses exist only in these
+//! namespaces; every wait is bounded.
+
+use cellproto::cell::{CELL_LEN, Command};
+use cellproto::client::{Circuit, CircuitConfig, Event, PathHop};
+use cellproto::command::{Attach, Attached};
+use cellproto::handshake::RelayKeys;
+use cellproto::onion::{payload, payload_mut};
+use nix::sched::{CloneFlags, setns};
+use pnet_packet::Packet;
+use pnet_packet::ip::IpNextHeaderProtocols;
+use pnet_packet::ipv4::{self, Ipv4Packet, MutableIpv4Packet};
+use pnet_packet::ipv6::{Ipv6Packet, MutableIpv6Packet};
+use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
+use rand_core::OsRng;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::process::{Child, Command as Proc};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn sh(args: &[&str]) {
+    let out = Proc::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Three namespaces joined by veths, deleted on drop.
+struct Lab {
+    client: String,
+    exit: String,
+    internet: String,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the exitd end-to-end test needs root (netns, TUN, nftables), as CI has"
+        );
+        let id = std::process::id();
+        let lab = Lab {
+            client: format!("mv-e2e-c-{id}"),
+            exit: format!("mv-e2e-x-{id}"),
+            internet: format!("mv-e2e-i-{id}"),
+        };
+        for ns in [&lab.client, &lab.exit, &lab.internet] {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "-n", &lab.exit, "link", "add", "ex0", "type", "veth", "peer", "name", "cl0", "netns", &lab.client]);
+        sh(&[
+            "ip",
+            "-n",
+            &lab.exit,
+            "link",
+            "add",
+            "wan0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "i0",
+            "netns",
+            &lab.internet,
+        ]);
+        for (ns, dev, v4, v6) in [
+            (&lab.client, "cl0", "203.0.113.2/24", "2001:db8:2::2/64"),
+            (&lab.exit, "ex0", "203.0.113.1/24", "2001:db8:2::1/64"),
+            (&lab.exit, "wan0", "198.18.0.1/24", "2001:db8:1::1/64"),
+            (&lab.internet, "i0", "198.18.0.2/24", "2001:db8:1::2/64"),
+        ] {
+            sh(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
+            sh(&["ip", "-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"]);
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        lab
+    }
+
+    /// Runs `f` on a thread inside namespace `ns` (its sockets live there).
+    fn run_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let fd = std::fs::File::open(&path).expect("open netns");
+            setns(fd, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+    }
+
+    fn exitd(&self, config: &std::path::Path) -> Child {
+        Proc::new("ip")
+            .args(["netns", "exec", &self.exit, env!("CARGO_BIN_EXE_exitd"), "run", "--config"])
+            .arg(config)
+            .spawn()
+            .expect("start exitd")
+    }
+
+    fn nft_tables(&self) -> String {
+        let out = Proc::new("ip").args(["netns", "exec", &self.exit, "nft", "list", "tables"]).output().expect("nft");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.exit, &self.internet] {
+            let _ = Proc::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn udp4(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 28 + data.len()];
+    let total = buf.len() as u16;
+    {
+        let mut u = MutableUdpPacket::new(&mut buf[20..]).unwrap();
+        u.set_source(40000);
+        u.set_destination(dport);
+        u.set_length(8 + data.len() as u16);
+        u.set_payload(data);
+        let c = udp::ipv4_checksum(&u.to_immutable(), &src, &dst);
+        u.set_checksum(c);
+    }
+    let mut ip = MutableIpv4Packet::new(&mut buf).unwrap();
+    ip.set_version(4);
+    ip.set_header_length(5);
+    ip.set_total_length(total);
+    ip.set_ttl(64);
+    ip.set_next_level_protocol(IpNextHeaderProtocols::Udp);
+    ip.set_source(src);
+    ip.set_destination(dst);
+    let c = ipv4::checksum(&ip.to_immutable());
+    ip.set_checksum(c);
+    buf
+}
+
+fn udp6(src: Ipv6Addr, dst: Ipv6Addr, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 48 + data.len()];
+    {
+        let mut u = MutableUdpPacket::new(&mut buf[40..]).unwrap();
+        u.set_source(40000);
+        u.set_destination(dport);
+        u.set_length(8 + data.len() as u16);
+        u.set_payload(data);
+        let c = udp::ipv6_checksum(&u.to_immutable(), &src, &dst);
+        u.set_checksum(c);
+    }
+    let mut ip = MutableIpv6Packet::new(&mut buf).unwrap();
+    ip.set_version(6);
+    ip.set_payload_length(8 + data.len() as u16);
+    ip.set_next_header(IpNextHeaderProtocols::Udp);
+    ip.set_hop_limit(64);
+    ip.set_source(src);
+    ip.set_destination(dst);
+    buf
+}
+
+/// The client side: a 1-hop circuit into exitd over UDP, run inside the client namespace.
+struct Client {
+    socket: UdpSocket,
+    circuit: Circuit,
+}
+
+impl Client {
+    fn connect(hop: PathHop) -> Client {
+        let socket = UdpSocket::bind("203.0.113.2:0").unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let config = CircuitConfig { handshake_timeout: Duration::from_millis(300), ..CircuitConfig::default() };
+        let circuit = Circuit::new(vec![hop], 0x5111_0001, config, Instant::now(), &mut OsRng).unwrap();
+        let mut c = Client { socket, circuit };
+        let deadline = Instant::now() + WAIT;
+        while !c.circuit.is_open() {
+            assert!(Instant::now() < deadline, "circuit to exitd not built");
+            c.recv(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn send(&mut self, cmd: Command, body: &[u8]) {
+        let mut cell = [0u8; CELL_LEN];
+        payload_mut(&mut cell)[..body.len()].copy_from_slice(body);
+        let to = self.circuit.seal(1, cmd, body.len(), &mut cell).unwrap();
+        self.socket.send_to(&cell, to).unwrap();
+    }
+
+    fn recv(&mut self, wait: Duration) -> Option<(Command, Vec<u8>)> {
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 2048];
+        loop {
+            let mut cell = [0u8; CELL_LEN];
+            while let Some(to) = self.circuit.poll_transmit(Instant::now(), &mut cell, &mut OsRng) {
+                self.socket.send_to(&cell, to).unwrap();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            let Ok((n, _)) = self.socket.recv_from(&mut buf) else { continue };
+            let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(&mut buf[..n]) else { continue };
+            if let Ok(Some(Event::Delivered { cmd, len, .. })) =
+                self.circuit.handle_cell(Instant::now(), cell, &mut OsRng)
+            {
+                return Some((cmd, payload(cell, len).to_vec()));
+            }
+        }
+    }
+}
+
+fn metrics(addr: &str) -> HashMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(WAIT)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0.0))))
+        .collect()
+}
+
+fn exit_count(m: &HashMap<String, f64>, what: &str) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.starts_with("exitd_packets_total") && k.contains(&format!("what=\"{what}\"")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+#[test]
+fn exit_end_to_end() {
+    let lab = Lab::new();
+    let dir = std::env::temp_dir().join(format!("exitd-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let keys = relayd::keys::keygen(&dir.join("keys")).unwrap();
+    let hop = PathHop {
+        keys: RelayKeys { identity: keys.identity.public().0, onion_key: *keys.onion[0].public() },
+        addr: "203.0.113.1:9001".parse().unwrap(),
+    };
+    let config = dir.join("exitd.toml");
+    std::fs::write(
+        &config,
+        "listen = \"203.0.113.1:9001\"\nkey_dir = \"keys\"\nnickname = \"e2e\"\nworkers = 2\npin_workers = false\n\
+         [metrics]\nlisten = \"203.0.113.1:9101\"\n[exit]\nwan = \"wan0\"\ntun = \"mvexit0\"\n",
+    )
+    .unwrap();
+
+    // The internet: a UDP echo server on both families that records who it saw.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>> = Arc::default();
+    let echoes = Arc::new(AtomicUsize::new(0));
+    let mut servers = Vec::new();
+    for bind in ["198.18.0.2:7", "[2001:db8:1::2]:7"] {
+        let (stop, seen, echoes) = (stop.clone(), seen.clone(), echoes.clone());
+        servers.push(Lab::run_in(&lab.internet, move || {
+            let s = UdpSocket::bind(bind).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    seen.lock().unwrap().push((from, buf[..n].to_vec()));
+                    let _ = s.send_to(&buf[..n], from);
+                    echoes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+
+    let mut child = lab.exitd(&config);
+    wait_for("the exit's nftables table", || lab.nft_tables().contains("meshvpn_exit"));
+
+    let client = Lab::run_in(&lab.client, move || {
+        let mut c = Client::connect(hop);
+        c.send(Command::Attach, &{
+            let mut b = [0u8; 64];
+            let n = Attach { resume: None }.encode(&mut b).unwrap();
+            b[..n].to_vec()
+        });
+        let (cmd, body) = c.recv(WAIT).expect("no ATTACHED");
+        assert_eq!(cmd, Command::Attached);
+        let attached = Attached::decode(&body).unwrap();
+        let (v4, v6) = (attached.ipv4.0, attached.ipv6.0);
+        assert_eq!(attached.dns.0, Ipv4Addr::new(10, 8, 0, 1));
+
+        // UDP over IPv4 and IPv6 to the internet and back.
+        let internet4 = Ipv4Addr::new(198, 18, 0, 2);
+        let internet6: Ipv6Addr = "2001:db8:1::2".parse().unwrap();
+        c.send(Command::Data, &udp4(v4, internet4, 7, b"hello v4"));
+        let (cmd, reply) = c.recv(WAIT).expect("no IPv4 reply");
+        assert_eq!(cmd, Command::Data);
+        let ip = Ipv4Packet::new(&reply).unwrap();
+        assert_eq!((ip.get_source(), ip.get_destination()), (internet4, v4));
+        assert_eq!(UdpPacket::new(ip.payload()).unwrap().payload(), b"hello v4");
+        c.send(Command::Data, &udp6(v6, internet6, 7, b"hello v6"));
+        let (_, reply) = c.recv(WAIT).expect("no IPv6 reply");
+        let ip = Ipv6Packet::new(&reply).unwrap();
+        assert_eq!((ip.get_source(), ip.get_destination()), (internet6, v6));
+        assert_eq!(UdpPacket::new(ip.payload()).unwrap().payload(), b"hello v6");
+
+        // Refused at the exit: denied classes, port 25, a spoofed source, malformed packets.
+        for dst in [[10, 1, 2, 3], [169, 254, 169, 254], [127, 0, 0, 1], [100, 64, 0, 1], [224, 0, 0, 1]] {
+            c.send(Command::Data, &udp4(v4, dst.into(), 7, b"nope"));
+        }
+        c.send(Command::Data, &udp4(v4, internet4, 25, b"smtp"));
+        c.send(Command::Data, &udp4(Ipv4Addr::new(10, 8, 9, 9), internet4, 7, b"spoof"));
+        let good = udp4(v4, internet4, 7, b"x");
+        c.send(Command::Data, &good[..10]);
+        let mut v5 = good.clone();
+        v5[0] = 0x55;
+        c.send(Command::Data, &v5);
+        let mut long = good.clone();
+        long[3] = long[3].wrapping_add(9);
+        c.send(Command::Data, &long);
+        assert!(c.recv(Duration::from_millis(500)).is_none(), "a refused packet got an answer");
+        (v4, v6)
+    })
+    .join()
+    .expect("client");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let m = Lab::run_in(&lab.client, || metrics("203.0.113.1:9101")).join().unwrap();
+    for (what, n) in [
+        ("private", 1.0),
+        ("cloud_metadata", 1.0),
+        ("loopback", 1.0),
+        ("cgnat", 1.0),
+        ("multicast", 1.0),
+        ("denied_port", 1.0),
+        ("spoofed_source", 1.0),
+        ("truncated", 1.0),
+        ("bad_version", 1.0),
+        ("bad_length", 1.0),
+        ("to_tun", 2.0),
+        ("from_tun", 2.0),
+    ] {
+        assert_eq!(exit_count(&m, what), n, "exitd_packets_total{{what={what}}}: {m:?}");
+    }
+    // The internet saw exactly the two good packets, from the exit's WAN address.
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let sources: Vec<IpAddr> = seen.iter().map(|(a, _)| a.ip()).collect();
+    assert!(sources.contains(&IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))), "{sources:?}");
+    assert!(sources.contains(&"2001:db8:1::1".parse().unwrap()), "{sources:?}");
+    let _ = client;
+
+    // SIGTERM: the table goes away with exitd.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "exitd exited with {status}");
+    assert!(!lab.nft_tables().contains("meshvpn_exit"), "table left after stop");
+
+    // kill -9 leaves the table behind; the next start replaces it: exactly one copy.
+    let mut child = lab.exitd(&config);
+    wait_for("the table", || lab.nft_tables().contains("meshvpn_exit"));
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(lab.nft_tables().contains("meshvpn_exit"), "kill -9 cannot clean up: the table must still be there");
+    let mut child = lab.exitd(&config);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(lab.nft_tables().matches("meshvpn_exit").count(), 1, "{}", lab.nft_tables());
+    child.kill().unwrap();
+    let _ = child.wait();
+    stop.store(true, Ordering::Relaxed);
+    for s in servers {
+        let _ = s.join();
+    }
+    let _ = echoes;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "exitd did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
