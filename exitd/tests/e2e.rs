@@ -33,6 +33,9 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// What the internet's echo server received: (source, payload).
+type Seen = Vec<(SocketAddr, Vec<u8>)>;
+
 fn sh(args: &[&str]) {
     let out = Proc::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -266,7 +269,7 @@ fn exit_end_to_end() {
 
     // The internet: a UDP echo server on both families that records who it saw.
     let stop = Arc::new(AtomicBool::new(false));
-    let seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let echoes = Arc::new(AtomicUsize::new(0));
     let mut servers = Vec::new();
     for bind in ["198.18.0.2:7", "[2001:db8:1::2]:7"] {
