@@ -6,6 +6,7 @@
 //! | [`policy`] | the exit policy: default-denied classes, configured prefixes and ports |
 //! | [`pool`] | inner IPv4/IPv6 addresses and resumable sessions |
 //! | [`bucket`] | token buckets for per-circuit and per-exit limits |
+//! | [`daemon`] | `exitd run`: everything above wired into the relay engine |
 //! | [`config`] | exitd's TOML: relayd's options plus `[exit]` and `[policy]` |
 //! | [`exit`] | the relay engine's `Terminal` for an exit: TUN both ways, policy, limits, ATTACH |
 //! | [`nft`] | the nftables table exitd owns: NAT, forward filter, MSS clamping |
@@ -13,6 +14,7 @@
 
 pub mod bucket;
 pub mod config;
+pub mod daemon;
 pub mod exit;
 pub mod nft;
 pub mod packet;
