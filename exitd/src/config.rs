@@ -44,6 +44,21 @@ pub struct ExitOptions {
     /// nftables table exitd owns.
     #[serde(default = "default_table")]
     pub nft_table: String,
+    /// Upstream resolver for DNS sent to the exit's address inside the tunnel (IPv4).
+    #[serde(default = "default_dns_v4")]
+    pub dns_upstream_v4: std::net::Ipv4Addr,
+    /// Upstream resolver for DNS sent to the exit's IPv6 address inside the tunnel.
+    #[serde(default = "default_dns_v6")]
+    pub dns_upstream_v6: std::net::Ipv6Addr,
+}
+
+fn default_dns_v4() -> std::net::Ipv4Addr {
+    // Quad9: filters nothing the client did not ask for, keeps no client addresses; operators
+    // running their own resolver set theirs.
+    std::net::Ipv4Addr::new(9, 9, 9, 9)
+}
+fn default_dns_v6() -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0x2620, 0xfe, 0, 0, 0, 0, 0, 0xfe)
 }
 
 fn yes() -> bool {

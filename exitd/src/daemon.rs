@@ -56,6 +56,10 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
     nat.table = exit.nft_table.clone();
     nat.deny_tcp_ports = config.policy.deny_ports.clone();
     nat.deny_udp_ports = config.policy.deny_ports.clone();
+    nat.dns = vec![
+        crate::nft::DnsRedirect { gateway: gw4.into(), upstream: exit.dns_upstream_v4.into() },
+        crate::nft::DnsRedirect { gateway: gw6.into(), upstream: exit.dns_upstream_v6.into() },
+    ];
     crate::nft::install(&nat).context("cannot install the nftables table")?;
     info!(table = %nat.table, wan = %exit.wan, tun = %tun.name(), "NAT installed");
 
@@ -73,6 +77,7 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
         circuit_limit: (exit.circuit_rate, exit.circuit_burst),
         exit_limit: (exit.exit_rate, exit.exit_burst),
         handoff,
+        dns: (gw4, gw6),
         stats: (0..workers).map(|_| Mutex::new(Default::default())).collect(),
     });
     let mut queues: Vec<_> = tun.into_queues().into_iter().map(Some).collect();

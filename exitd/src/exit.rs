@@ -43,6 +43,9 @@ pub struct ExitShared {
     pub circuit_limit: (u64, u64),
     /// Per-exit limit, split evenly across workers (no counter shared per packet).
     pub exit_limit: (u64, u64),
+    /// The resolver addresses inside the tunnel: DNS to them (port 53) is let through the
+    /// policy, and nftables translates it to the upstream resolvers.
+    pub dns: (std::net::Ipv4Addr, std::net::Ipv6Addr),
     /// Where to hand packets for another worker's circuits, by worker index.
     pub handoff: Vec<Sender<Vec<u8>>>,
     /// Drop counters by reason, summed from the workers' published copies.
@@ -95,7 +98,11 @@ impl ExitTerminal {
         if info.src != IpAddr::V4(lease.v4) && info.src != IpAddr::V6(lease.v6) {
             return self.count("spoofed_source");
         }
-        if let Decision::Deny(rule) = self.shared.policy.check(&info) {
+        let (dns4, dns6) = self.shared.dns;
+        let is_dns = info.dst_port == Some(53) && (info.dst == IpAddr::V4(dns4) || info.dst == IpAddr::V6(dns6));
+        if is_dns {
+            self.count("dns");
+        } else if let Decision::Deny(rule) = self.shared.policy.check(&info) {
             return self.count(rule);
         }
         let (rate, burst) = self.shared.circuit_limit;

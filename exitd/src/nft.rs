@@ -49,6 +49,9 @@ pub const MSS_V6: u16 = (TUN_MTU - 60) as u16;
 
 /// Chain names inside the table.
 const POSTROUTING: &str = "postrouting";
+const PREROUTING: &str = "prerouting";
+/// Destination NAT runs before routing (nft's "dstnat" priority).
+const PRIO_DSTNAT: i32 = -100;
 const FORWARD: &str = "forward";
 /// `priority srcnat` and `priority filter` as numbers (the JSON schema has no names for them).
 const PRIO_SRCNAT: i32 = 100;
@@ -83,6 +86,18 @@ pub struct NatConfig {
     pub deny_tcp_ports: Vec<u16>,
     /// UDP destination ports the exit policy denies.
     pub deny_udp_ports: Vec<u16>,
+    /// DNS inside the tunnel: queries to `gateway` port 53 (UDP and TCP) from the TUN are
+    /// translated to `upstream` port 53, so the kernel forwards them and maps the answers back.
+    pub dns: Vec<DnsRedirect>,
+}
+
+/// One resolver address inside the tunnel and the upstream resolver it stands for (same family).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsRedirect {
+    /// The address clients send DNS to (the exit's own address in the pool).
+    pub gateway: std::net::IpAddr,
+    /// The resolver exitd forwards to.
+    pub upstream: std::net::IpAddr,
 }
 
 impl NatConfig {
@@ -100,6 +115,7 @@ impl NatConfig {
             deny_v6: Vec::new(),
             deny_tcp_ports: Vec::new(),
             deny_udp_ports: Vec::new(),
+            dns: Vec::new(),
         }
     }
 }
@@ -260,6 +276,49 @@ fn build(cfg: &NatConfig) -> Result<Batch<'static>, NftError> {
         policy: Some(NfChainPolicy::Accept),
         ..Chain::default()
     }));
+
+    if !cfg.dns.is_empty() {
+        batch.add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: owned(t),
+            name: PREROUTING.into(),
+            _type: Some(NfChainType::NAT),
+            hook: Some(NfHook::Prerouting),
+            prio: Some(PRIO_DSTNAT),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        }));
+    }
+    for d in &cfg.dns {
+        let (proto, family) = match (d.gateway, d.upstream) {
+            (std::net::IpAddr::V4(_), std::net::IpAddr::V4(_)) => ("ip", nftables::stmt::NATFamily::IP),
+            (std::net::IpAddr::V6(_), std::net::IpAddr::V6(_)) => ("ip6", nftables::stmt::NATFamily::IP6),
+            _ => {
+                return Err(NftError::InvalidConfig(format!(
+                    "DNS gateway {} and upstream {} differ in family",
+                    d.gateway, d.upstream
+                )));
+            }
+        };
+        for l4 in ["udp", "tcp"] {
+            batch.add(rule(
+                t,
+                PREROUTING,
+                vec![
+                    is(meta(MetaKey::Iifname), string(&cfg.tun)),
+                    is(payload(proto, "daddr"), Expression::String(owned(&d.gateway.to_string()))),
+                    is(payload(l4, "dport"), Expression::Number(53)),
+                    Statement::DNAT(Some(nftables::stmt::NAT {
+                        addr: Some(Expression::String(owned(&d.upstream.to_string()))),
+                        family: Some(family),
+                        port: Some(Expression::Number(53)),
+                        flags: None,
+                    })),
+                ],
+                format!("dns {l4} {} to {}", d.gateway, d.upstream),
+            ));
+        }
+    }
 
     // NAT: only the pools' traffic, only out of the WAN; anything else the host routes keeps
     // its addresses.

@@ -5,12 +5,13 @@
 //!                                                 (exitd, TUN, nftables)        2001:db8:1::1/2 (UDP echo)
 //! ```
 //!
-//! The client drives a 1-hop circuit into the real `exitd` binary: ATTACH, then crafted IPv4 and
-//! IPv6 UDP packets that reach the internet namespace from the exit's WAN address and come back;
-//! denied destinations, port 25, a spoofed source and malformed packets are counted at the exit
-//! and never reach the internet; the nftables table is there while exitd runs, gone after
-//! SIGTERM, and exactly once after kill -9 and a restart. Addresses exist only in these
-//! namespaces; every wait is bounded.
+//! The client drives a 1-hop circuit into the real `exitd` binary: ATTACH, then crafted packets
+//! — UDP over IPv4 and IPv6, DNS to the resolver address inside the tunnel, ICMP echo, a TCP
+//! handshake (MSS clamped) — that reach the internet namespace from the exit's WAN address and
+//! come back; denied destinations, port 25, a spoofed source and malformed packets are counted
+//! at the exit and never reach the internet; a circuit over its rate limit is held to it; the
+//! nftables table is there while exitd runs, gone after SIGTERM, and exactly once after kill -9
+//! and a restart. Addresses exist only in these namespaces; every wait is bounded.
 
 use cellproto::cell::{CELL_LEN, Command};
 use cellproto::client::{Circuit, CircuitConfig, Event, PathHop};
@@ -263,7 +264,9 @@ fn exit_end_to_end() {
     std::fs::write(
         &config,
         "listen = \"203.0.113.1:9001\"\nkey_dir = \"keys\"\nnickname = \"e2e\"\nworkers = 2\npin_workers = false\n\
-         [metrics]\nlisten = \"203.0.113.1:9101\"\n[exit]\nwan = \"wan0\"\ntun = \"mvexit0\"\n",
+         [metrics]\nlisten = \"203.0.113.1:9101\"\n[exit]\nwan = \"wan0\"\ntun = \"mvexit0\"\n\
+         dns_upstream_v4 = \"198.18.0.2\"\ndns_upstream_v6 = \"2001:db8:1::2\"\n\
+         circuit_rate = 200000\ncircuit_burst = 20000\n",
     )
     .unwrap();
 
@@ -272,7 +275,7 @@ fn exit_end_to_end() {
     let seen: Arc<Mutex<Seen>> = Arc::default();
     let echoes = Arc::new(AtomicUsize::new(0));
     let mut servers = Vec::new();
-    for bind in ["198.18.0.2:7", "[2001:db8:1::2]:7"] {
+    for bind in ["198.18.0.2:7", "[2001:db8:1::2]:7", "198.18.0.2:53", "[2001:db8:1::2]:53"] {
         let (stop, seen, echoes) = (stop.clone(), seen.clone(), echoes.clone());
         servers.push(Lab::run_in(&lab.internet, move || {
             let s = UdpSocket::bind(bind).unwrap();
@@ -287,6 +290,16 @@ fn exit_end_to_end() {
             }
         }));
     }
+
+    let tcp_stop = stop.clone();
+    servers.push(Lab::run_in(&lab.internet, move || {
+        let l = std::net::TcpListener::bind("198.18.0.2:80").unwrap();
+        l.set_nonblocking(true).unwrap();
+        while !tcp_stop.load(Ordering::Relaxed) {
+            let _ = l.accept();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }));
 
     let mut child = lab.exitd(&config);
     wait_for("the exit's nftables table", || lab.nft_tables().contains("meshvpn_exit"));
@@ -319,6 +332,35 @@ fn exit_end_to_end() {
         assert_eq!((ip.get_source(), ip.get_destination()), (internet6, v6));
         assert_eq!(UdpPacket::new(ip.payload()).unwrap().payload(), b"hello v6");
 
+        // DNS to the resolver address inside the tunnel reaches the configured upstream (the
+        // internet's echo on port 53 here) and the answer comes from the tunnel address.
+        let resolver = attached.dns.0;
+        c.send(Command::Data, &udp4(v4, resolver, 53, b"dns query"));
+        let (_, reply) = c.recv(WAIT).expect("no DNS answer");
+        let ip = Ipv4Packet::new(&reply).unwrap();
+        assert_eq!((ip.get_source(), ip.get_destination()), (resolver, v4));
+        assert_eq!(UdpPacket::new(ip.payload()).unwrap().payload(), b"dns query");
+
+        // ICMP echo through the exit.
+        c.send(Command::Data, &icmp_echo4(v4, internet4, 0x4d56, 1));
+        let (_, reply) = c.recv(WAIT).expect("no ICMP echo reply");
+        let ip = Ipv4Packet::new(&reply).unwrap();
+        assert_eq!((ip.get_source(), ip.get_next_level_protocol()), (internet4, IpNextHeaderProtocols::Icmp));
+        assert_eq!(ip.payload()[0], 0, "ICMP type echo reply");
+
+        // A TCP handshake: SYN out, SYN-ACK back with the MSS clamped for the tunnel.
+        c.send(Command::Data, &tcp_syn4(v4, internet4, 40001, 80));
+        let (_, reply) = c.recv(WAIT).expect("no SYN-ACK");
+        let ip = Ipv4Packet::new(&reply).unwrap();
+        let tcp = pnet_packet::tcp::TcpPacket::new(ip.payload()).unwrap();
+        assert_eq!((ip.get_source(), tcp.get_source(), tcp.get_destination()), (internet4, 80, 40001));
+        assert_eq!(tcp.get_flags() & 0x12, 0x12, "SYN-ACK");
+        let mss = tcp
+            .get_options_iter()
+            .find(|o| o.get_number().0 == 2)
+            .map(|o| u16::from_be_bytes([o.payload()[0], o.payload()[1]]));
+        assert!(mss.is_some_and(|m| m <= 1262), "MSS not clamped: {mss:?}");
+
         // Refused at the exit: denied classes, port 25, a spoofed source, malformed packets.
         for dst in [[10, 1, 2, 3], [169, 254, 169, 254], [127, 0, 0, 1], [100, 64, 0, 1], [224, 0, 0, 1]] {
             c.send(Command::Data, &udp4(v4, dst.into(), 7, b"nope"));
@@ -334,10 +376,20 @@ fn exit_end_to_end() {
         long[3] = long[3].wrapping_add(9);
         c.send(Command::Data, &long);
         assert!(c.recv(Duration::from_millis(500)).is_none(), "a refused packet got an answer");
-        (v4, v6)
+
+        // Over its limit (200 kB/s, burst 20 kB), the circuit is held to it: 400 packets of
+        // 1000 bytes offered over about a second; what passes can never exceed the bucket.
+        let start = Instant::now();
+        for i in 0..400u32 {
+            c.send(Command::Data, &udp4(v4, internet4, 9, &vec![i as u8; 972]));
+            std::thread::sleep(Duration::from_micros(2500));
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        (v4, v6, elapsed)
     })
     .join()
     .expect("client");
+    let (_, _, elapsed) = client;
 
     std::thread::sleep(Duration::from_millis(300));
     let m = Lab::run_in(&lab.client, || metrics("203.0.113.1:9101")).join().unwrap();
@@ -352,18 +404,24 @@ fn exit_end_to_end() {
         ("truncated", 1.0),
         ("bad_version", 1.0),
         ("bad_length", 1.0),
-        ("to_tun", 2.0),
-        ("from_tun", 2.0),
+        ("dns", 1.0),
     ] {
         assert_eq!(exit_count(&m, what), n, "exitd_packets_total{{what={what}}}: {m:?}");
     }
-    // The internet saw exactly the two good packets, from the exit's WAN address.
+    // to_tun: 2 UDP, DNS, ICMP, SYN, and what the rate limit let through of the 400.
+    let passed = exit_count(&m, "to_tun") - 5.0;
+    let limited = exit_count(&m, "rate_limited");
+    assert_eq!(passed + limited, 400.0, "{m:?}");
+    let allowed_bytes = 20_000.0 + 200_000.0 * (elapsed + 0.5);
+    assert!(passed * 1000.0 <= allowed_bytes, "{passed} packets of 1000 B passed in {elapsed:.2} s: over the limit");
+    assert!(limited > 0.0, "nothing was limited");
+    // The internet saw the two good packets and the DNS query from the exit's WAN address.
+    // (The rate-limit packets go to port 9, where nothing listens.)
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 3, "{seen:?}");
     let sources: Vec<IpAddr> = seen.iter().map(|(a, _)| a.ip()).collect();
     assert!(sources.contains(&IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))), "{sources:?}");
     assert!(sources.contains(&"2001:db8:1::1".parse().unwrap()), "{sources:?}");
-    let _ = client;
 
     // SIGTERM: the table goes away with exitd.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -388,6 +446,56 @@ fn exit_end_to_end() {
     }
     let _ = echoes;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn icmp_echo4(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> Vec<u8> {
+    use pnet_packet::icmp::{IcmpPacket, IcmpTypes, echo_request::MutableEchoRequestPacket};
+    let mut icmp = vec![0u8; 8 + 16];
+    {
+        let mut e = MutableEchoRequestPacket::new(&mut icmp).unwrap();
+        e.set_icmp_type(IcmpTypes::EchoRequest);
+        e.set_identifier(id);
+        e.set_sequence_number(seq);
+        e.set_payload(b"meshvpn ping 16b");
+    }
+    let c = pnet_packet::icmp::checksum(&IcmpPacket::new(&icmp).unwrap());
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ip4(src, dst, IpNextHeaderProtocols::Icmp, &icmp)
+}
+
+fn tcp_syn4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    use pnet_packet::tcp::{MutableTcpPacket, TcpOption};
+    let mut tcp = vec![0u8; 24];
+    {
+        let mut t = MutableTcpPacket::new(&mut tcp).unwrap();
+        t.set_source(sport);
+        t.set_destination(dport);
+        t.set_sequence(1000);
+        t.set_data_offset(6);
+        t.set_flags(0x02);
+        t.set_window(65535);
+        t.set_options(&[TcpOption::mss(1400)]);
+        let c = pnet_packet::tcp::ipv4_checksum(&t.to_immutable(), &src, &dst);
+        t.set_checksum(c);
+    }
+    ip4(src, dst, IpNextHeaderProtocols::Tcp, &tcp)
+}
+
+fn ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: pnet_packet::ip::IpNextHeaderProtocol, body: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 20 + body.len()];
+    buf[20..].copy_from_slice(body);
+    let total = buf.len() as u16;
+    let mut ip = MutableIpv4Packet::new(&mut buf).unwrap();
+    ip.set_version(4);
+    ip.set_header_length(5);
+    ip.set_total_length(total);
+    ip.set_ttl(64);
+    ip.set_next_level_protocol(proto);
+    ip.set_source(src);
+    ip.set_destination(dst);
+    let c = ipv4::checksum(&ip.to_immutable());
+    ip.set_checksum(c);
+    buf
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
