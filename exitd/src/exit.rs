@@ -86,7 +86,11 @@ impl ExitTerminal {
     }
 
     fn count(&mut self, what: &'static str) {
-        *self.counts.entry(what).or_insert(0) += 1;
+        self.count_n(what, 1);
+    }
+
+    fn count_n(&mut self, what: &'static str, n: u64) {
+        *self.counts.entry(what).or_insert(0) += n;
     }
 
     fn forward(&mut self, now: Instant, lcid: u32, packet: &[u8]) {
@@ -108,6 +112,7 @@ impl ExitTerminal {
         let (rate, burst) = self.shared.circuit_limit;
         let bucket = self.buckets.entry(lcid).or_insert_with(|| TokenBucket::new(rate, burst, now));
         if !bucket.take(packet.len(), now) || !self.total.take(packet.len(), now) {
+            self.count_n("rate_limited_bytes", packet.len() as u64);
             return self.count("rate_limited");
         }
         match self.tun.write(packet) {

@@ -104,17 +104,30 @@ impl Lab {
         })
     }
 
-    fn exitd(&self, config: &std::path::Path) -> Child {
-        Proc::new("ip")
+    fn exitd(&self, config: &std::path::Path) -> Exitd {
+        let child = Proc::new("ip")
             .args(["netns", "exec", &self.exit, env!("CARGO_BIN_EXE_exitd"), "run", "--config"])
             .arg(config)
             .spawn()
-            .expect("start exitd")
+            .expect("start exitd");
+        Exitd(child)
     }
 
     fn nft_tables(&self) -> String {
         let out = Proc::new("ip").args(["netns", "exec", &self.exit, "nft", "list", "tables"]).output().expect("nft");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The exitd process, killed if the test ends (or fails) while it still runs.
+struct Exitd(Child);
+
+impl Drop for Exitd {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
@@ -188,10 +201,14 @@ struct Client {
 
 impl Client {
     fn connect(hop: PathHop) -> Client {
+        Self::connect_with_lcid(hop, 0x5111_0001)
+    }
+
+    fn connect_with_lcid(hop: PathHop, lcid: u32) -> Client {
         let socket = UdpSocket::bind("203.0.113.2:0").unwrap();
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let config = CircuitConfig { handshake_timeout: Duration::from_millis(300), ..CircuitConfig::default() };
-        let circuit = Circuit::new(vec![hop], 0x5111_0001, config, Instant::now(), &mut OsRng).unwrap();
+        let circuit = Circuit::new(vec![hop], lcid, config, Instant::now(), &mut OsRng).unwrap();
         let mut c = Client { socket, circuit };
         let deadline = Instant::now() + WAIT;
         while !c.circuit.is_open() {
@@ -291,15 +308,17 @@ fn exit_end_to_end() {
         }));
     }
 
-    let tcp_stop = stop.clone();
-    servers.push(Lab::run_in(&lab.internet, move || {
-        let l = std::net::TcpListener::bind("198.18.0.2:80").unwrap();
-        l.set_nonblocking(true).unwrap();
-        while !tcp_stop.load(Ordering::Relaxed) {
-            let _ = l.accept();
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }));
+    for bind in ["198.18.0.2:80", "[2001:db8:1::2]:80"] {
+        let tcp_stop = stop.clone();
+        servers.push(Lab::run_in(&lab.internet, move || {
+            let l = std::net::TcpListener::bind(bind).unwrap();
+            l.set_nonblocking(true).unwrap();
+            while !tcp_stop.load(Ordering::Relaxed) {
+                let _ = l.accept();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }));
+    }
 
     let mut child = lab.exitd(&config);
     wait_for("the exit's nftables table", || lab.nft_tables().contains("meshvpn_exit"));
@@ -361,10 +380,31 @@ fn exit_end_to_end() {
             .map(|o| u16::from_be_bytes([o.payload()[0], o.payload()[1]]));
         assert!(mss.is_some_and(|m| m <= 1262), "MSS not clamped: {mss:?}");
 
+        // The same over IPv6: ICMPv6 echo and a TCP handshake (MSS clamped for IPv6).
+        c.send(Command::Data, &icmp_echo6(v6, internet6, 0x4d57, 1));
+        let (_, reply) = c.recv(WAIT).expect("no ICMPv6 echo reply");
+        let ip = Ipv6Packet::new(&reply).unwrap();
+        assert_eq!((ip.get_source(), ip.get_next_header()), (internet6, IpNextHeaderProtocols::Icmpv6));
+        assert_eq!(ip.payload()[0], 129, "ICMPv6 echo reply");
+        c.send(Command::Data, &tcp_syn6(v6, internet6, 40002, 80));
+        let (_, reply) = c.recv(WAIT).expect("no IPv6 SYN-ACK");
+        let ip = Ipv6Packet::new(&reply).unwrap();
+        let tcp = pnet_packet::tcp::TcpPacket::new(ip.payload()).unwrap();
+        assert_eq!((ip.get_source(), tcp.get_flags() & 0x12), (internet6, 0x12));
+        let mss = tcp
+            .get_options_iter()
+            .find(|o| o.get_number().0 == 2)
+            .map(|o| u16::from_be_bytes([o.payload()[0], o.payload()[1]]));
+        assert!(mss.is_some_and(|m| m <= 1242), "IPv6 MSS not clamped: {mss:?}");
+
         // Refused at the exit: denied classes, port 25, a spoofed source, malformed packets.
         for dst in [[10, 1, 2, 3], [169, 254, 169, 254], [127, 0, 0, 1], [100, 64, 0, 1], [224, 0, 0, 1]] {
             c.send(Command::Data, &udp4(v4, dst.into(), 7, b"nope"));
         }
+        for dst in ["fd00:ec2::254", "fe80::1", "fd12::1", "ff02::1", "::1"] {
+            c.send(Command::Data, &udp6(v6, dst.parse().unwrap(), 7, b"nope"));
+        }
+        c.send(Command::Data, &udp4(v4, [169, 254, 1, 1].into(), 7, b"nope"));
         c.send(Command::Data, &udp4(v4, internet4, 25, b"smtp"));
         c.send(Command::Data, &udp4(Ipv4Addr::new(10, 8, 9, 9), internet4, 7, b"spoof"));
         let good = udp4(v4, internet4, 7, b"x");
@@ -385,6 +425,22 @@ fn exit_end_to_end() {
             std::thread::sleep(Duration::from_micros(2500));
         }
         let elapsed = start.elapsed().as_secs_f64();
+
+        // The path breaks; the client comes back on a new circuit with its session token and
+        // gets the same inner addresses.
+        let mut again = Client::connect_with_lcid(hop, 0x5111_0002);
+        again.send(Command::Attach, &{
+            let mut b = [0u8; 64];
+            let n = Attach { resume: Some(attached.token) }.encode(&mut b).unwrap();
+            b[..n].to_vec()
+        });
+        let (cmd, body) = again.recv(WAIT).expect("no ATTACHED on resume");
+        assert_eq!(cmd, Command::Attached);
+        let resumed = Attached::decode(&body).unwrap();
+        assert_eq!((resumed.token, resumed.ipv4.0, resumed.ipv6.0), (attached.token, v4, v6));
+        again.send(Command::Data, &udp4(v4, internet4, 7, b"after resume"));
+        let (_, reply) = again.recv(WAIT).expect("no reply after resume");
+        assert_eq!(UdpPacket::new(Ipv4Packet::new(&reply).unwrap().payload()).unwrap().payload(), b"after resume");
         (v4, v6, elapsed)
     })
     .join()
@@ -394,11 +450,12 @@ fn exit_end_to_end() {
     std::thread::sleep(Duration::from_millis(300));
     let m = Lab::run_in(&lab.client, || metrics("203.0.113.1:9101")).join().unwrap();
     for (what, n) in [
-        ("private", 1.0),
-        ("cloud_metadata", 1.0),
-        ("loopback", 1.0),
+        ("private", 2.0),
+        ("cloud_metadata", 2.0),
+        ("loopback", 2.0),
+        ("link_local", 2.0),
         ("cgnat", 1.0),
-        ("multicast", 1.0),
+        ("multicast", 2.0),
         ("denied_port", 1.0),
         ("spoofed_source", 1.0),
         ("truncated", 1.0),
@@ -408,38 +465,39 @@ fn exit_end_to_end() {
     ] {
         assert_eq!(exit_count(&m, what), n, "exitd_packets_total{{what={what}}}: {m:?}");
     }
-    // to_tun: 2 UDP, DNS, ICMP, SYN, and what the rate limit let through of the 400.
-    let passed = exit_count(&m, "to_tun") - 5.0;
+    // to_tun: 2 UDP, DNS, 2 ICMP, 2 SYN, the packet after resume (its own circuit, its own
+    // bucket), and what the rate limit let through of the 400.
+    let passed = exit_count(&m, "to_tun") - 8.0;
     let limited = exit_count(&m, "rate_limited");
     assert_eq!(passed + limited, 400.0, "{m:?}");
     let allowed_bytes = 20_000.0 + 200_000.0 * (elapsed + 0.5);
     assert!(passed * 1000.0 <= allowed_bytes, "{passed} packets of 1000 B passed in {elapsed:.2} s: over the limit");
     assert!(limited > 0.0, "nothing was limited");
-    // The internet saw the two good packets and the DNS query from the exit's WAN address.
-    // (The rate-limit packets go to port 9, where nothing listens.)
+    assert_eq!(exit_count(&m, "rate_limited_bytes"), limited * 1000.0);
+    // The internet saw the two good packets, the DNS query and the packet after resume, from
+    // the exit's WAN address. (The rate-limit packets go to port 9, where nothing listens.)
     let seen = seen.lock().unwrap().clone();
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(seen.len(), 4, "{seen:?}");
     let sources: Vec<IpAddr> = seen.iter().map(|(a, _)| a.ip()).collect();
     assert!(sources.contains(&IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))), "{sources:?}");
     assert!(sources.contains(&"2001:db8:1::1".parse().unwrap()), "{sources:?}");
 
     // SIGTERM: the table goes away with exitd.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = wait_exit(&mut child);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut child.0);
     assert!(status.success(), "exitd exited with {status}");
     assert!(!lab.nft_tables().contains("meshvpn_exit"), "table left after stop");
 
     // kill -9 leaves the table behind; the next start replaces it: exactly one copy.
     let mut child = lab.exitd(&config);
     wait_for("the table", || lab.nft_tables().contains("meshvpn_exit"));
-    child.kill().unwrap();
-    let _ = child.wait();
+    child.0.kill().unwrap();
+    let _ = child.0.wait();
     assert!(lab.nft_tables().contains("meshvpn_exit"), "kill -9 cannot clean up: the table must still be there");
-    let mut child = lab.exitd(&config);
+    let child = lab.exitd(&config);
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(lab.nft_tables().matches("meshvpn_exit").count(), 1, "{}", lab.nft_tables());
-    child.kill().unwrap();
-    let _ = child.wait();
+    drop(child);
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         let _ = s.join();
@@ -461,6 +519,52 @@ fn icmp_echo4(src: Ipv4Addr, dst: Ipv4Addr, id: u16, seq: u16) -> Vec<u8> {
     let c = pnet_packet::icmp::checksum(&IcmpPacket::new(&icmp).unwrap());
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     ip4(src, dst, IpNextHeaderProtocols::Icmp, &icmp)
+}
+
+fn icmp_echo6(src: Ipv6Addr, dst: Ipv6Addr, id: u16, seq: u16) -> Vec<u8> {
+    use pnet_packet::icmpv6::{Icmpv6Packet, Icmpv6Types, echo_request::MutableEchoRequestPacket};
+    let mut icmp = vec![0u8; 8 + 16];
+    {
+        let mut e = MutableEchoRequestPacket::new(&mut icmp).unwrap();
+        e.set_icmpv6_type(Icmpv6Types::EchoRequest);
+        e.set_identifier(id);
+        e.set_sequence_number(seq);
+        e.set_payload(b"meshvpn ping 16b");
+    }
+    let c = pnet_packet::icmpv6::checksum(&Icmpv6Packet::new(&icmp).unwrap(), &src, &dst);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ip6(src, dst, IpNextHeaderProtocols::Icmpv6, &icmp)
+}
+
+fn tcp_syn6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+    use pnet_packet::tcp::{MutableTcpPacket, TcpOption};
+    let mut tcp = vec![0u8; 24];
+    {
+        let mut t = MutableTcpPacket::new(&mut tcp).unwrap();
+        t.set_source(sport);
+        t.set_destination(dport);
+        t.set_sequence(1000);
+        t.set_data_offset(6);
+        t.set_flags(0x02);
+        t.set_window(65535);
+        t.set_options(&[TcpOption::mss(1400)]);
+        let c = pnet_packet::tcp::ipv6_checksum(&t.to_immutable(), &src, &dst);
+        t.set_checksum(c);
+    }
+    ip6(src, dst, IpNextHeaderProtocols::Tcp, &tcp)
+}
+
+fn ip6(src: Ipv6Addr, dst: Ipv6Addr, next: pnet_packet::ip::IpNextHeaderProtocol, body: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; 40 + body.len()];
+    buf[40..].copy_from_slice(body);
+    let mut ip = MutableIpv6Packet::new(&mut buf).unwrap();
+    ip.set_version(6);
+    ip.set_payload_length(body.len() as u16);
+    ip.set_next_header(next);
+    ip.set_hop_limit(64);
+    ip.set_source(src);
+    ip.set_destination(dst);
+    buf
 }
 
 fn tcp_syn4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {

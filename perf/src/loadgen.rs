@@ -52,7 +52,7 @@ pub const PAYLOAD: usize = 1200;
 /// One cell in this many is opened (or matched) by the sink for a latency sample.
 const SAMPLE_EVERY: u64 = 16;
 /// Cells per `sendmmsg`.
-const BURST: usize = 64;
+pub(crate) const BURST: usize = 64;
 /// Cells per GSO send: 45 × 1452 = 65,340 bytes, under the 65,507-byte UDP limit.
 const GSO_SEGMENTS: usize = 45;
 /// Sending stops after this long in all, sent or not.
@@ -367,7 +367,7 @@ fn wait_quiet(shared: &Shared, sent: u64, quiet: Duration) {
 }
 
 /// Builds `n` circuits through `path` over `socket` (connected to the first hop).
-fn build_circuits(socket: &UdpSocket, path: Vec<PathHop>, n: usize, null: bool) -> Result<Vec<Circuit>> {
+pub(crate) fn build_circuits(socket: &UdpSocket, path: Vec<PathHop>, n: usize, null: bool) -> Result<Vec<Circuit>> {
     let config =
         CircuitConfig { handshake_timeout: Duration::from_millis(500), handshake_attempts: 8, ..Default::default() };
     let start = Instant::now();
@@ -481,24 +481,24 @@ fn seal_round(circuits: &mut [Circuit], pools: &mut [Vec<u8>], base: u64, count:
     })
 }
 
-/// The in-flight window (see the module doc).
-struct Window {
-    size: usize,
+/// The in-flight window (see the module doc; `perf exit` uses it too).
+pub(crate) struct Window {
+    pub(crate) size: usize,
     max: usize,
     written_off: u64,
-    stalls: u64,
+    pub(crate) stalls: u64,
     clean: usize,
     stalled_since: Option<(Instant, u64)>,
 }
 
 impl Window {
-    fn new(size: usize) -> Self {
+    pub(crate) fn new(size: usize) -> Self {
         let size = size.max(MIN_WINDOW);
         Self { size, max: size, written_off: 0, stalls: 0, clean: 0, stalled_since: None }
     }
 
     /// How many cells may be sent now; 0 means wait (and handles a stall).
-    fn room(&mut self, sent: u64, received: u64) -> usize {
+    pub(crate) fn room(&mut self, sent: u64, received: u64) -> usize {
         let in_flight = sent.saturating_sub(received + self.written_off) as usize;
         if in_flight + BURST <= self.size {
             self.stalled_since = None;
@@ -519,7 +519,7 @@ impl Window {
         0
     }
 
-    fn sent(&mut self, n: usize) {
+    pub(crate) fn sent(&mut self, n: usize) {
         self.clean += n;
         if self.clean >= self.size {
             self.clean = 0;
@@ -529,9 +529,9 @@ impl Window {
 }
 
 /// The client socket's sending side.
-struct Sender {
-    fd: RawFd,
-    gso: bool,
+pub(crate) struct Sender {
+    pub(crate) fd: RawFd,
+    pub(crate) gso: bool,
 }
 
 impl Sender {
@@ -585,7 +585,7 @@ impl Sender {
     }
 
     /// One `sendmmsg` (repeated after a partial send) on the connected socket.
-    fn send_mmsg(&self, cells: &[&[u8]]) -> std::io::Result<()> {
+    pub(crate) fn send_mmsg(&self, cells: &[&[u8]]) -> std::io::Result<()> {
         let n = cells.len().min(BURST);
         let slices: Vec<[IoSlice<'_>; 1]> = cells[..n].iter().map(|c| [IoSlice::new(c)]).collect();
         let no_addrs: Vec<Option<SockaddrStorage>> = vec![None; n];

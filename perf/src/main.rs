@@ -6,9 +6,14 @@
 //! test and the load generator are separate processes (`perf relay-child`, `perf tokio-relay`,
 //! `perf loadgen`: this binary re-executing itself), so the relay's CPU time can be read from
 //! `/proc` on its own.
+//!
+//! `perf exit` measures exitd's round trip (IP packets in DATA cells through 1-hop circuits into
+//! its TUN, out with NAT to an echo server and back) against plain kernel routing of the same
+//! packets, in network namespaces it creates (root only); exitd runs as `perf exit-child`.
 
 #![forbid(unsafe_code)]
 
+mod exit;
 mod loadgen;
 mod orchestrate;
 mod sys;
@@ -38,6 +43,9 @@ enum Cmd {
     Loadgen(loadgen::LoadgenArgs),
     /// The baseline: a straightforward tokio relay with the same cryptography.
     TokioRelay(tokio_relay::TokioRelayArgs),
+    /// Benchmark exitd's round trip (cells into TUN and back) against plain kernel routing, in
+    /// network namespaces this command creates and deletes (root only).
+    Exit(exit::ExitArgs),
     /// Prints a relay's identity and onion key in hex (for running `perf loadgen` by hand).
     Keys {
         /// Directory with identity.key and onion.key.
@@ -51,12 +59,24 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// exitd's engine in this process (`exitd::daemon::run`), until stdin closes or SIGTERM.
+    #[command(hide = true)]
+    ExitChild {
+        /// exitd configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Relay(args) => orchestrate::run(args),
+        Cmd::Exit(args) => exit::run(args),
+        Cmd::ExitChild { config } => {
+            sys::die_with_parent();
+            exit_child(&config)
+        }
         Cmd::Loadgen(args) => {
             sys::die_with_parent();
             loadgen::run(args)
@@ -86,11 +106,7 @@ fn main() -> Result<()> {
 fn relay_child(path: &std::path::Path) -> Result<()> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    init_tracing();
     let config = relayd::config::Config::load(path)?;
     let keys = relayd::keys::load(&config.key_dir)
         .with_context(|| format!("cannot load keys from {}", config.key_dir.display()))?;
@@ -105,4 +121,28 @@ fn relay_child(path: &std::path::Path) -> Result<()> {
     }
     relay.shutdown();
     Ok(())
+}
+
+/// Logs to stderr (a file the orchestrator reads on failure), `RUST_LOG` or info.
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+/// Runs exitd as `exitd run` does (`exitd::daemon::run`: forwarding, TUN, nftables, the relay
+/// engine), and stops when stdin reaches end of file or on SIGTERM/SIGINT; the nftables table
+/// is removed on the way out.
+fn exit_child(path: &std::path::Path) -> Result<()> {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    init_tracing();
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handler")?;
+    }
+    sys::stop_on_stdin_eof(stop.clone());
+    exitd::daemon::run(path, stop)
 }

@@ -22,6 +22,12 @@ fn clock_ticks() -> f64 {
 
 /// utime + stime in seconds from the text of a `/proc/.../stat` file, and the command name.
 fn parse_stat(text: &str) -> Option<(String, f64)> {
+    let (name, user, system) = parse_stat_split(text)?;
+    Some((name, user + system))
+}
+
+/// The command name, utime and stime in seconds, from the text of a `/proc/.../stat` file.
+fn parse_stat_split(text: &str) -> Option<(String, f64, f64)> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let name = text.get(open + 1..close)?.to_string();
@@ -29,7 +35,7 @@ fn parse_stat(text: &str) -> Option<(String, f64)> {
     let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((name, (utime + stime) as f64 / clock_ticks()))
+    Some((name, utime as f64 / clock_ticks(), stime as f64 / clock_ticks()))
 }
 
 /// CPU seconds (user + system) a process has used so far, all threads included.
@@ -37,6 +43,13 @@ pub fn process_cpu(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     parse_stat(&text).map(|(_, s)| s).ok_or_else(|| anyhow!("cannot parse {path}"))
+}
+
+/// CPU seconds (user, system) a process has used so far, all threads included.
+pub fn process_cpu_split(pid: u32) -> Result<(f64, f64)> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    parse_stat_split(&text).map(|(_, u, s)| (u, s)).ok_or_else(|| anyhow!("cannot parse {path}"))
 }
 
 /// CPU seconds all cores of the machine spent so far: busy (everything but idle and iowait in
@@ -69,7 +82,13 @@ pub fn thread_cpu(pid: u32) -> BTreeMap<String, f64> {
 /// Datagrams the kernel dropped on the UDP sockets bound to `port` (all of a reuseport group),
 /// from the last column of `/proc/net/udp`: receive buffer full, mostly.
 pub fn udp_socket_drops(port: u16) -> u64 {
-    let Ok(text) = std::fs::read_to_string("/proc/net/udp") else { return 0 };
+    udp_socket_drops_at("/proc/net/udp", port)
+}
+
+/// [`udp_socket_drops`] from another `/proc/.../net/udp`: `/proc/PID/net/udp` for a process's
+/// network namespace, `/proc/thread-self/net/udp` for the calling thread's.
+pub fn udp_socket_drops_at(path: &str, port: u16) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else { return 0 };
     text.lines()
         .skip(1)
         .filter_map(|line| {
