@@ -8,7 +8,6 @@ use exitd::policy::ExitPolicy;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -43,17 +42,9 @@ enum Cmd {
     },
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    relayd::cli::init_logging();
     match cli.command {
         Cmd::Keygen { dir } => {
             let keys = relayd::keys::keygen(&dir)?;
@@ -64,7 +55,7 @@ fn main() -> Result<()> {
             let keys = relayd::keys::load(&config.relay.key_dir)
                 .with_context(|| format!("cannot load keys from {} (key_dir)", config.relay.key_dir.display()))?;
             let summary = ExitPolicy::new(&config.policy).summary();
-            let signed = relayd::descriptor::signed(&config.relay, &keys, unix_now(), Some(summary))?;
+            let signed = relayd::descriptor::signed(&config.relay, &keys, relayd::cli::unix_now(), Some(summary))?;
             println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
         }
         Cmd::Run { config } => {

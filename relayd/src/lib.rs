@@ -2,6 +2,7 @@
 //!
 //! | module | concern |
 //! | --- | --- |
+//! | [`cli`] | what the daemons' command lines share (logging, time) |
 //! | [`config`] | TOML configuration |
 //! | [`keys`] | key files (0600) |
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
@@ -14,6 +15,7 @@
 //! | [`terminal`] | the hook an exit plugs into each worker |
 //! | [`descriptor`] | the relay's signed descriptor |
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;

@@ -7,7 +7,7 @@ use relayd::config::Config;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -42,17 +42,9 @@ enum Cmd {
     },
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    relayd::cli::init_logging();
     match cli.command {
         Cmd::Keygen { dir } => {
             let keys = relayd::keys::keygen(&dir)?;
@@ -63,7 +55,7 @@ fn main() -> Result<()> {
             let config = Config::load(&config)?;
             let keys = relayd::keys::load(&config.key_dir)
                 .with_context(|| format!("cannot load keys from {} (key_dir)", config.key_dir.display()))?;
-            let signed = relayd::descriptor::signed(&config, &keys, unix_now(), None)?;
+            let signed = relayd::descriptor::signed(&config, &keys, relayd::cli::unix_now(), None)?;
             println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
         }
         Cmd::Run { config: path } => {
