@@ -147,50 +147,26 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-fn udp4(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0u8; 28 + data.len()];
-    let total = buf.len() as u16;
-    {
-        let mut u = MutableUdpPacket::new(&mut buf[20..]).unwrap();
-        u.set_source(40000);
-        u.set_destination(dport);
-        u.set_length(8 + data.len() as u16);
-        u.set_payload(data);
-        let c = udp::ipv4_checksum(&u.to_immutable(), &src, &dst);
-        u.set_checksum(c);
-    }
-    let mut ip = MutableIpv4Packet::new(&mut buf).unwrap();
-    ip.set_version(4);
-    ip.set_header_length(5);
-    ip.set_total_length(total);
-    ip.set_ttl(64);
-    ip.set_next_level_protocol(IpNextHeaderProtocols::Udp);
-    ip.set_source(src);
-    ip.set_destination(dst);
-    let c = ipv4::checksum(&ip.to_immutable());
-    ip.set_checksum(c);
+fn udp(sport: u16, dport: u16, data: &[u8], checksum: impl Fn(&UdpPacket<'_>) -> u16) -> Vec<u8> {
+    let mut buf = vec![0u8; 8 + data.len()];
+    let mut u = MutableUdpPacket::new(&mut buf).unwrap();
+    u.set_source(sport);
+    u.set_destination(dport);
+    u.set_length(8 + data.len() as u16);
+    u.set_payload(data);
+    let c = checksum(&u.to_immutable());
+    u.set_checksum(c);
     buf
 }
 
+fn udp4(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
+    let body = udp(40000, dport, data, |u| udp::ipv4_checksum(u, &src, &dst));
+    ip4(src, dst, IpNextHeaderProtocols::Udp, &body)
+}
+
 fn udp6(src: Ipv6Addr, dst: Ipv6Addr, dport: u16, data: &[u8]) -> Vec<u8> {
-    let mut buf = vec![0u8; 48 + data.len()];
-    {
-        let mut u = MutableUdpPacket::new(&mut buf[40..]).unwrap();
-        u.set_source(40000);
-        u.set_destination(dport);
-        u.set_length(8 + data.len() as u16);
-        u.set_payload(data);
-        let c = udp::ipv6_checksum(&u.to_immutable(), &src, &dst);
-        u.set_checksum(c);
-    }
-    let mut ip = MutableIpv6Packet::new(&mut buf).unwrap();
-    ip.set_version(6);
-    ip.set_payload_length(8 + data.len() as u16);
-    ip.set_next_header(IpNextHeaderProtocols::Udp);
-    ip.set_hop_limit(64);
-    ip.set_source(src);
-    ip.set_destination(dst);
-    buf
+    let body = udp(40000, dport, data, |u| udp::ipv6_checksum(u, &src, &dst));
+    ip6(src, dst, IpNextHeaderProtocols::Udp, &body)
 }
 
 /// The client side: a 1-hop circuit into exitd over UDP, run inside the client namespace.
@@ -536,22 +512,31 @@ fn icmp_echo6(src: Ipv6Addr, dst: Ipv6Addr, id: u16, seq: u16) -> Vec<u8> {
     ip6(src, dst, IpNextHeaderProtocols::Icmpv6, &icmp)
 }
 
-fn tcp_syn6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+/// A TCP SYN (MSS option 1400) from `sport` to `dport`.
+fn tcp_syn(sport: u16, dport: u16, checksum: impl Fn(&pnet_packet::tcp::TcpPacket<'_>) -> u16) -> Vec<u8> {
     use pnet_packet::tcp::{MutableTcpPacket, TcpOption};
     let mut tcp = vec![0u8; 24];
-    {
-        let mut t = MutableTcpPacket::new(&mut tcp).unwrap();
-        t.set_source(sport);
-        t.set_destination(dport);
-        t.set_sequence(1000);
-        t.set_data_offset(6);
-        t.set_flags(0x02);
-        t.set_window(65535);
-        t.set_options(&[TcpOption::mss(1400)]);
-        let c = pnet_packet::tcp::ipv6_checksum(&t.to_immutable(), &src, &dst);
-        t.set_checksum(c);
-    }
-    ip6(src, dst, IpNextHeaderProtocols::Tcp, &tcp)
+    let mut t = MutableTcpPacket::new(&mut tcp).unwrap();
+    t.set_source(sport);
+    t.set_destination(dport);
+    t.set_sequence(1000);
+    t.set_data_offset(6);
+    t.set_flags(0x02);
+    t.set_window(65535);
+    t.set_options(&[TcpOption::mss(1400)]);
+    let c = checksum(&t.to_immutable());
+    t.set_checksum(c);
+    tcp
+}
+
+fn tcp_syn6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let body = tcp_syn(sport, dport, |t| pnet_packet::tcp::ipv6_checksum(t, &src, &dst));
+    ip6(src, dst, IpNextHeaderProtocols::Tcp, &body)
+}
+
+fn tcp_syn4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let body = tcp_syn(sport, dport, |t| pnet_packet::tcp::ipv4_checksum(t, &src, &dst));
+    ip4(src, dst, IpNextHeaderProtocols::Tcp, &body)
 }
 
 fn ip6(src: Ipv6Addr, dst: Ipv6Addr, next: pnet_packet::ip::IpNextHeaderProtocol, body: &[u8]) -> Vec<u8> {
@@ -565,24 +550,6 @@ fn ip6(src: Ipv6Addr, dst: Ipv6Addr, next: pnet_packet::ip::IpNextHeaderProtocol
     ip.set_source(src);
     ip.set_destination(dst);
     buf
-}
-
-fn tcp_syn4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    use pnet_packet::tcp::{MutableTcpPacket, TcpOption};
-    let mut tcp = vec![0u8; 24];
-    {
-        let mut t = MutableTcpPacket::new(&mut tcp).unwrap();
-        t.set_source(sport);
-        t.set_destination(dport);
-        t.set_sequence(1000);
-        t.set_data_offset(6);
-        t.set_flags(0x02);
-        t.set_window(65535);
-        t.set_options(&[TcpOption::mss(1400)]);
-        let c = pnet_packet::tcp::ipv4_checksum(&t.to_immutable(), &src, &dst);
-        t.set_checksum(c);
-    }
-    ip4(src, dst, IpNextHeaderProtocols::Tcp, &tcp)
 }
 
 fn ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: pnet_packet::ip::IpNextHeaderProtocol, body: &[u8]) -> Vec<u8> {

@@ -892,7 +892,7 @@ fn blast_rounds(
             result.sent += m as u64;
             window.sent(m);
         }
-        wait_quiet(shared, result.sent, QUIET_ROUND);
+        crate::sys::wait_quiet(&shared.received, result.sent, QUIET_ROUND);
         let last_ns = shared.last_arrival_ns.load(Ordering::Relaxed).max(first_ns);
 
         if let (Some(pid), Some(((user0, sys0), threads0))) = (exitd_pid, exitd0) {
@@ -917,29 +917,10 @@ fn blast_rounds(
             break;
         }
     }
-    wait_quiet(shared, result.sent, QUIET_FINAL);
+    crate::sys::wait_quiet(&shared.received, result.sent, QUIET_FINAL);
     result.received = shared.received.load(Ordering::Relaxed);
     result.stalls = window.stalls;
     Ok(())
-}
-
-/// Waits until every sent packet came back or nothing arrived for `quiet`.
-fn wait_quiet(shared: &Shared, sent: u64, quiet: Duration) {
-    let mut last = shared.received.load(Ordering::Relaxed);
-    let mut since = Instant::now();
-    loop {
-        let now = shared.received.load(Ordering::Relaxed);
-        if now >= sent {
-            return;
-        }
-        if now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
 }
 
 /// Counts what comes back (UDP GRO: a datagram may hold several); returns latency samples and

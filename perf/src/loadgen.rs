@@ -326,7 +326,7 @@ fn drive(
         let received0 = shared.received.load(Ordering::Relaxed);
         let first_ns = shared.now_ns();
         let sent = sender.blast(&pools, n, base, count, shared, &mut window, &mut result.sent, send_deadline)?;
-        wait_quiet(shared, result.sent, QUIET_ROUND);
+        crate::sys::wait_quiet(&shared.received, result.sent, QUIET_ROUND);
         let last_ns = shared.last_arrival_ns.load(Ordering::Relaxed).max(first_ns);
         result.cpu_secs += sys::process_cpu(me)? - cpu0;
         sync.ask(&format!("end {}", result.rounds), "ok")?;
@@ -338,32 +338,13 @@ fn drive(
             break;
         }
     }
-    wait_quiet(shared, result.sent, QUIET_FINAL);
+    crate::sys::wait_quiet(&shared.received, result.sent, QUIET_FINAL);
     result.received = shared.received.load(Ordering::Relaxed);
     result.cells_per_s =
         if result.blast_secs > 0.0 { result.received_measured as f64 / result.blast_secs } else { 0.0 };
     result.stalls = window.stalls;
     result.window = window.size;
     Ok(result)
-}
-
-/// Waits until every sent cell arrived or nothing arrived for `quiet`.
-fn wait_quiet(shared: &Shared, sent: u64, quiet: Duration) {
-    let mut last = shared.received.load(Ordering::Relaxed);
-    let mut since = Instant::now();
-    loop {
-        let now = shared.received.load(Ordering::Relaxed);
-        if now >= sent {
-            return;
-        }
-        if now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(500));
-    }
 }
 
 /// Builds `n` circuits through `path` over `socket` (connected to the first hop).

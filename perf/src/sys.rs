@@ -266,6 +266,26 @@ impl LineReader {
     }
 }
 
+/// Waits until `received` reaches `sent` or stops moving for `quiet` (bounded: a counter that
+/// keeps moving reaches `sent`, one that stops ends the wait after `quiet`).
+pub fn wait_quiet(received: &std::sync::atomic::AtomicU64, sent: u64, quiet: Duration) {
+    let mut last = received.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    loop {
+        let now = received.load(Ordering::Relaxed);
+        if now >= sent {
+            return;
+        }
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

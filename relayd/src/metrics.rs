@@ -2,6 +2,7 @@
 //! with relaxed stores every few milliseconds: no atomic read-modify-write and no shared cache
 //! line per cell. Each worker's block is cache-line aligned; only the metrics thread reads it.
 
+use crate::datapath::DatapathStats;
 use cellproto::relay::DropReason;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Drop reasons, in metric order: cellproto's, then relayd's own.
-pub const DROP_LABELS: [&str; 11] = [
+pub const DROP_LABELS: [&str; 9] = [
     DropReason::UnknownCircuit.label(),
     DropReason::Malformed.label(),
     DropReason::BadTag.label(),
@@ -20,9 +21,7 @@ pub const DROP_LABELS: [&str; 11] = [
     DropReason::Protocol.label(),
     DropReason::WrongPeer.label(),
     DropReason::Limit.label(),
-    "rate_limit",
     "overload",
-    "policy",
 ];
 
 /// Index of a drop reason in [`DROP_LABELS`].
@@ -38,12 +37,10 @@ pub const fn drop_index(r: DropReason) -> usize {
         DropReason::Limit => 7,
     }
 }
-/// [`DROP_LABELS`] index of CREATEs refused by the per-source limits.
-pub const DROP_RATE_LIMIT: usize = 8;
 /// [`DROP_LABELS`] index of cells dropped because the control plane's queue was full.
-pub const DROP_OVERLOAD: usize = 9;
-/// [`DROP_LABELS`] index of EXTENDs refused by the extend policy.
-pub const DROP_POLICY: usize = 10;
+/// (CREATEs refused by the per-source limits are counted by the control thread, as
+/// `relayd_handshakes_total{result="rate_limited"}`.)
+pub const DROP_OVERLOAD: usize = 8;
 
 /// A worker's counters as plain integers (owned by the worker thread).
 #[derive(Debug, Default, Clone)]
@@ -58,6 +55,8 @@ pub struct WorkerCounters {
     pub stun: u64,
     /// Live circuits.
     pub circuits: u64,
+    /// The data path's own counters (datagrams, send batches, errors).
+    pub datapath: DatapathStats,
 }
 
 /// The published copy of a worker's counters.
@@ -69,6 +68,7 @@ pub struct WorkerStats {
     drops: [AtomicU64; DROP_LABELS.len()],
     stun: AtomicU64,
     circuits: AtomicU64,
+    datapath: [AtomicU64; 5],
 }
 
 impl WorkerStats {
@@ -81,6 +81,11 @@ impl WorkerStats {
         }
         self.stun.store(c.stun, Ordering::Relaxed);
         self.circuits.store(c.circuits, Ordering::Relaxed);
+        let d = &c.datapath;
+        for (a, v) in self.datapath.iter().zip([d.rx_datagrams, d.tx_datagrams, d.tx_batches, d.rx_errors, d.tx_errors])
+        {
+            a.store(v, Ordering::Relaxed);
+        }
     }
 
     /// Reads the last published counters.
@@ -95,6 +100,11 @@ impl WorkerStats {
             drops,
             stun: self.stun.load(Ordering::Relaxed),
             circuits: self.circuits.load(Ordering::Relaxed),
+            datapath: {
+                let [rx_datagrams, tx_datagrams, tx_batches, rx_errors, tx_errors] =
+                    self.datapath.each_ref().map(|a| a.load(Ordering::Relaxed));
+                DatapathStats { rx_datagrams, tx_datagrams, tx_batches, rx_errors, tx_errors }
+            },
         }
     }
 }
@@ -170,6 +180,33 @@ impl Registry {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (i, c) in snaps.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{worker=\"{i}\"}} {}", get(c));
+            }
+        }
+        // The data path's own counters: one group per family, as the text format requires.
+        type Sample = (&'static str, fn(&DatapathStats) -> u64);
+        let families: [(&str, &str, [Option<Sample>; 2]); 3] = [
+            (
+                "relayd_datapath_datagrams_total",
+                "Datagrams through the data path, by direction.",
+                [Some(("dir=\"rx\",", |d| d.rx_datagrams)), Some(("dir=\"tx\",", |d| d.tx_datagrams))],
+            ),
+            (
+                "relayd_datapath_send_batches_total",
+                "Send system calls or io_uring submissions.",
+                [Some(("", |d| d.tx_batches)), None],
+            ),
+            (
+                "relayd_datapath_errors_total",
+                "Failed or truncated receives, failed sends (datagrams lost).",
+                [Some(("dir=\"rx\",", |d| d.rx_errors)), Some(("dir=\"tx\",", |d| d.tx_errors))],
+            ),
+        ];
+        for (name, help, samples) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (label, get) in samples.into_iter().flatten() {
+                for (i, c) in snaps.iter().enumerate() {
+                    let _ = writeln!(out, "{name}{{{label}worker=\"{i}\"}} {}", get(&c.datapath));
+                }
             }
         }
         let _ =

@@ -4,7 +4,7 @@
 //! does an atomic read-modify-write per cell; counters are plain and published periodically.
 
 use crate::control::{ToControl, ToWorker};
-use crate::datapath::{Action, Datagram, Datapath, Outgoing};
+use crate::datapath::{Action, Datagram, Datapath, DatapathStats, Outgoing};
 use crate::metrics::{DROP_LABELS, DROP_OVERLOAD, Registry, WorkerCounters, drop_index};
 use crate::terminal::Terminal;
 use cellproto::cell::{CELL_LEN, Command, HANDSHAKE_LCID, lcid};
@@ -157,7 +157,7 @@ impl Worker {
             }
             if now.duration_since(last_publish) >= PUBLISH_EVERY {
                 last_publish = now;
-                self.publish(now);
+                self.publish(now, dp.stats());
             }
         }
         let all = self.circuits.remove_where(|_| true);
@@ -166,11 +166,12 @@ impl Worker {
         }
         let mut out = std::mem::take(&mut self.out);
         let _ = dp.poll(Duration::ZERO, &mut |_| {}, &mut out);
-        self.publish(Instant::now());
+        self.publish(Instant::now(), dp.stats());
     }
 
-    fn publish(&mut self, now: Instant) {
+    fn publish(&mut self, now: Instant, datapath: DatapathStats) {
         self.counters.circuits = self.circuits.len() as u64;
+        self.counters.datapath = datapath;
         self.registry.workers[self.index].publish(&self.counters);
         self.log.maybe_log(self.index, &self.counters, now);
     }

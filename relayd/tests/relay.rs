@@ -51,6 +51,10 @@ fn data_both_ways(datapath: &str) {
         Some(&1.0)
     );
     assert!(sum(&m, "relayd_cells_in_total", "") >= 600.0);
+    // The data path's own counters are exported too, and nothing was lost there.
+    assert!(sum(&m, "relayd_datapath_datagrams_total", "dir=\"rx\"") >= 600.0, "{m:?}");
+    assert!(sum(&m, "relayd_datapath_send_batches_total", "") >= 1.0);
+    assert_eq!(sum(&m, "relayd_datapath_errors_total", "dir=\"tx\""), 0.0);
     a.handle.shutdown();
     b.handle.shutdown();
 }
