@@ -45,11 +45,11 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
     let mut pool = AddressPool::new(exit.pool_v4, exit.pool_v6, Duration::from_secs(exit.session_grace_secs));
     let (gw4, gw6) = pool.gateway();
     pool.expire(Instant::now());
-    let tun = crate::tun::Tun::create(&exit.tun, workers)
+    let tun = tundev::Tun::create(&exit.tun, workers)
         .with_context(|| format!("cannot create TUN {} (exit.tun)", exit.tun))?;
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
-    crate::tun::configure(tun.name(), crate::tun::DEFAULT_MTU, gw4_net, gw6_net)
+    tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net)
         .context("cannot configure the TUN device")?;
     let policy = ExitPolicy::new(&config.policy);
     let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.name().to_string(), exit.pool_v4, exit.pool_v6);

@@ -11,7 +11,7 @@ use crate::bucket::TokenBucket;
 use crate::packet::inspect;
 use crate::policy::{Decision, ExitPolicy};
 use crate::pool::{AddressPool, Lease};
-use crate::tun::TunQueue;
+use tundev::TunQueue;
 use cellproto::cell::{CELL_LEN, Command, payload_capacity};
 use cellproto::command::{Attach, Attached};
 use cellproto::onion::payload_mut;
@@ -204,7 +204,7 @@ impl Terminal for ExitTerminal {
         while let Ok(packet) = self.inbox.try_recv() {
             self.backward(now, circuits, &packet, out);
         }
-        let mut buf = [0u8; crate::tun::PACKET_BUF_LEN];
+        let mut buf = [0u8; tundev::PACKET_BUF_LEN];
         for _ in 0..TUN_BATCH {
             match self.tun.read(&mut buf) {
                 Ok(n) => self.backward(now, circuits, &buf[..n], out),

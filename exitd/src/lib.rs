@@ -10,7 +10,6 @@
 //! | [`config`] | exitd's TOML: relayd's options plus `[exit]` and `[policy]` |
 //! | [`exit`] | the relay engine's `Terminal` for an exit: TUN both ways, policy, limits, ATTACH |
 //! | [`nft`] | the nftables table exitd owns: NAT, forward filter, MSS clamping |
-//! | [`tun`] | the TUN device: multi-queue, non-blocking, batched reads and writes; its `ip` setup |
 
 pub mod bucket;
 pub mod config;
@@ -20,4 +19,3 @@ pub mod nft;
 pub mod packet;
 pub mod policy;
 pub mod pool;
-pub mod tun;

@@ -17,6 +17,8 @@ pub const IDENTITY_FILE: &str = "identity.key";
 pub const ONION_FILE: &str = "onion.key";
 /// File name of the previous onion key, kept during rotation.
 pub const ONION_PREV_FILE: &str = "onion.key.prev";
+/// File name of a directory authority's identity seed (`relayd authority keygen`).
+pub const AUTHORITY_FILE: &str = "authority.key";
 
 /// Why keys could not be created or loaded.
 #[derive(Debug, Error)]
@@ -117,6 +119,25 @@ pub fn load(dir: &Path) -> Result<RelayKeys, KeyError> {
         secret.fill(0);
     }
     Ok(RelayKeys { identity, onion })
+}
+
+/// Creates `dir` (0700) with a new directory-authority identity; refuses to overwrite it.
+pub fn authority_keygen(dir: &Path) -> Result<RelayIdentity, KeyError> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+    let mut seed = [0u8; 32];
+    OsRng.fill_bytes(&mut seed);
+    let identity = RelayIdentity::from_seed(&seed);
+    let written = write_new(&dir.join(AUTHORITY_FILE), &seed);
+    seed.fill(0);
+    written.map(|()| identity)
+}
+
+/// Loads the directory-authority identity from `dir`.
+pub fn load_authority(dir: &Path) -> Result<RelayIdentity, KeyError> {
+    let mut seed = read_key(&dir.join(AUTHORITY_FILE))?;
+    let identity = RelayIdentity::from_seed(&seed);
+    seed.fill(0);
+    Ok(identity)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use exitd::tun::{self, DEFAULT_MTU, PACKET_BUF_LEN, Tun, TunQueue};
+use tundev::{self as tun, DEFAULT_MTU, PACKET_BUF_LEN, Tun, TunQueue};
 use nix::sched::{CloneFlags, setns};
 use pnet_packet::Packet;
 use pnet_packet::ip::IpNextHeaderProtocols;

@@ -1,6 +1,6 @@
-//! The TUN device: the exit's last hop. Packets a circuit delivers are written into it and the
-//! kernel routes (and, through nftables, masquerades) them; replies to the pool's addresses are
-//! routed back into it and read by the worker that owns the circuit.
+//! Linux TUN devices for meshvpn: the exit's last hop (packets a circuit delivers are written
+//! into it and the kernel routes them; replies are read back by the worker owning the circuit)
+//! and the client's tunnel (everything the laptop sends is read from it and sealed into cells).
 //!
 //! A [`Tun`] is a Linux TUN device (`/dev/net/tun`, `IFF_TUN | IFF_NO_PI`: bare IP packets, no
 //! packet-information header) with one file descriptor per queue. With more than one queue it is

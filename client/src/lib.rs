@@ -1,0 +1,19 @@
+//! meshvpn client as a library: everything `meshvpn` does, in one module per concern.
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | [`config`] | the TOML configuration (`meshvpn.example.toml`) |
+//! | [`relays`] | loading the signed directory; path selection (guard, middles, exit) |
+//! | [`tunnel`] | sans-IO: the circuit, keepalive, rebuild to the same exit with the session token |
+//! | [`system`] | what `up` changes on the machine (routes, DNS, kill switch) and its undo journal |
+//! | [`control`] | the control socket: `status` and `down` |
+//! | [`daemon`] | the tokio driver: UDP socket, TUN, timers, control socket, signals |
+//! | [`netcheck`] | STUN against relays: reflexive address, NAT mapping and filtering (RFC 5780) |
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod netcheck;
+pub mod relays;
+pub mod system;
+pub mod tunnel;

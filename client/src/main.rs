@@ -1,0 +1,130 @@
+//! `meshvpn`: the client. Sends all of this machine's traffic through guard → middle → exit.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use meshvpn::config::Config;
+use meshvpn::control::{self, Request};
+use std::path::PathBuf;
+
+/// meshvpn: an onion-routed VPN. `up` sends all traffic through guard → middle → exit relays.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+/// Which running client to talk to.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// Configuration file (its `control_socket` is used).
+    #[arg(long, conflicts_with = "socket")]
+    config: Option<PathBuf>,
+    /// The control socket [default: /run/meshvpn/meshvpn.sock].
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> Result<PathBuf> {
+        Ok(match (&self.socket, &self.config) {
+            (Some(s), _) => s.clone(),
+            (None, Some(c)) => Config::load(c)?.control_socket,
+            (None, None) => PathBuf::from("/run/meshvpn/meshvpn.sock"),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Build a circuit and route all traffic through it (needs root: TUN, routes, nftables, DNS).
+    Up {
+        /// Configuration file (see meshvpn.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Stay in the foreground, logging to stderr, instead of returning once the tunnel is up.
+        #[arg(long)]
+        foreground: bool,
+        /// Relays per circuit (overrides `hops` in the configuration).
+        #[arg(long)]
+        hops: Option<usize>,
+    },
+    /// Tear the tunnel down and undo every change `up` made (also after a crash).
+    Down {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show the circuit: path, exit, inner addresses, bytes, RTT, cipher suites, uptime.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask relays (STUN) for this machine's public address and its NAT's behaviour (RFC 5780).
+    Netcheck {
+        /// Configuration file (relays come from its directory).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Up { config, foreground, hops } => {
+            let mut cfg = Config::load(&config)?;
+            if let Some(h) = hops {
+                cfg.hops = h;
+            }
+            if let Err((key, problem)) = cfg.check() {
+                bail!("--hops: {key} {problem}");
+            }
+            if foreground {
+                init_logging();
+                meshvpn::daemon::run(cfg)
+            } else {
+                meshvpn::daemon::spawn_background(&config, &cfg, hops)
+            }
+        }
+        Cmd::Down { target } => {
+            let socket = target.socket()?;
+            let state_dir = target.config.as_deref().map(Config::load).transpose()?.map(|c| c.state_dir);
+            meshvpn::daemon::down(&socket, state_dir.as_deref())
+        }
+        Cmd::Status { target, json } => {
+            let socket = target.socket()?;
+            let status = control::request(&socket, Request::Status)
+                .with_context(|| format!("is meshvpn up? (no answer on {})", socket.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{status}");
+            }
+            Ok(())
+        }
+        Cmd::Netcheck { config, json } => {
+            let cfg = Config::load(&config)?;
+            let relays = meshvpn::relays::load_directory(&cfg)?;
+            let report = meshvpn::netcheck::run_blocking(&relays.stun_servers())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
