@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use meshvpn::config::Config;
-use meshvpn::control::{self, Request};
+use meshvpn::control;
 use std::path::PathBuf;
 
 /// meshvpn: an onion-routed VPN. `up` sends all traffic through guard → middle → exit relays.
@@ -98,7 +98,7 @@ fn main() -> Result<()> {
         }
         Cmd::Status { target, json } => {
             let socket = target.socket()?;
-            let status = control::request(&socket, Request::Status)
+            let status = control::status(&socket)
                 .with_context(|| format!("is meshvpn up? (no answer on {})", socket.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);

@@ -1,0 +1,171 @@
+//! The control socket: a Unix stream socket where `meshvpn status` and `meshvpn down` reach
+//! the running client. One JSON request per line, one JSON answer per line; only root (the
+//! socket is mode 0600) may ask.
+
+use crate::tunnel::State;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// What a command asks the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "cmd")]
+pub enum Request {
+    /// The current status.
+    Status,
+    /// Tear down and exit.
+    Down,
+}
+
+/// A relay of the path, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HopStatus {
+    /// Nickname from its descriptor.
+    pub nickname: String,
+    /// Identity (hex).
+    pub identity: String,
+    /// UDP address.
+    pub address: String,
+}
+
+/// Everything `meshvpn status` reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Connecting, up or rebuilding.
+    pub state: State,
+    /// Why it is not up, or the last problem.
+    pub reason: Option<String>,
+    /// Guard first, exit last.
+    pub path: Vec<HopStatus>,
+    /// The session's exit.
+    pub exit: Option<HopStatus>,
+    /// Inner IPv4 address from the exit.
+    pub inner_ipv4: Option<String>,
+    /// Inner IPv6 address from the exit.
+    pub inner_ipv6: Option<String>,
+    /// Resolvers inside the tunnel.
+    pub dns: Vec<String>,
+    /// IP bytes sent into the tunnel.
+    pub bytes_sent: u64,
+    /// IP bytes received from it.
+    pub bytes_received: u64,
+    /// Packets sent.
+    pub packets_sent: u64,
+    /// Packets received.
+    pub packets_received: u64,
+    /// Packets dropped because no circuit was up (kept inside by the kill switch).
+    pub packets_dropped: u64,
+    /// Last PING/PONG round trip to the exit.
+    pub rtt_ms: Option<f64>,
+    /// Cipher suite per hop.
+    pub suites: Vec<String>,
+    /// Seconds since `up`.
+    pub uptime_secs: u64,
+    /// Seconds since the current circuit came up.
+    pub circuit_age_secs: Option<u64>,
+    /// Time the current circuit took to build.
+    pub circuit_build_ms: Option<f64>,
+    /// Circuits built to replace a failed one.
+    pub rebuilds: u64,
+    /// Times the exit (and so the inner addresses) changed.
+    pub exit_changes: u64,
+    /// Whether the kill switch is installed.
+    pub kill_switch: bool,
+    /// Packets the kill switch dropped.
+    pub kill_switch_drops: Option<u64>,
+    /// The TUN device.
+    pub tun: Option<String>,
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            State::Up => "up",
+            State::Connecting => "connecting",
+            State::Rebuilding => "rebuilding",
+        };
+        writeln!(f, "state:        {state}")?;
+        if let Some(r) = &self.reason {
+            writeln!(f, "reason:       {r}")?;
+        }
+        let path: Vec<String> = self.path.iter().map(|h| format!("{} ({})", h.nickname, h.address)).collect();
+        writeln!(f, "path:         {}", path.join(" -> "))?;
+        if let Some(e) = &self.exit {
+            writeln!(f, "exit:         {} {}", e.nickname, e.identity)?;
+        }
+        let inner: Vec<&str> = self.inner_ipv4.iter().chain(&self.inner_ipv6).map(String::as_str).collect();
+        writeln!(f, "inner:        {}", inner.join(", "))?;
+        writeln!(f, "dns:          {}", self.dns.join(", "))?;
+        writeln!(
+            f,
+            "traffic:      sent {} ({} packets), received {} ({} packets), dropped {}",
+            human_bytes(self.bytes_sent),
+            self.packets_sent,
+            human_bytes(self.bytes_received),
+            self.packets_received,
+            self.packets_dropped
+        )?;
+        match self.rtt_ms {
+            Some(r) => writeln!(f, "rtt:          {r:.2} ms")?,
+            None => writeln!(f, "rtt:          -")?,
+        }
+        writeln!(f, "suites:       {}", self.suites.join(", "))?;
+        if let Some(b) = self.circuit_build_ms {
+            writeln!(f, "circuit:      built in {b:.1} ms, {} rebuilds", self.rebuilds)?;
+        }
+        writeln!(f, "uptime:       {} s", self.uptime_secs)?;
+        let ks = match (self.kill_switch, self.kill_switch_drops) {
+            (true, Some(n)) => format!("on ({n} packets stopped)"),
+            (true, None) => "on".into(),
+            (false, _) => "off".into(),
+        };
+        writeln!(f, "kill switch:  {ks}")
+    }
+}
+
+/// Answer to a request: a status, or an acknowledgement of `down`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "answer")]
+pub enum Answer {
+    /// The status.
+    Status(Box<Status>),
+    /// `down` accepted: the daemon is stopping.
+    Stopping,
+}
+
+/// Sends `request` to the daemon at `socket` and waits (bounded) for its answer.
+pub fn request(socket: &Path, request: Request) -> Result<Answer> {
+    let mut stream =
+        UnixStream::connect(socket).with_context(|| format!("cannot connect to {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = serde_json::to_string(&request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).context("no answer from meshvpn")?;
+    if answer.is_empty() {
+        bail!("meshvpn closed the control connection without answering");
+    }
+    serde_json::from_str(&answer).context("malformed answer from meshvpn")
+}
+
+/// The daemon's status, from `socket`.
+pub fn status(socket: &Path) -> Result<Status> {
+    match request(socket, Request::Status)? {
+        Answer::Status(s) => Ok(*s),
+        Answer::Stopping => bail!("meshvpn is stopping"),
+    }
+}

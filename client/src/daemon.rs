@@ -1,0 +1,398 @@
+//! The tokio driver: owns the UDP socket, the TUN device, the clock, the control socket and
+//! the signals, and feeds them to the sans-IO [`Tunnel`]. Also `up` in the background and
+//! `down`.
+//!
+//! One thread (a current-thread runtime): the client's work per packet is one seal or open,
+//! far below what one core does, and a single owner of the circuit needs no locks. Each
+//! wake-up drains up to [`BATCH`] datagrams or packets before looking at timers again.
+
+use crate::config::Config;
+use crate::control::{self, Answer, HopStatus, Request, Status};
+use crate::relays::{self, PathRequest, Relay};
+use crate::system::{System, killswitch, routes};
+use crate::tunnel::{State, Tunnel, TunnelEvent};
+use anyhow::{Context, Result, bail};
+use cellproto::cell::{CELL_LEN, TUN_MTU};
+use cellproto::onion::{payload, payload_mut};
+use ipnet::{Ipv4Net, Ipv6Net};
+use rand_core::OsRng;
+use std::io::{BufRead, ErrorKind, Seek};
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UdpSocket, UnixListener, UnixStream};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+use tundev::{Tun, TunQueue};
+
+/// Datagrams or packets handled per wake-up before timers are looked at again.
+const BATCH: usize = 64;
+/// Socket buffers: room for bursts at multi-gigabit rates (the kernel caps them at
+/// `net.core.rmem_max`/`wmem_max`).
+const SOCKET_BUFFER: usize = 4 << 20;
+/// How long the relays' round trips are measured before the first path is chosen.
+const RTT_PROBE: Duration = Duration::from_millis(500);
+/// How long `meshvpn up` waits for the background client to report the tunnel up.
+const UP_WAIT: Duration = Duration::from_secs(60);
+
+type ControlRequest = (Request, oneshot::Sender<Answer>);
+
+/// `meshvpn up --foreground`: runs until SIGTERM, SIGINT or `meshvpn down`, then undoes every
+/// change it made.
+pub fn run(config: Config) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("meshvpn up needs root (it creates a TUN device and changes routes, DNS and nftables); run it with sudo");
+    }
+    let mut relays = relays::load_directory(&config)?;
+    let mut system = System::begin(&config.state_dir)?;
+    relays.measure_rtts(RTT_PROBE);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let result = runtime.block_on(drive(&config, relays, &mut system));
+    system.finish();
+    let _ = std::fs::remove_file(&config.control_socket);
+    match &result {
+        Ok(()) => info!("meshvpn is down"),
+        Err(e) => warn!("meshvpn stopped: {e:#}"),
+    }
+    result
+}
+
+struct Driver<'a> {
+    config: &'a Config,
+    system: &'a mut System,
+    tunnel: Tunnel,
+    socket: UdpSocket,
+    tun: Option<AsyncFd<TunQueue>>,
+    started: Instant,
+    kill_switch: bool,
+    tun_write_errors: u64,
+}
+
+async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> Result<()> {
+    let now = Instant::now();
+    let request = PathRequest {
+        hops: config.hops,
+        exit: config.exit,
+        guard: relays::load_guard(&config.state_dir),
+        exit_ports: config.exit_ports.clone(),
+        avoid: Vec::new(),
+    };
+    let socket = UdpSocket::bind("0.0.0.0:0").await.context("cannot open a UDP socket")?;
+    let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &SOCKET_BUFFER);
+    let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
+    let listener = bind_control(&config.control_socket)?;
+    let mut driver = Driver {
+        config,
+        system,
+        tunnel: Tunnel::new(relays, request, config.timers, now),
+        socket,
+        tun: None,
+        started: now,
+        kill_switch: false,
+        tun_write_errors: 0,
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(8);
+    let mut cell = Box::new([0u8; CELL_LEN]);
+    loop {
+        driver.flush(&mut cell).await?;
+        let deadline = driver.tunnel.poll_timeout();
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: going down"); break }
+            _ = int.recv() => { info!("SIGINT: going down"); break }
+            ready = driver.socket.readable() => {
+                ready?;
+                driver.receive(&mut cell).await;
+            }
+            ready = tun_readable(&driver.tun) => {
+                ready?;
+                driver.transmit(&mut cell).await;
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                driver.tunnel.handle_timeout(Instant::now(), &mut OsRng);
+            }
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn {
+                    tokio::spawn(serve_control(stream, ctl_tx.clone()));
+                }
+            }
+            Some((req, reply)) = ctl_rx.recv() => match req {
+                Request::Status => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
+                Request::Down => { info!("`meshvpn down`: going down"); let _ = reply.send(Answer::Stopping); break }
+            },
+        }
+    }
+    if let Some(to) = driver.tunnel.close(&mut cell, &mut OsRng) {
+        let _ = driver.socket.send_to(&cell[..], to).await;
+    }
+    Ok(())
+}
+
+async fn tun_readable(tun: &Option<AsyncFd<TunQueue>>) -> std::io::Result<()> {
+    match tun {
+        Some(t) => t.readable().await.map(|mut g| g.clear_ready()),
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver<'_> {
+    /// Sends what the tunnel has queued and acts on its events.
+    async fn flush(&mut self, cell: &mut [u8; CELL_LEN]) -> Result<()> {
+        while let Some(event) = self.tunnel.poll_event() {
+            self.on_event(event)?;
+        }
+        while let Some(to) = self.tunnel.poll_transmit(Instant::now(), cell, &mut OsRng) {
+            if let Err(e) = self.socket.send_to(&cell[..], to).await {
+                warn!("cannot send to {to}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, event: TunnelEvent) -> Result<()> {
+        match event {
+            TunnelEvent::Guard(guard) => {
+                if self.config.kill_switch {
+                    self.system.kill_switch(killswitch::TABLE, &self.config.tun, guard)?;
+                    self.kill_switch = true;
+                }
+                self.system.route_guard(guard)?;
+                if let Some(g) = self.tunnel.path().first()
+                    && self.config.hops > 1
+                    && let Err(e) = relays::save_guard(&self.config.state_dir, &g.id())
+                {
+                    warn!("cannot keep the guard in {}: {e}", self.config.state_dir.display());
+                }
+                info!(%guard, "first hop");
+            }
+            TunnelEvent::Up(attached) => {
+                let v4 = Ipv4Net::new(attached.ipv4.0, attached.ipv4.1).context("bad IPv4 prefix from the exit")?;
+                let v6 = Ipv6Net::new(attached.ipv6.0, attached.ipv6.1).context("bad IPv6 prefix from the exit")?;
+                if self.tun.is_none() {
+                    let mut tun = Tun::create(&self.config.tun, 1).with_context(|| {
+                        format!("cannot create the TUN device {} (needs CAP_NET_ADMIN)", self.config.tun)
+                    })?;
+                    let queue = tun.queues().pop().context("TUN device without a queue")?;
+                    // `AsyncFd::new` is deprecated because a `T` could close its descriptor while
+                    // registered; a `TunQueue` owns its `File` and closes it only when dropped,
+                    // which `AsyncFd` does after deregistering, so the registration stays valid.
+                    #[allow(deprecated)]
+                    let queue = AsyncFd::new(queue).context("cannot poll the TUN device")?;
+                    self.tun = Some(queue);
+                } else {
+                    let _ = crate::system::run("ip", &["address", "flush", "dev", &self.config.tun], None);
+                }
+                tundev::configure(&self.config.tun, TUN_MTU as u32, v4, v6)
+                    .with_context(|| format!("cannot configure {}", self.config.tun))?;
+                routes::route_all_through(&self.config.tun)?;
+                if !self.config.resolv_conf.as_os_str().is_empty() {
+                    let servers = [IpAddr::V4(attached.dns.0), IpAddr::V6(attached.dns.1)];
+                    self.system.set_dns(&self.config.resolv_conf, &servers)?;
+                }
+                let path: Vec<&str> = self.tunnel.path().iter().map(|r| r.desc.nickname.as_str()).collect();
+                info!(path = %path.join(" -> "), inner4 = %v4.addr(), inner6 = %v6.addr(), "tunnel up");
+            }
+            TunnelEvent::Down => {
+                warn!(reason = self.tunnel.reason().unwrap_or("-"), "tunnel down; the kill switch holds traffic");
+            }
+        }
+        Ok(())
+    }
+
+    /// Drains the UDP socket: cells in, IP packets to the TUN device.
+    async fn receive(&mut self, cell: &mut [u8; CELL_LEN]) {
+        for _ in 0..BATCH {
+            let (len, from) = match self.socket.try_recv_from(&mut cell[..]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(_) => return,
+            };
+            if len != CELL_LEN {
+                continue;
+            }
+            let Some(n) = self.tunnel.handle_cell(Instant::now(), from, cell, &mut OsRng) else { continue };
+            if let Some(tun) = self.tun.as_mut()
+                && tun.get_mut().write(payload(cell, n)).is_err()
+            {
+                self.tun_write_errors += 1;
+            }
+        }
+    }
+
+    /// Drains the TUN device: IP packets in, cells to the guard.
+    async fn transmit(&mut self, cell: &mut [u8; CELL_LEN]) {
+        for _ in 0..BATCH {
+            let Some(tun) = self.tun.as_mut() else { return };
+            let n = match tun.get_mut().read(&mut payload_mut(cell)[..TUN_MTU]) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let Some(to) = self.tunnel.seal_packet(n, cell) else { continue };
+            match self.socket.try_send_to(&cell[..], to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let _ = self.socket.send_to(&cell[..], to).await;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let now = Instant::now();
+        let t = &self.tunnel;
+        let hop = |r: &Relay| HopStatus {
+            nickname: r.desc.nickname.clone(),
+            identity: r.id().to_string(),
+            address: r.hop.addr.to_string(),
+        };
+        let session = t.session();
+        let c = t.counters();
+        Status {
+            state: t.state(),
+            reason: t.reason().map(str::to_owned),
+            path: t.path().iter().map(hop).collect(),
+            exit: t.path().last().filter(|_| session.is_some()).map(hop),
+            inner_ipv4: session.map(|s| s.ipv4.0.to_string()),
+            inner_ipv6: session.map(|s| s.ipv6.0.to_string()),
+            dns: session.map(|s| vec![s.dns.0.to_string(), s.dns.1.to_string()]).unwrap_or_default(),
+            bytes_sent: c.bytes_sent,
+            bytes_received: c.bytes_received,
+            packets_sent: c.packets_sent,
+            packets_received: c.packets_received,
+            packets_dropped: c.dropped_no_circuit,
+            rtt_ms: t.rtt().map(|d| d.as_secs_f64() * 1e3),
+            suites: t.circuit().map(|c| c.suites().iter().map(|s| s.name().to_owned()).collect()).unwrap_or_default(),
+            uptime_secs: now.duration_since(self.started).as_secs(),
+            circuit_age_secs: t.up_since().filter(|_| t.state() == State::Up).map(|u| now.duration_since(u).as_secs()),
+            circuit_build_ms: t.circuit().and_then(|c| c.build_time()).map(|d| d.as_secs_f64() * 1e3),
+            rebuilds: c.rebuilds,
+            exit_changes: c.exit_changes,
+            kill_switch: self.kill_switch,
+            kill_switch_drops: self.kill_switch.then(|| killswitch::dropped(killswitch::TABLE)).flatten(),
+            tun: self.tun.as_ref().map(|_| self.config.tun.clone()),
+        }
+    }
+}
+
+fn bind_control(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("another meshvpn answers on {}; run `meshvpn down` first", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on the control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn serve_control(stream: UnixStream, to_driver: mpsc::Sender<ControlRequest>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read.take(4096));
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+    let Ok(Ok(_)) = read else { return };
+    let Ok(request) = serde_json::from_str::<Request>(&line) else {
+        let _ = write.write_all(b"{\"error\":\"bad request\"}\n").await;
+        return;
+    };
+    let (tx, rx) = oneshot::channel();
+    if to_driver.send((request, tx)).await.is_err() {
+        return;
+    }
+    if let Ok(answer) = rx.await
+        && let Ok(mut text) = serde_json::to_string(&answer)
+    {
+        text.push('\n');
+        let _ = write.write_all(text.as_bytes()).await;
+    }
+}
+
+/// `meshvpn up` without `--foreground`: starts the client in the background (its log in
+/// `state_dir/meshvpn.log`) and returns once the tunnel is up, or fails with the log's end.
+pub fn spawn_background(config_path: &Path, config: &Config, hops: Option<usize>) -> Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create the state directory {}", config.state_dir.display()))?;
+    let log_path = config.state_dir.join("meshvpn.log");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open the log {}", log_path.display()))?;
+    let log_start = log.seek(std::io::SeekFrom::End(0))?;
+    let config_path = std::fs::canonicalize(config_path)?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("up").arg("--config").arg(&config_path).arg("--foreground");
+    if let Some(h) = hops {
+        cmd.arg("--hops").arg(h.to_string());
+    }
+    // Its own process group: a Ctrl-C in this terminal must not reach it.
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+    let mut child = cmd.spawn().context("cannot start meshvpn in the background")?;
+    let deadline = Instant::now() + UP_WAIT;
+    loop {
+        if let Some(code) = child.try_wait()? {
+            bail!("meshvpn did not come up ({code}):\n{}", log_tail(&log_path, log_start));
+        }
+        if let Ok(s) = control::status(&config.control_socket)
+            && s.state == State::Up
+        {
+            print!("{s}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the tunnel is not up after {} s; meshvpn (pid {}) keeps trying in the background: see `meshvpn status` and {}",
+                UP_WAIT.as_secs(),
+                child.id(),
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn log_tail(path: &Path, from: u64) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let _ = f.seek(std::io::SeekFrom::Start(from));
+    let mut lines: Vec<String> = std::io::BufReader::new(f).lines().map_while(Result::ok).collect();
+    let keep = lines.len().saturating_sub(20);
+    lines.drain(..keep);
+    lines.join("\n")
+}
+
+/// `meshvpn down`: asks the running client to stop and waits until it has undone its
+/// changes; with no client running, undoes what a crashed one left in `state_dir`.
+pub fn down(socket: &Path, state_dir: Option<&Path>) -> Result<()> {
+    match control::request(socket, Request::Down) {
+        Ok(_) => {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while socket.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if socket.exists() {
+                bail!("meshvpn did not finish stopping within 15 s; see its log");
+            }
+            println!("meshvpn is down");
+            Ok(())
+        }
+        Err(e) => {
+            if let Some(dir) = state_dir
+                && crate::system::recover(dir)?
+            {
+                println!("meshvpn was not running; undid the changes a previous run left");
+                return Ok(());
+            }
+            Err(e.context("meshvpn is not running"))
+        }
+    }
+}

@@ -1,0 +1,415 @@
+//! Relays: the signed directory (every signature checked) and path selection.
+//!
+//! Path rules, as Tor's: a persistent guard (kept in `state_dir/guard` across runs, so one
+//! observer at the first hop is all a client ever meets), an exit whose flag and policy fit,
+//! middles from the rest; no two relays of a circuit share a /16 (IPv4) or /32 (IPv6), or a
+//! non-empty operator. Choices are random, weighted by advertised bandwidth and by the round
+//! trip time measured to each relay before the circuit is built.
+
+use crate::config::Config;
+use crate::netcheck::StunServer;
+use cellproto::client::PathHop;
+use cellproto::descriptor::RelayDescriptor;
+use cellproto::directory::{Directory, DirectoryError};
+use cellproto::identity::IdentityKey;
+use rand_core::RngCore;
+use std::collections::HashMap;
+use std::net::{IpAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use thiserror::Error;
+
+/// Why the directory file was refused.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read the directory {path}: {source}; check `directory` in the configuration")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The signature does not verify, and the body does not even parse: cut short or damaged.
+    #[error(
+        "directory {path} is truncated or damaged ({detail}); fetch a fresh copy from your directory authority"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What the parser found.
+        detail: String,
+    },
+    /// Any other refusal (bad signature, expired, bad descriptor), with the library's reason.
+    #[error("directory {path} refused: {source}; fetch a fresh, signed copy from your directory authority")]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: DirectoryError,
+    },
+    /// Nothing usable in it.
+    #[error("directory {path} lists no relay with an IPv4 address and a current onion key")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A usable relay: its verified descriptor and where to reach it.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    /// The verified descriptor.
+    pub desc: RelayDescriptor,
+    /// Keys and IPv4 address for the handshake.
+    pub hop: PathHop,
+    /// Measured round trip (STUN), if it answered.
+    pub rtt: Option<Duration>,
+}
+
+impl Relay {
+    /// The relay's identity.
+    pub fn id(&self) -> IdentityKey {
+        self.desc.identity
+    }
+}
+
+/// The relays of a verified directory.
+#[derive(Debug, Clone)]
+pub struct Relays {
+    /// Usable relays, in directory (identity) order.
+    pub relays: Vec<Relay>,
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Reads and verifies `config.directory` under `config.authority` at the current time.
+pub fn load_directory(config: &Config) -> Result<Relays, LoadError> {
+    let path = &config.directory;
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
+    from_bytes(&bytes, path, &config.authority, unix_now())
+}
+
+/// Verifies a directory's bytes (`path` only names it in errors).
+pub fn from_bytes(bytes: &[u8], path: &Path, authority: &IdentityKey, now: u64) -> Result<Relays, LoadError> {
+    let dir = Directory::decode_and_verify(bytes, authority, now).map_err(|source| {
+        // A truncated file fails the signature check first (its last 64 bytes are not the
+        // signature), which would send the user hunting for a wrong key: parse the body
+        // unverified, only to name the real problem.
+        if matches!(source, DirectoryError::BadSignature { .. })
+            && let Some(body) = bytes.len().checked_sub(64).map(|n| &bytes[..n])
+            && let Err(DirectoryError::Codec(e)) = Directory::decode_unverified_for_fuzzing(body, now)
+        {
+            return LoadError::Damaged { path: path.into(), detail: e.to_string() };
+        }
+        if bytes.len() < 64 {
+            return LoadError::Damaged { path: path.into(), detail: format!("only {} bytes", bytes.len()) };
+        }
+        LoadError::Refused { path: path.into(), source }
+    })?;
+    let relays: Vec<Relay> = dir
+        .relays
+        .into_iter()
+        .filter_map(|desc| {
+            let hop = PathHop::from_descriptor(&desc, now, false)?;
+            Some(Relay { desc, hop, rtt: None })
+        })
+        .collect();
+    if relays.is_empty() {
+        return Err(LoadError::Empty { path: path.into() });
+    }
+    Ok(Relays { relays })
+}
+
+impl Relays {
+    /// Every relay as a STUN server (relays answer STUN on their cell port).
+    pub fn stun_servers(&self) -> Vec<StunServer> {
+        self.relays.iter().map(|r| StunServer { name: r.desc.nickname.clone(), addr: r.hop.addr }).collect()
+    }
+
+    /// Measures the round trip to every relay with one STUN Binding each, all at once from one
+    /// socket, waiting at most `timeout`. Relays that do not answer keep `rtt = None`.
+    pub fn measure_rtts(&mut self, timeout: Duration) {
+        let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else { return };
+        let start = Instant::now();
+        let mut ids = HashMap::new();
+        for (i, r) in self.relays.iter().enumerate() {
+            let mut tid = [0u8; 12];
+            rand_core::OsRng.fill_bytes(&mut tid);
+            let mut buf = [0u8; 64];
+            if let Ok(n) = cellproto::stun::Message::binding_request(tid).encode(&mut buf, true) {
+                let _ = socket.send_to(&buf[..n], r.hop.addr);
+                ids.insert(tid, i);
+            }
+        }
+        let mut buf = [0u8; 512];
+        while !ids.is_empty() {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
+                break;
+            }
+            let Ok((n, _)) = socket.recv_from(&mut buf) else { break };
+            if let Ok(m) = cellproto::stun::decode(&buf[..n])
+                && let Some(i) = ids.remove(&m.transaction_id)
+                && let Some(r) = self.relays.get_mut(i)
+            {
+                r.rtt = Some(start.elapsed());
+            }
+        }
+    }
+}
+
+/// Why no path could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PathError {
+    /// No exit fits.
+    #[error("no usable exit: {0}")]
+    NoExit(String),
+    /// No guard fits.
+    #[error("no usable guard (a relay with the guard flag, up, compatible with the exit)")]
+    NoGuard,
+    /// Not enough middles.
+    #[error("not enough usable middle relays for {hops} hops (distinct /16s and operators needed)")]
+    NoMiddle {
+        /// The circuit length asked for.
+        hops: usize,
+    },
+}
+
+/// What a path must satisfy.
+#[derive(Debug, Clone, Default)]
+pub struct PathRequest {
+    /// Relays in the circuit.
+    pub hops: usize,
+    /// This exit and no other (the session's, or the configured one).
+    pub exit: Option<IdentityKey>,
+    /// The guard to keep, if usable.
+    pub guard: Option<IdentityKey>,
+    /// Ports the exit must allow.
+    pub exit_ports: Vec<u16>,
+    /// Relays not to use now (failed recently).
+    pub avoid: Vec<IdentityKey>,
+}
+
+/// Whether two addresses share a /16 (IPv4) or /32 (IPv6): likely one network operator.
+fn same_subnet(a: IpAddr, b: IpAddr) -> bool {
+    match (a, b) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => a.octets()[..2] == b.octets()[..2],
+        (IpAddr::V6(a), IpAddr::V6(b)) => a.segments()[..2] == b.segments()[..2],
+        _ => false,
+    }
+}
+
+/// Whether `a` and `b` may be in one circuit.
+fn compatible(a: &Relay, b: &Relay) -> bool {
+    a.id() != b.id()
+        && !same_subnet(a.hop.addr.ip(), b.hop.addr.ip())
+        && (a.desc.operator.is_empty() || a.desc.operator != b.desc.operator)
+}
+
+/// Selection weight: bandwidth discounted by round trip (unmeasured: counted as 50 ms, and a
+/// relay that did not answer the probe at all as 1 s).
+fn weight(r: &Relay, measured: bool) -> u64 {
+    let rtt_ms = match (r.rtt, measured) {
+        (Some(rtt), _) => rtt.as_secs_f64() * 1000.0,
+        (None, true) => 1000.0,
+        (None, false) => 50.0,
+    };
+    ((r.desc.bandwidth.max(1) as f64) / (rtt_ms + 10.0)).max(1.0) as u64
+}
+
+impl Relays {
+    fn measured(&self) -> bool {
+        self.relays.iter().any(|r| r.rtt.is_some())
+    }
+
+    fn by_id(&self, id: &IdentityKey) -> Option<&Relay> {
+        self.relays.iter().find(|r| r.id() == *id)
+    }
+
+    fn pick<'a>(&'a self, ok: impl Fn(&Relay) -> bool, rng: &mut impl RngCore) -> Option<&'a Relay> {
+        let measured = self.measured();
+        let cands: Vec<(&Relay, u64)> = self.relays.iter().filter(|r| ok(r)).map(|r| (r, weight(r, measured))).collect();
+        let total: u64 = cands.iter().map(|c| c.1).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut x = rng.next_u64() % total;
+        for (r, w) in &cands {
+            if x < *w {
+                return Some(r);
+            }
+            x -= w;
+        }
+        None
+    }
+
+    /// Whether `r` can be the exit for `req`.
+    pub fn exit_fits(r: &Relay, req: &PathRequest) -> bool {
+        r.desc.is_exit()
+            && r.desc.exit_policy.as_ref().is_some_and(|p| req.exit_ports.iter().all(|&port| p.allows_port(port)))
+    }
+
+    /// Chooses a path: guard first (the kept one if usable), then the exit, then middles.
+    pub fn select(&self, req: &PathRequest, rng: &mut impl RngCore) -> Result<Vec<Relay>, PathError> {
+        let usable = |r: &Relay| !req.avoid.contains(&r.id());
+        let exit_ok = |r: &Relay| usable(r) && Self::exit_fits(r, req) && req.exit.is_none_or(|e| e == r.id());
+        if req.hops == 1 {
+            let exit = self.pick(exit_ok, rng).ok_or_else(|| PathError::NoExit(self.why_no_exit(req)))?;
+            return Ok(vec![exit.clone()]);
+        }
+        // The guard must leave room for some exit; a kept guard is used if it does.
+        let guard_ok =
+            |g: &Relay| usable(g) && g.desc.is_guard() && self.relays.iter().any(|e| exit_ok(e) && compatible(g, e));
+        let guard = match req.guard.and_then(|id| self.by_id(&id)).filter(|g| guard_ok(g)) {
+            Some(g) => g,
+            None => self.pick(guard_ok, rng).ok_or(if self.relays.iter().any(exit_ok) {
+                PathError::NoGuard
+            } else {
+                PathError::NoExit(self.why_no_exit(req))
+            })?,
+        };
+        let exit = self
+            .pick(|e| exit_ok(e) && compatible(guard, e), rng)
+            .ok_or_else(|| PathError::NoExit(self.why_no_exit(req)))?;
+        let mut path = vec![guard.clone(), exit.clone()];
+        while path.len() < req.hops {
+            let middle = self
+                .pick(|m| usable(m) && !m.desc.is_exit() && path.iter().all(|p| compatible(p, m)), rng)
+                .or_else(|| self.pick(|m| usable(m) && path.iter().all(|p| compatible(p, m)), rng))
+                .ok_or(PathError::NoMiddle { hops: req.hops })?;
+            let at = path.len() - 1;
+            path.insert(at, middle.clone());
+        }
+        Ok(path)
+    }
+
+    fn why_no_exit(&self, req: &PathRequest) -> String {
+        match req.exit {
+            Some(id) => match self.by_id(&id) {
+                None => format!("exit {id} is not in the directory"),
+                Some(r) if req.avoid.contains(&id) => format!("exit {} ({id}) does not answer", r.desc.nickname),
+                Some(r) => format!("exit {} ({id}) does not allow ports {:?}", r.desc.nickname, req.exit_ports),
+            },
+            None => format!("no exit allows ports {:?}, or every such exit failed recently", req.exit_ports),
+        }
+    }
+}
+
+/// The guard kept in `state_dir/guard`, if any.
+pub fn load_guard(state_dir: &Path) -> Option<IdentityKey> {
+    std::fs::read_to_string(state_dir.join("guard")).ok()?.trim().parse().ok()
+}
+
+/// Keeps `guard` for the next runs.
+pub fn save_guard(state_dir: &Path, guard: &IdentityKey) -> std::io::Result<()> {
+    std::fs::write(state_dir.join("guard"), format!("{guard}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellproto::descriptor::{ExitPolicySummary, FLAG_EXIT, FLAG_GUARD};
+    use cellproto::handshake::RelayKeys;
+    use std::net::SocketAddr;
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::SeedableRng;
+
+    fn relay(n: u8, ip: [u8; 4], operator: &str, flags: u32) -> Relay {
+        let desc = RelayDescriptor {
+            identity: IdentityKey([n; 32]),
+            onion_keys: vec![],
+            addresses: vec![SocketAddr::from((ip, 9001))],
+            nickname: format!("r{n}"),
+            operator: operator.into(),
+            bandwidth: 1000,
+            flags,
+            exit_policy: (flags & FLAG_EXIT != 0).then(|| ExitPolicySummary { accept: false, ports: vec![(25, 25)] }),
+            protocol_versions: vec![1],
+            published: 0,
+            expires: 1,
+        };
+        let hop = PathHop { keys: RelayKeys { identity: [n; 32], onion_key: [n; 32] }, addr: desc.addresses[0] };
+        Relay { desc, hop, rtt: None }
+    }
+
+    fn net() -> Relays {
+        Relays {
+            relays: vec![
+                relay(1, [10, 1, 0, 1], "a", FLAG_GUARD),
+                relay(2, [10, 2, 0, 1], "b", 0),
+                relay(3, [10, 3, 0, 1], "c", 0),
+                relay(4, [10, 4, 0, 1], "d", FLAG_EXIT),
+                relay(5, [10, 4, 9, 9], "e", 0), // same /16 as the exit
+                relay(6, [10, 6, 0, 1], "d", 0), // same operator as the exit
+            ],
+        }
+    }
+
+    fn req(hops: usize) -> PathRequest {
+        PathRequest { hops, exit_ports: vec![80, 443], ..Default::default() }
+    }
+
+    #[test]
+    fn paths_obey_guard_exit_subnet_and_operator_rules() {
+        let relays = net();
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        for _ in 0..200 {
+            let path = relays.select(&req(3), &mut rng).unwrap();
+            let ids: Vec<u8> = path.iter().map(|r| r.id().0[0]).collect();
+            assert_eq!(ids[0], 1, "the only guard");
+            assert_eq!(ids[2], 4, "the only exit");
+            assert!(ids[1] == 2 || ids[1] == 3, "middle {ids:?} shares a /16 or operator with the exit");
+        }
+    }
+
+    #[test]
+    fn kept_exit_and_avoided_middles_are_honoured() {
+        let relays = net();
+        let mut rng = ChaCha20Rng::seed_from_u64(1);
+        let mut r = req(3);
+        r.exit = Some(IdentityKey([4; 32]));
+        r.avoid = vec![IdentityKey([2; 32])];
+        for _ in 0..50 {
+            let path = relays.select(&r, &mut rng).unwrap();
+            assert_eq!(path[1].id(), IdentityKey([3; 32]));
+        }
+        r.avoid.push(IdentityKey([3; 32]));
+        assert_eq!(relays.select(&r, &mut rng).unwrap_err(), PathError::NoMiddle { hops: 3 });
+        r.avoid = vec![IdentityKey([4; 32])];
+        assert!(matches!(relays.select(&r, &mut rng), Err(PathError::NoExit(why)) if why.contains("does not answer")));
+    }
+
+    #[test]
+    fn exit_policy_and_one_hop() {
+        let relays = net();
+        let mut rng = ChaCha20Rng::seed_from_u64(2);
+        let path = relays.select(&req(1), &mut rng).unwrap();
+        assert_eq!(path.len(), 1);
+        assert!(path[0].desc.is_exit());
+        let mut r = req(3);
+        r.exit_ports = vec![25];
+        assert!(matches!(relays.select(&r, &mut rng), Err(PathError::NoExit(_))));
+    }
+
+    #[test]
+    fn bad_directories_are_refused_with_the_reason() {
+        let auth = cellproto::identity::RelayIdentity::from_seed(&[9; 32]);
+        let other = cellproto::identity::RelayIdentity::from_seed(&[8; 32]);
+        let doc = Directory::sign(&[], 100, 200, &auth).unwrap();
+        let p = Path::new("dir.bin");
+        let key = auth.public();
+        let err = |bytes: &[u8], now| from_bytes(bytes, p, &key, now).unwrap_err().to_string();
+        assert!(err(&doc, 150).contains("no relay"));
+        assert!(err(&doc, 250).contains("expired"));
+        assert!(err(&doc[..doc.len() - 10], 150).contains("truncated"));
+        let mut flipped = doc.clone();
+        flipped[5] ^= 1;
+        assert!(err(&flipped, 150).contains("signature"));
+        let foreign = Directory::sign(&[], 100, 200, &other).unwrap();
+        assert!(err(&foreign, 150).contains("signature"));
+    }
+}
