@@ -167,8 +167,7 @@ impl Config {
         if self.exit_ports.contains(&0) {
             return Err(("exit_ports", "must not contain 0".into()));
         }
-        if self.tun.is_empty() || self.tun.len() > 15 || !self.tun.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
-        {
+        if self.tun.is_empty() || self.tun.len() > 15 || !self.tun.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
             return Err(("tun", "must be 1 to 15 printable characters without '/'".into()));
         }
         let t = &self.timers;

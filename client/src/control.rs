@@ -148,8 +148,7 @@ pub enum Answer {
 
 /// Sends `request` to the daemon at `socket` and waits (bounded) for its answer.
 pub fn request(socket: &Path, request: Request) -> Result<Answer> {
-    let mut stream =
-        UnixStream::connect(socket).with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let mut stream = UnixStream::connect(socket).with_context(|| format!("cannot connect to {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut line = serde_json::to_string(&request)?;
     line.push('\n');

@@ -68,6 +68,7 @@ struct Driver<'a> {
     tunnel: Tunnel,
     socket: UdpSocket,
     tun: Option<AsyncFd<TunQueue>>,
+    addresses: Option<(Ipv4Net, Ipv6Net)>,
     started: Instant,
     kill_switch: bool,
     tun_write_errors: u64,
@@ -92,6 +93,7 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
         tunnel: Tunnel::new(relays, request, config.timers, now),
         socket,
         tun: None,
+        addresses: None,
         started: now,
         kill_switch: false,
         tun_write_errors: 0,
@@ -174,6 +176,12 @@ impl Driver<'_> {
             TunnelEvent::Up(attached) => {
                 let v4 = Ipv4Net::new(attached.ipv4.0, attached.ipv4.1).context("bad IPv4 prefix from the exit")?;
                 let v6 = Ipv6Net::new(attached.ipv6.0, attached.ipv6.1).context("bad IPv6 prefix from the exit")?;
+                if self.tun.is_some() && self.addresses == Some((v4, v6)) {
+                    // A resumed session: same addresses, nothing to change on the system.
+                    info!("tunnel up again with the same inner addresses");
+                    return Ok(());
+                }
+                self.addresses = Some((v4, v6));
                 if self.tun.is_none() {
                     let mut tun = Tun::create(&self.config.tun, 1).with_context(|| {
                         format!("cannot create the TUN device {} (needs CAP_NET_ADMIN)", self.config.tun)

@@ -382,11 +382,10 @@ fn brief(result: &ProbeResult) -> String {
     }
 }
 
-/// Whether a plain Binding request already went to `addr`.
+/// Whether phase 1 sent a Binding request to `addr` (as to a relay of its own). Test III's
+/// request does not count: it comes after the filtering test, so it spoils nothing.
 fn probed(probes: &[Probe], addr: SocketAddr) -> bool {
-    probes
-        .iter()
-        .any(|p| p.addr == addr && p.test != Test::ChangePort && !matches!(p.result, ProbeResult::Skipped { .. }))
+    probes.iter().any(|p| p.addr == addr && p.test == Test::Binding && !matches!(p.result, ProbeResult::Skipped { .. }))
 }
 
 /// RFC 5780's server A: the first relay that answered a Binding request, preferring one with an
@@ -876,6 +875,22 @@ mod tests {
         assert_eq!(choose_primary(&probes), Some(2));
         assert_eq!(choose_primary(&probes[..2]), Some(1));
         assert_eq!(choose_primary(&probes[..1]), None);
+    }
+
+    #[test]
+    fn primary_stays_the_same_after_test_three() {
+        // B first in the list, A (with an alternate) second: run picks A, and so must classify
+        // once test III has been sent to A's alternate.
+        let probes = vec![
+            answered("b", B, Test::Binding, X_OTHER, B, None),
+            answered("a", A, Test::Binding, X1, A, Some(A_ALT)),
+            failed("a", A, Test::ChangePort, ProbeResult::Timeout),
+            answered("a", A_ALT, Test::OtherAddress, X1, A_ALT, Some(A)),
+        ];
+        assert_eq!(choose_primary(&probes[..2]), Some(1));
+        assert_eq!(choose_primary(&probes), Some(1));
+        let c = classify(&probes);
+        assert_eq!((c.mapping, c.filtering), (Mapping::AddressDependent, Filtering::AddressAndPortDependent));
     }
 
     #[test]

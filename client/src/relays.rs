@@ -31,9 +31,7 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The signature does not verify, and the body does not even parse: cut short or damaged.
-    #[error(
-        "directory {path} is truncated or damaged ({detail}); fetch a fresh copy from your directory authority"
-    )]
+    #[error("directory {path} is truncated or damaged ({detail}); fetch a fresh copy from your directory authority")]
     Damaged {
         /// The file.
         path: PathBuf,
@@ -232,7 +230,8 @@ impl Relays {
 
     fn pick<'a>(&'a self, ok: impl Fn(&Relay) -> bool, rng: &mut impl RngCore) -> Option<&'a Relay> {
         let measured = self.measured();
-        let cands: Vec<(&Relay, u64)> = self.relays.iter().filter(|r| ok(r)).map(|r| (r, weight(r, measured))).collect();
+        let cands: Vec<(&Relay, u64)> =
+            self.relays.iter().filter(|r| ok(r)).map(|r| (r, weight(r, measured))).collect();
         let total: u64 = cands.iter().map(|c| c.1).sum();
         if total == 0 {
             return None;
@@ -314,9 +313,9 @@ mod tests {
     use super::*;
     use cellproto::descriptor::{ExitPolicySummary, FLAG_EXIT, FLAG_GUARD};
     use cellproto::handshake::RelayKeys;
-    use std::net::SocketAddr;
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
+    use std::net::SocketAddr;
 
     fn relay(n: u8, ip: [u8; 4], operator: &str, flags: u32) -> Relay {
         let desc = RelayDescriptor {

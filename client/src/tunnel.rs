@@ -4,12 +4,13 @@
 //!
 //! **Rebuild.** A circuit that closes, fails to build, or is silent for `dead_after` is
 //! replaced by a new path to the **same exit**, which gets ATTACH with the session token and
-//! hands back the same inner addresses, so open TCP connections survive a relay's death. The
-//! relay that failed is avoided for [`AVOID_FOR`]: a hop that timed out during the handshake
-//! is known; after silence on an open circuit the middles are suspected (the guard and exit
-//! are kept: if they are the dead ones, the next build says so at their hop). Only when the
-//! exit itself fails [`EXIT_FAILURES`] builds in a row is another exit chosen, with a fresh
-//! session and a log line, as inner addresses then change.
+//! hands back the same inner addresses, so open TCP connections survive a relay's death. A
+//! relay whose handshake timed out is avoided for [`AVOID_FOR`]. After silence on an open
+//! circuit nobody knows which hop died, so its middles are only suspected: the next path
+//! avoids them if it can (the guard and exit are kept: if they are the dead ones, that build
+//! times out at their hop and says so). Only when the exit itself does not answer is another
+//! exit chosen, with a fresh session and a log line, since the inner addresses then change;
+//! with no other exit, the client keeps trying the same one and `status` says why.
 
 use crate::config::Timers;
 use crate::relays::{PathError, PathRequest, Relay, Relays};
@@ -25,9 +26,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// How long a relay that failed is left out of new paths.
-pub const AVOID_FOR: Duration = Duration::from_secs(30);
-/// Consecutive failed builds at the exit's hop before another exit is chosen.
-pub const EXIT_FAILURES: u32 = 2;
+pub const AVOID_FOR: Duration = Duration::from_secs(10);
 /// Pause before retrying when no path can be built at all.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -90,6 +89,7 @@ pub struct Tunnel {
     circuit_config: CircuitConfig,
     circuit: Option<Circuit>,
     path: Vec<Relay>,
+    pending_path: Option<Vec<Relay>>,
     guard: Option<SocketAddr>,
     session: Option<Attached>,
     session_exit: Option<IdentityKey>,
@@ -97,8 +97,8 @@ pub struct Tunnel {
     reason: Option<String>,
     attach_sent: Option<Instant>,
     attached: bool,
-    exit_failures: u32,
     avoid: Vec<Avoid>,
+    suspects: Vec<IdentityKey>,
     retry_at: Option<Instant>,
     last_rx: Instant,
     ping: Option<(u64, Instant)>,
@@ -124,6 +124,7 @@ impl Tunnel {
             circuit_config,
             circuit: None,
             path: Vec::new(),
+            pending_path: None,
             guard: None,
             session: None,
             session_exit: None,
@@ -131,8 +132,8 @@ impl Tunnel {
             reason: None,
             attach_sent: None,
             attached: false,
-            exit_failures: 0,
             avoid: Vec::new(),
+            suspects: Vec::new(),
             retry_at: Some(now),
             last_rx: now,
             ping: None,
@@ -195,7 +196,12 @@ impl Tunnel {
     }
 
     /// The next cell to send: handshakes, ATTACH, PING, DESTROY.
-    pub fn poll_transmit(&mut self, now: Instant, cell: &mut [u8; CELL_LEN], rng: &mut impl CryptoRngCore) -> Option<SocketAddr> {
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        cell: &mut [u8; CELL_LEN],
+        rng: &mut impl CryptoRngCore,
+    ) -> Option<SocketAddr> {
         if let Some((to, queued)) = self.queued.pop_front() {
             cell.copy_from_slice(&queued[..]);
             return Some(to);
@@ -245,9 +251,7 @@ impl Tunnel {
                     self.path.iter().skip(1).take(self.path.len().saturating_sub(2)).map(Relay::id).collect();
                 let why = format!("no cell from the circuit for {} ms", silent.as_millis());
                 warn!("{why}: rebuilding through a new path to the same exit");
-                for id in middles {
-                    self.avoid_relay(id, now);
-                }
+                self.suspects = middles;
                 self.reason = Some(why);
                 self.rebuild(now, rng);
             } else if silent >= self.timers.keepalive()
@@ -267,19 +271,16 @@ impl Tunnel {
     fn hop_failed(&mut self, now: Instant, hop: usize, what: &str, rng: &mut impl CryptoRngCore) {
         let Some(relay) = self.path.get(hop.saturating_sub(1)) else { return self.rebuild(now, rng) };
         let (id, name) = (relay.id(), relay.desc.nickname.clone());
-        let is_exit = hop == self.path.len();
-        let role = if is_exit { "exit" } else if hop == 1 { "guard" } else { "middle" };
+        let role = if hop == self.path.len() {
+            "exit"
+        } else if hop == 1 {
+            "guard"
+        } else {
+            "middle"
+        };
         let why = format!("{role} {name} ({id}) {what}");
         warn!("{why}");
         self.avoid_relay(id, now);
-        if is_exit {
-            self.exit_failures += 1;
-            if self.exit_failures >= EXIT_FAILURES && self.session_exit.is_some() && self.request.exit.is_none() {
-                warn!("giving up on exit {name} after {} failed builds; choosing another exit", self.exit_failures);
-                self.session_exit = None;
-                self.session = None;
-            }
-        }
         self.reason = Some(why);
         self.rebuild(now, rng);
     }
@@ -321,24 +322,52 @@ impl Tunnel {
 
     fn build(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
         self.avoid.retain(|a| a.until > now);
+        let failed: Vec<IdentityKey> = self.avoid.iter().map(|a| a.id).collect();
         let mut req = self.request.clone();
-        req.exit = self.session_exit.or(req.exit);
         req.guard = self.path.first().map(Relay::id).or(req.guard);
-        req.avoid = self.avoid.iter().map(|a| a.id).collect();
-        let path = match self.relays.select(&req, rng) {
+        req.avoid = failed.clone();
+        req.exit = self.request.exit.or(self.session_exit);
+        if let Some(exit) = self.session_exit
+            && self.request.exit.is_none()
+            && failed.contains(&exit)
+            && self.relays.select(&PathRequest { exit: None, ..req.clone() }, rng).is_ok()
+        {
+            let name = self.path.last().map(|r| r.desc.nickname.clone()).unwrap_or_default();
+            warn!(
+                "exit {name} ({exit}) does not answer: switching to another exit; inner addresses change and open connections break"
+            );
+            self.session_exit = None;
+            self.session = None;
+            self.counters.exit_changes += 1;
+            req.exit = None;
+        }
+        let path = match self.pending_path.take() {
+            Some(p) => Ok(p),
+            None => {
+                // Suspects are avoided if the network allows; failed relays always are.
+                let wary = PathRequest { avoid: [failed, self.suspects.clone()].concat(), ..req.clone() };
+                self.relays.select(&wary, rng).or_else(|_| self.relays.select(&req, rng))
+            }
+        };
+        let path = match path {
             Ok(p) => p,
             Err(e) => return self.no_path(now, e),
         };
+        let guard = path[0].hop.addr;
+        if self.guard != Some(guard) {
+            // The driver must open the kill switch and route to the new guard first; the
+            // circuit (and its build clock) starts once it has, at the next timeout.
+            self.guard = Some(guard);
+            self.events.push_back(TunnelEvent::Guard(guard));
+            self.pending_path = Some(path);
+            self.retry_at = Some(now);
+            return;
+        }
         let lcid = 0x4000_0000 | (rng.next_u32() & 0x3FFF_FFFF);
         let hops = path.iter().map(|r| r.hop).collect();
         match Circuit::new(hops, lcid, self.circuit_config, now, rng) {
             Ok(c) => self.circuit = Some(c),
             Err(e) => return self.no_path(now, PathError::NoExit(e.to_string())),
-        }
-        let guard = path[0].hop.addr;
-        if self.guard != Some(guard) {
-            self.guard = Some(guard);
-            self.events.push_back(TunnelEvent::Guard(guard));
         }
         info!(
             path = %path.iter().map(|r| r.desc.nickname.as_str()).collect::<Vec<_>>().join(" -> "),
@@ -351,10 +380,6 @@ impl Tunnel {
         let why = e.to_string();
         if self.reason.as_deref() != Some(why.as_str()) {
             warn!("{why}; retrying every {} s", RETRY_PAUSE.as_secs());
-        }
-        // Forget failures so that every relay is tried again after the pause.
-        if self.avoid.iter().all(|a| a.until <= now + RETRY_PAUSE) {
-            self.exit_failures = 0;
         }
         self.reason = Some(why);
         self.retry_at = Some(now + RETRY_PAUSE);
@@ -411,7 +436,6 @@ impl Tunnel {
         self.last_rx = now;
         match event? {
             Event::Established => {
-                self.exit_failures = 0;
                 if let Some(t) = circ.build_time() {
                     info!(ms = t.as_secs_f64() * 1e3, "circuit built");
                 }
@@ -449,10 +473,6 @@ impl Tunnel {
             self.counters.dropped_bad_cells += 1;
             return;
         };
-        let exit = self.path.last().map(Relay::id);
-        if self.session_exit.is_some() && self.session_exit != exit {
-            self.counters.exit_changes += 1;
-        }
         if let Some(old) = self.session
             && (old.ipv4 != attached.ipv4 || old.ipv6 != attached.ipv6)
         {
@@ -462,7 +482,8 @@ impl Tunnel {
             self.counters.rebuilds += 1;
         }
         self.session = Some(attached);
-        self.session_exit = exit;
+        self.session_exit = self.path.last().map(Relay::id);
+        self.suspects.clear();
         self.attach_sent = None;
         self.attached = true;
         self.state = State::Up;

@@ -45,10 +45,12 @@ impl Saved {
         }
         match &self.content {
             Some(c) => std::fs::write(&self.path, c).with_context(ctx),
-            None => std::fs::remove_file(&self.path).or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            }).with_context(ctx),
+            None => std::fs::remove_file(&self.path)
+                .or_else(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Ok(()),
+                    _ => Err(e),
+                })
+                .with_context(ctx),
         }
     }
 }

@@ -30,12 +30,12 @@ table inet {table} {{
         oifname "lo" accept
         oifname "{tun}" accept
         {fam} daddr {ip} udp dport {port} accept
-        counter comment "meshvpn kill switch: would have left outside the tunnel" drop
+        counter drop comment "meshvpn kill switch: would have left outside the tunnel"
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
         oifname "{tun}" accept
-        counter comment "meshvpn kill switch: forwarded outside the tunnel" drop
+        counter drop comment "meshvpn kill switch: forwarded outside the tunnel"
     }}
 }}
 "#
@@ -46,7 +46,7 @@ table inet {table} {{
 pub fn install(table: &str, tun: &str, guard: SocketAddr) -> Result<()> {
     run("nft", &["-f", "-"], Some(&ruleset(table, tun, guard)))
         .map(drop)
-        .context("cannot install the kill switch (is nftables installed? `apt-get install nftables`)")
+        .context("cannot install the kill switch (nftables table)")
 }
 
 /// Removes the table if present.

@@ -70,7 +70,8 @@ impl System {
     fn save(&mut self) -> Result<()> {
         let text = serde_json::to_string_pretty(&self.journal)?;
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.path))
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, &self.path))
             .with_context(|| format!("cannot write the undo journal {}", self.path.display()))
     }
 
