@@ -5,7 +5,7 @@
 
 use crate::cell::{CELL_LEN, Command, HANDSHAKE_LCID, is_valid_lcid, lcid};
 use crate::client::{Circuit, CircuitConfig, Event, PathHop};
-use crate::command::decode_ping;
+use crate::command::{Attach, Attached, decode_ping};
 use crate::handshake::{OnionSecret, RelayKeys};
 use crate::link::LinkControl;
 use crate::onion::{Direction, payload, payload_mut};
@@ -13,7 +13,8 @@ use crate::relay::control::{ControlPlane, Created};
 use crate::relay::{CircuitMap, CircuitTable, DropReason, Verdict};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 /// A cell buffer.
@@ -48,6 +49,8 @@ pub struct TestRelay {
     pub drops: Vec<DropReason>,
     /// Whether the exit answers DATA with the reversed packet.
     pub echo: bool,
+    /// Sessions ATTACH made, by token: the number in their inner addresses.
+    pub sessions: HashMap<[u8; 32], u8>,
     rng: ChaCha20Rng,
 }
 
@@ -73,6 +76,7 @@ impl TestRelay {
             delivered: Vec::new(),
             drops: Vec::new(),
             echo: true,
+            sessions: HashMap::new(),
             rng,
         }
     }
@@ -172,6 +176,30 @@ impl TestRelay {
                 let mut out = [0u8; CELL_LEN];
                 payload_mut(&mut out)[..8].copy_from_slice(&id.to_be_bytes());
                 circ.seal_backward(now, Command::Pong, 8, &mut out).map(|to| vec![(to, out)]).unwrap_or_default()
+            }
+            Command::Attach => {
+                let Ok(request) = Attach::decode(payload(cell, len)) else { return vec![] };
+                let token = match request.resume {
+                    Some(t) if self.sessions.contains_key(&t) => t,
+                    _ => {
+                        let mut t = [0u8; 32];
+                        self.rng.fill_bytes(&mut t);
+                        let n = u8::try_from(self.sessions.len() + 2).unwrap_or(u8::MAX);
+                        self.sessions.insert(t, n);
+                        t
+                    }
+                };
+                let n = self.sessions.get(&token).copied().unwrap_or(0);
+                let reply = Attached {
+                    token,
+                    ipv4: (Ipv4Addr::new(10, 8, 0, n), 16),
+                    ipv6: (Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, u16::from(n)), 64),
+                    dns: (Ipv4Addr::new(10, 8, 0, 1), Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, 1)),
+                };
+                let Some(circ) = self.circuits.get_mut(prev_lcid) else { return vec![] };
+                let mut out = [0u8; CELL_LEN];
+                let Ok(len) = reply.encode(payload_mut(&mut out)) else { return vec![] };
+                circ.seal_backward(now, Command::Attached, len, &mut out).map(|to| vec![(to, out)]).unwrap_or_default()
             }
             Command::Data => {
                 let data = payload(cell, len).to_vec();
