@@ -49,8 +49,7 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
         .with_context(|| format!("cannot create TUN {} (exit.tun)", exit.tun))?;
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
-    tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net)
-        .context("cannot configure the TUN device")?;
+    tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;
     let policy = ExitPolicy::new(&config.policy);
     let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.name().to_string(), exit.pool_v4, exit.pool_v6);
     nat.table = exit.nft_table.clone();
@@ -64,11 +63,15 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
     info!(table = %nat.table, wan = %exit.wan, tun = %tun.name(), "NAT installed");
 
     let mut handoff = Vec::with_capacity(workers);
+    let mut handoff_ready = Vec::with_capacity(workers);
     let mut inboxes = Vec::with_capacity(workers);
     for _ in 0..workers {
         let (tx, rx) = crossbeam_channel::bounded(4096);
         handoff.push(tx);
         inboxes.push(Some(rx));
+        let flags = nix::sys::eventfd::EfdFlags::EFD_NONBLOCK | nix::sys::eventfd::EfdFlags::EFD_CLOEXEC;
+        handoff_ready
+            .push(nix::sys::eventfd::EventFd::from_value_and_flags(0, flags).context("cannot create an eventfd")?);
     }
     let shared = Arc::new(ExitShared {
         pool: Mutex::new(pool),
@@ -77,6 +80,7 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
         circuit_limit: (exit.circuit_rate, exit.circuit_burst),
         exit_limit: (exit.exit_rate, exit.exit_burst),
         handoff,
+        handoff_ready,
         dns: (gw4, gw6),
         stats: (0..workers).map(|_| Mutex::new(Default::default())).collect(),
     });

@@ -11,21 +11,23 @@ use crate::bucket::TokenBucket;
 use crate::packet::inspect;
 use crate::policy::{Decision, ExitPolicy};
 use crate::pool::{AddressPool, Lease};
-use tundev::TunQueue;
 use cellproto::cell::{CELL_LEN, Command, payload_capacity};
 use cellproto::command::{Attach, Attached};
 use cellproto::onion::payload_mut;
 use cellproto::relay::{CircuitMap, HopCircuit};
 use crossbeam_channel::{Receiver, Sender};
 use ipnet::{Ipv4Net, Ipv6Net};
+use nix::sys::eventfd::EventFd;
 use rand_core::OsRng;
 use relayd::datapath::Outgoing;
 use relayd::terminal::Terminal;
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::info;
+use tundev::TunQueue;
 
 /// Packets read from the TUN queue per worker loop: bounds how long TUN traffic can delay cells.
 const TUN_BATCH: usize = 64;
@@ -48,6 +50,8 @@ pub struct ExitShared {
     pub dns: (std::net::Ipv4Addr, std::net::Ipv6Addr),
     /// Where to hand packets for another worker's circuits, by worker index.
     pub handoff: Vec<Sender<Vec<u8>>>,
+    /// Per worker: signalled after a handoff, so that the (watched) worker wakes to take it.
+    pub handoff_ready: Vec<EventFd>,
     /// Drop counters by reason, summed from the workers' published copies.
     pub stats: Vec<Mutex<BTreeMap<&'static str, u64>>>,
 }
@@ -160,7 +164,11 @@ impl ExitTerminal {
             let workers = self.shared.handoff.len();
             match owner {
                 Some(lcid) if lcid as usize % workers != self.index => {
-                    let _ = self.shared.handoff[lcid as usize % workers].try_send(packet.to_vec());
+                    let owner = lcid as usize % workers;
+                    let _ = self.shared.handoff[owner].try_send(packet.to_vec());
+                    if let Some(ready) = self.shared.handoff_ready.get(owner) {
+                        let _ = ready.write(1);
+                    }
                     self.count("handed_off");
                 }
                 _ => self.count("no_circuit"),
@@ -200,15 +208,23 @@ impl Terminal for ExitTerminal {
         }
     }
 
-    fn poll(&mut self, now: Instant, circuits: &mut CircuitMap, out: &mut Vec<Outgoing>) {
+    fn poll(&mut self, now: Instant, circuits: &mut CircuitMap, out: &mut Vec<Outgoing>) -> bool {
+        // Reset before draining: a handoff after this point signals again.
+        if let Some(ready) = self.shared.handoff_ready.get(self.index) {
+            let _ = ready.read();
+        }
         while let Ok(packet) = self.inbox.try_recv() {
             self.backward(now, circuits, &packet, out);
         }
         let mut buf = [0u8; tundev::PACKET_BUF_LEN];
+        let mut more = true;
         for _ in 0..TUN_BATCH {
             match self.tun.read(&mut buf) {
                 Ok(n) => self.backward(now, circuits, &buf[..n], out),
-                Err(_) => break,
+                Err(_) => {
+                    more = false;
+                    break;
+                }
             }
         }
         if now.duration_since(self.last_publish).as_millis() >= 100 {
@@ -219,6 +235,12 @@ impl Terminal for ExitTerminal {
                 s.clone_from(&self.counts);
             }
         }
+        more
+    }
+
+    fn wake_fds(&self) -> Vec<std::os::fd::OwnedFd> {
+        let handoff = self.shared.handoff_ready.get(self.index).map(|r| r.as_fd());
+        [Some(self.tun.fd()), handoff].into_iter().flatten().filter_map(|fd| fd.try_clone_to_owned().ok()).collect()
     }
 
     fn closed(&mut self, lcid: u32) {

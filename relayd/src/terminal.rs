@@ -24,7 +24,14 @@ pub trait Terminal: Send {
     );
 
     /// Called once per worker loop: originate cells for this worker's circuits (e.g. from TUN).
-    fn poll(&mut self, now: Instant, circuits: &mut CircuitMap, out: &mut Vec<Outgoing>);
+    /// Returns whether it stopped with work left (the worker then polls again without waiting).
+    fn poll(&mut self, now: Instant, circuits: &mut CircuitMap, out: &mut Vec<Outgoing>) -> bool;
+
+    /// Descriptors (duplicates, e.g. of the TUN queue) whose readability should wake the
+    /// worker so that [`Terminal::poll`] runs at once; none: timers only.
+    fn wake_fds(&self) -> Vec<std::os::fd::OwnedFd> {
+        Vec::new()
+    }
 
     /// A circuit of this worker ended (its previous-link LCID).
     fn closed(&mut self, lcid: u32);

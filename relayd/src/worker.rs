@@ -22,11 +22,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// How long one poll waits for datagrams when idle. The control thread wakes the worker when
-/// it sends a message, so this only paces the timers (publishing, expiry).
+/// it sends a message, and an exit's TUN queue wakes it when readable ([`Terminal::wake_fd`]),
+/// so this only paces the timers (publishing, expiry).
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
-/// The same for an exit's workers, whose terminal reads its TUN queue between polls: a TUN
-/// packet waits at most this long (until the TUN fd can wake the data path itself).
-const POLL_TIMEOUT_EXIT: Duration = Duration::from_millis(1);
 /// How often counters are published to the metrics registry.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// How often idle circuits are looked for.
@@ -131,17 +129,20 @@ impl Worker {
     pub fn run(mut self, mut dp: Box<dyn Datapath>, stop: Arc<AtomicBool>) {
         let mut last_publish = Instant::now();
         let mut last_expire = Instant::now();
+        for fd in self.terminal.as_ref().map(|t| t.wake_fds()).unwrap_or_default() {
+            dp.watch(fd);
+        }
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             self.drain_inbox(now);
-            if let Some(terminal) = self.terminal.as_mut() {
-                terminal.poll(now, &mut self.circuits, &mut self.out);
-            }
+            let busy = match self.terminal.as_mut() {
+                Some(terminal) => terminal.poll(now, &mut self.circuits, &mut self.out),
+                None => false,
+            };
             // What the handler originates while `out` is being sent (PONG, STUN answers,
             // DESTROY) collects in `self.out` and goes out on the next round, at once.
             let mut out = std::mem::take(&mut self.out);
-            let idle = if self.terminal.is_some() { POLL_TIMEOUT_EXIT } else { POLL_TIMEOUT };
-            let timeout = if out.is_empty() { idle } else { Duration::ZERO };
+            let timeout = if out.is_empty() && !busy { POLL_TIMEOUT } else { Duration::ZERO };
             let polled = dp.poll(timeout, &mut |batch| self.handle_batch(now, batch), &mut out);
             if self.out.is_empty() {
                 out.clear();

@@ -42,7 +42,9 @@ impl Terminal for Echo {
         }
     }
 
-    fn poll(&mut self, _: Instant, _: &mut CircuitMap, _: &mut Vec<Outgoing>) {}
+    fn poll(&mut self, _: Instant, _: &mut CircuitMap, _: &mut Vec<Outgoing>) -> bool {
+        false
+    }
 
     fn closed(&mut self, _: u32) {
         self.closed.fetch_add(1, Ordering::Relaxed);

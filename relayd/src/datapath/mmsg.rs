@@ -48,6 +48,8 @@ pub struct MmsgDatapath {
     received: Vec<(usize, Option<SocketAddr>)>,
     stats: DatapathStats,
     waker: Waker,
+    /// Their readability ends a wait too ([`Datapath::watch`]).
+    watched: Vec<std::os::fd::OwnedFd>,
 }
 
 impl MmsgDatapath {
@@ -65,6 +67,7 @@ impl MmsgDatapath {
             received: Vec::with_capacity(BATCH),
             stats: DatapathStats::default(),
             waker: Waker::new()?,
+            watched: Vec::new(),
         })
     }
 
@@ -133,13 +136,15 @@ impl MmsgDatapath {
     /// caller must not wait again before returning from `poll`.
     fn wait(&self, timeout: Duration) -> io::Result<bool> {
         let mut fds =
-            [PollFd::new(self.socket.as_fd(), PollFlags::POLLIN), PollFd::new(self.waker.fd(), PollFlags::POLLIN)];
+            vec![PollFd::new(self.socket.as_fd(), PollFlags::POLLIN), PollFd::new(self.waker.fd(), PollFlags::POLLIN)];
+        fds.extend(self.watched.iter().map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN)));
         match nix::poll::poll(&mut fds, poll_timeout(timeout)) {
             Ok(_) => {}
             Err(Errno::EINTR) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
-        let [socket, wake] = fds.map(|fd| fd.revents().unwrap_or(PollFlags::empty()));
+        let revents = |i: usize| fds.get(i).and_then(PollFd::revents).unwrap_or(PollFlags::empty());
+        let (socket, wake) = (revents(0), revents(1));
         if (socket | wake).contains(PollFlags::POLLNVAL) {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         }
@@ -215,6 +220,10 @@ impl Datapath for MmsgDatapath {
 
     fn waker(&self) -> Waker {
         self.waker.clone()
+    }
+
+    fn watch(&mut self, fd: std::os::fd::OwnedFd) {
+        self.watched.push(fd);
     }
 }
 

@@ -161,6 +161,12 @@ pub trait Datapath: Send {
     /// A handle that ends this data path's current or next `poll` (see the trait docs); every
     /// call returns a clone of the same one.
     fn waker(&self) -> Waker;
+
+    /// From now on, `fd` becoming readable also ends a wait, as a datagram does: an exit's
+    /// TUN queue, so a reply from the internet is sealed at once instead of at the next timer.
+    /// The data path keeps `fd` (a duplicate of the caller's) open as long as it watches it.
+    /// Up to 8 descriptors; more are ignored.
+    fn watch(&mut self, fd: std::os::fd::OwnedFd);
 }
 
 /// Which backend [`open`] uses.

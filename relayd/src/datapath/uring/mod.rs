@@ -64,6 +64,10 @@ const BGID: u16 = 0;
 const RECV_TAG: u64 = u64::MAX;
 /// `user_data` of the poll on the waker's eventfd.
 const WAKE_TAG: u64 = u64::MAX - 1;
+/// `user_data` of the poll on watched descriptor `i` ([`Datapath::watch`]): `WATCH_TAG - i`.
+const WATCH_TAG: u64 = u64::MAX - 2;
+/// Most descriptors one data path watches.
+const MAX_WATCHED: usize = 8;
 
 /// A received datagram not yet handed over: buffer id, payload offset and length, sender.
 struct Segment {
@@ -89,6 +93,8 @@ pub struct UringDatapath {
     waker: Waker,
     /// Whether the multishot poll on the waker's eventfd is armed.
     wake_armed: bool,
+    /// Descriptors whose readability ends a wait, and whether each one's multishot poll is armed.
+    watched: Vec<(std::os::fd::OwnedFd, bool)>,
     /// A wake was consumed (the eventfd reset) and `poll` has not returned since: it must not
     /// wait (the caller has yet to look at what the wake was for).
     woken: bool,
@@ -170,6 +176,7 @@ impl UringDatapath {
             armed: false,
             waker,
             wake_armed: false,
+            watched: Vec::new(),
             woken: false,
             inflight: 0,
             bufs,
@@ -220,6 +227,20 @@ impl UringDatapath {
                 unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("submission queue full"))?;
             }
             self.wake_armed = true;
+        }
+        for (i, (fd, armed)) in self.watched.iter_mut().enumerate().filter(|(_, w)| !w.1) {
+            let sqe = opcode::PollAdd::new(Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(WATCH_TAG - i as u64);
+            // SAFETY: as for the waker's poll: no memory of ours, only the descriptor, which
+            // `watched` keeps open until `Drop` has cancelled the request.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                self.ring.submit()?;
+                // SAFETY: as above.
+                unsafe { self.ring.submission().push(&sqe) }.map_err(|_| io::Error::other("submission queue full"))?;
+            }
+            *armed = true;
         }
         if self.armed || self.bufs.in_ring() == 0 {
             return Ok(());
@@ -287,6 +308,18 @@ impl UringDatapath {
                             // Re-arming would fail the same way and end every wait at once.
                             e => fatal = Some(e),
                         }
+                    }
+                }
+                tag if tag <= WATCH_TAG && tag > WATCH_TAG - MAX_WATCHED as u64 => {
+                    if !cqueue::more(flags)
+                        && let Some((_, armed)) = self.watched.get_mut((WATCH_TAG - tag) as usize)
+                    {
+                        *armed = false;
+                    }
+                    // Readable: the caller reads it after `poll` returns. Errors (cancelled,
+                    // ended) just re-arm; the descriptor is the caller's to check.
+                    if res > 0 {
+                        self.woken = true;
                     }
                 }
                 slot => self.complete_send(slot as usize, res),
@@ -443,6 +476,12 @@ impl Datapath for UringDatapath {
     fn waker(&self) -> Waker {
         self.waker.clone()
     }
+
+    fn watch(&mut self, fd: std::os::fd::OwnedFd) {
+        if self.watched.len() < MAX_WATCHED {
+            self.watched.push((fd, false));
+        }
+    }
 }
 
 impl UringDatapath {
@@ -450,7 +489,8 @@ impl UringDatapath {
     /// buffers, a send (after an error) may still read them. Cancels them synchronously, with
     /// the poll on the waker's eventfd; returns whether that is confirmed.
     fn quiesce(&mut self) -> bool {
-        if !self.armed && !self.wake_armed && self.inflight == 0 {
+        let watch_armed = self.watched.iter().any(|w| w.1);
+        if !self.armed && !self.wake_armed && !watch_armed && self.inflight == 0 {
             return true;
         }
         let ts = Timespec::new().sec(1);
@@ -463,6 +503,7 @@ impl UringDatapath {
             _ => {
                 self.armed = false;
                 self.wake_armed = false;
+                self.watched.iter_mut().for_each(|w| w.1 = false);
                 self.inflight = 0;
                 true
             }
