@@ -59,6 +59,12 @@ pub struct Status {
     pub packets_received: u64,
     /// Packets dropped because no circuit was up (kept inside by the kill switch).
     pub packets_dropped: u64,
+    /// Received datagrams that were not valid cells of the current circuit.
+    pub cells_rejected: u64,
+    /// Cells the kernel refused to send (lost).
+    pub send_errors: u64,
+    /// Packets the TUN device refused (lost).
+    pub tun_write_errors: u64,
     /// Last PING/PONG round trip to the exit.
     pub rtt_ms: Option<f64>,
     /// Cipher suite per hop.
@@ -111,12 +117,16 @@ impl fmt::Display for Status {
         writeln!(f, "dns:          {}", self.dns.join(", "))?;
         writeln!(
             f,
-            "traffic:      sent {} ({} packets), received {} ({} packets), dropped {}",
+            "traffic:      sent {} ({} packets), received {} ({} packets)",
             human_bytes(self.bytes_sent),
             self.packets_sent,
             human_bytes(self.bytes_received),
             self.packets_received,
-            self.packets_dropped
+        )?;
+        writeln!(
+            f,
+            "dropped:      {} while down, {} bad cells, {} send errors, {} TUN write errors",
+            self.packets_dropped, self.cells_rejected, self.send_errors, self.tun_write_errors
         )?;
         match self.rtt_ms {
             Some(r) => writeln!(f, "rtt:          {r:.2} ms")?,

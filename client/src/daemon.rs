@@ -11,6 +11,7 @@ use crate::control::{self, Answer, HopStatus, Request, Status};
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
 use crate::tunnel::{State, Tunnel, TunnelEvent};
+use crate::udp::CellSocket;
 use anyhow::{Context, Result, bail};
 use cellproto::cell::{CELL_LEN, TUN_MTU};
 use cellproto::onion::{payload, payload_mut};
@@ -24,7 +25,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UdpSocket, UnixListener, UnixStream};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -32,9 +33,6 @@ use tundev::{Tun, TunQueue};
 
 /// Datagrams or packets handled per wake-up before timers are looked at again.
 const BATCH: usize = 64;
-/// Socket buffers: room for bursts at multi-gigabit rates (the kernel caps them at
-/// `net.core.rmem_max`/`wmem_max`).
-const SOCKET_BUFFER: usize = 4 << 20;
 /// How long the relays' round trips are measured before the first path is chosen.
 const RTT_PROBE: Duration = Duration::from_millis(500);
 /// How long `meshvpn up` waits for the background client to report the tunnel up.
@@ -66,12 +64,13 @@ struct Driver<'a> {
     config: &'a Config,
     system: &'a mut System,
     tunnel: Tunnel,
-    socket: UdpSocket,
+    socket: CellSocket,
     tun: Option<AsyncFd<TunQueue>>,
     addresses: Option<(Ipv4Net, Ipv6Net)>,
     started: Instant,
     kill_switch: bool,
     tun_write_errors: u64,
+    send_errors: u64,
 }
 
 async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> Result<()> {
@@ -83,9 +82,7 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
         exit_ports: config.exit_ports.clone(),
         avoid: Vec::new(),
     };
-    let socket = UdpSocket::bind("0.0.0.0:0").await.context("cannot open a UDP socket")?;
-    let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &SOCKET_BUFFER);
-    let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::SndBuf, &SOCKET_BUFFER);
+    let socket = CellSocket::bind().await.context("cannot open a UDP socket")?;
     let listener = bind_control(&config.control_socket)?;
     let mut driver = Driver {
         config,
@@ -97,6 +94,7 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
         started: now,
         kill_switch: false,
         tun_write_errors: 0,
+        send_errors: 0,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -110,7 +108,7 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
             _ = int.recv() => { info!("SIGINT: going down"); break }
             ready = driver.socket.readable() => {
                 ready?;
-                driver.receive(&mut cell).await;
+                driver.receive().await;
             }
             ready = tun_readable(&driver.tun) => {
                 ready?;
@@ -130,8 +128,10 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
             },
         }
     }
-    if let Some(to) = driver.tunnel.close(&mut cell, &mut OsRng) {
-        let _ = driver.socket.send_to(&cell[..], to).await;
+    if let Some(to) = driver.tunnel.close(&mut cell, &mut OsRng)
+        && driver.socket.send(to, &cell).await.is_ok()
+    {
+        let _ = driver.socket.flush().await;
     }
     Ok(())
 }
@@ -150,10 +150,9 @@ impl Driver<'_> {
             self.on_event(event)?;
         }
         while let Some(to) = self.tunnel.poll_transmit(Instant::now(), cell, &mut OsRng) {
-            if let Err(e) = self.socket.send_to(&cell[..], to).await {
-                warn!("cannot send to {to}: {e}");
-            }
+            self.send(to, cell).await;
         }
+        self.send_flush().await;
         Ok(())
     }
 
@@ -213,22 +212,47 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// Queues a cell; a failed send is logged (rate-limited by its cause: the kill switch
+    /// or a dead route) and the cell is lost, as on any UDP path.
+    async fn send(&mut self, to: std::net::SocketAddr, cell: &[u8; CELL_LEN]) {
+        if let Err(e) = self.socket.send(to, cell).await {
+            self.send_failed(e);
+        }
+    }
+
+    async fn send_flush(&mut self) {
+        if let Err(e) = self.socket.flush().await {
+            self.send_failed(e);
+        }
+    }
+
+    fn send_failed(&mut self, e: std::io::Error) {
+        self.send_errors += 1;
+        if self.send_errors.is_power_of_two() {
+            warn!(errors = self.send_errors, "cannot send to the guard: {e}");
+        }
+    }
+
     /// Drains the UDP socket: cells in, IP packets to the TUN device.
-    async fn receive(&mut self, cell: &mut [u8; CELL_LEN]) {
+    async fn receive(&mut self) {
+        let now = Instant::now();
         for _ in 0..BATCH {
-            let (len, from) = match self.socket.try_recv_from(&mut cell[..]) {
+            let (len, segment, from) = match self.socket.try_recv() {
                 Ok(r) => r,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(_) => return,
             };
-            if len != CELL_LEN {
+            if segment != CELL_LEN {
                 continue;
             }
-            let Some(n) = self.tunnel.handle_cell(Instant::now(), from, cell, &mut OsRng) else { continue };
-            if let Some(tun) = self.tun.as_mut()
-                && tun.get_mut().write(payload(cell, n)).is_err()
-            {
-                self.tun_write_errors += 1;
+            for chunk in self.socket.rx[..len].chunks_exact_mut(CELL_LEN) {
+                let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(chunk) else { continue };
+                let Some(n) = self.tunnel.handle_cell(now, from, cell, &mut OsRng) else { continue };
+                if let Some(tun) = self.tun.as_mut()
+                    && tun.get_mut().write(payload(cell, n)).is_err()
+                {
+                    self.tun_write_errors += 1;
+                }
             }
         }
     }
@@ -242,14 +266,9 @@ impl Driver<'_> {
                 Err(_) => return,
             };
             let Some(to) = self.tunnel.seal_packet(n, cell) else { continue };
-            match self.socket.try_send_to(&cell[..], to) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    let _ = self.socket.send_to(&cell[..], to).await;
-                }
-                Err(_) => {}
-            }
+            self.send(to, cell).await;
         }
+        self.send_flush().await;
     }
 
     fn status(&self) -> Status {
@@ -275,6 +294,9 @@ impl Driver<'_> {
             packets_sent: c.packets_sent,
             packets_received: c.packets_received,
             packets_dropped: c.dropped_no_circuit,
+            cells_rejected: c.dropped_bad_cells,
+            send_errors: self.send_errors,
+            tun_write_errors: self.tun_write_errors,
             rtt_ms: t.rtt().map(|d| d.as_secs_f64() * 1e3),
             suites: t.circuit().map(|c| c.suites().iter().map(|s| s.name().to_owned()).collect()).unwrap_or_default(),
             uptime_secs: now.duration_since(self.started).as_secs(),

@@ -8,6 +8,7 @@
 //! | [`system`] | what `up` changes on the machine (routes, DNS, kill switch) and its undo journal |
 //! | [`control`] | the control socket: `status` and `down` |
 //! | [`daemon`] | the tokio driver: UDP socket, TUN, timers, control socket, signals |
+//! | [`udp`] | the UDP socket to the guard: GSO batches out, GRO runs in |
 //! | [`netcheck`] | STUN against relays: reflexive address, NAT mapping and filtering (RFC 5780) |
 
 pub mod config;
@@ -17,3 +18,4 @@ pub mod netcheck;
 pub mod relays;
 pub mod system;
 pub mod tunnel;
+pub mod udp;
