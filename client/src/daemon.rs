@@ -124,7 +124,7 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
             }
             Some((req, reply)) = ctl_rx.recv() => match req {
                 Request::Status => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
-                Request::Down => { info!("`meshvpn down`: going down"); let _ = reply.send(Answer::Stopping); break }
+                Request::Down => { info!("`meshvpn down`: going down"); drop(reply); break }
             },
         }
     }
@@ -336,15 +336,25 @@ async fn serve_control(stream: UnixStream, to_driver: mpsc::Sender<ControlReques
         return;
     };
     let (tx, rx) = oneshot::channel();
+    if request == Request::Down {
+        // Answer first: once the driver has the request it stops, and this task with it.
+        let _ = write_answer(&mut write, &Answer::Stopping).await;
+        let _ = to_driver.send((request, tx)).await;
+        return;
+    }
     if to_driver.send((request, tx)).await.is_err() {
         return;
     }
-    if let Ok(answer) = rx.await
-        && let Ok(mut text) = serde_json::to_string(&answer)
-    {
-        text.push('\n');
-        let _ = write.write_all(text.as_bytes()).await;
+    if let Ok(answer) = rx.await {
+        let _ = write_answer(&mut write, &answer).await;
     }
+}
+
+async fn write_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: &Answer) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(answer).map_err(std::io::Error::other)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.flush().await
 }
 
 /// `meshvpn up` without `--foreground`: starts the client in the background (its log in

@@ -154,8 +154,13 @@ fn read_journal(path: &Path) -> Result<Option<Journal>> {
     }
 }
 
+/// Whether `pid` is a live meshvpn. A killed one can linger as a zombie until its parent
+/// reaps it: its name is still there, but it holds nothing and changes nothing.
 fn process_is_meshvpn(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "meshvpn")
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { return false };
+    let state = stat[close + 1..].trim_start().chars().next();
+    stat.get(open + 1..close) == Some("meshvpn") && !matches!(state, Some('Z' | 'X'))
 }
 
 /// Runs a command, failing with its stderr if it does not exit 0.
