@@ -65,6 +65,8 @@ pub struct Status {
     pub send_errors: u64,
     /// Packets the TUN device refused (lost).
     pub tun_write_errors: u64,
+    /// Reads from the TUN device that failed or were malformed (lost).
+    pub tun_read_errors: u64,
     /// Last PING/PONG round trip to the exit.
     pub rtt_ms: Option<f64>,
     /// Cipher suite per hop.
@@ -125,8 +127,8 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "dropped:      {} while down, {} bad cells, {} send errors, {} TUN write errors",
-            self.packets_dropped, self.cells_rejected, self.send_errors, self.tun_write_errors
+            "dropped:      {} while down, {} bad cells, {} send errors, {} TUN write and {} read errors",
+            self.packets_dropped, self.cells_rejected, self.send_errors, self.tun_write_errors, self.tun_read_errors
         )?;
         match self.rtt_ms {
             Some(r) => writeln!(f, "rtt:          {r:.2} ms")?,

@@ -8,6 +8,7 @@
 
 use crate::config::Config;
 use crate::control::{self, Answer, HopStatus, Request, Status};
+use crate::gro::{Gro, VNET_HDR_LEN};
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
 use crate::tunnel::{State, Tunnel, TunnelEvent};
@@ -70,7 +71,9 @@ struct Driver<'a> {
     started: Instant,
     kill_switch: bool,
     tun_write_errors: u64,
+    tun_read_errors: u64,
     send_errors: u64,
+    gro: Gro,
 }
 
 async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> Result<()> {
@@ -94,7 +97,9 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
         started: now,
         kill_switch: false,
         tun_write_errors: 0,
+        tun_read_errors: 0,
         send_errors: 0,
+        gro: Gro::default(),
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -182,7 +187,7 @@ impl Driver<'_> {
                 }
                 self.addresses = Some((v4, v6));
                 if self.tun.is_none() {
-                    let mut tun = Tun::create(&self.config.tun, 1).with_context(|| {
+                    let mut tun = Tun::create_with(&self.config.tun, 1, true).with_context(|| {
                         format!("cannot create the TUN device {} (needs CAP_NET_ADMIN)", self.config.tun)
                     })?;
                     let queue = tun.queues().pop().context("TUN device without a queue")?;
@@ -248,12 +253,22 @@ impl Driver<'_> {
             for chunk in self.socket.rx[..len].chunks_exact_mut(CELL_LEN) {
                 let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(chunk) else { continue };
                 let Some(n) = self.tunnel.handle_cell(now, from, cell, &mut OsRng) else { continue };
-                if let Some(tun) = self.tun.as_mut()
-                    && tun.get_mut().write(payload(cell, n)).is_err()
-                {
-                    self.tun_write_errors += 1;
-                }
+                let Some(tun) = self.tun.as_mut() else { continue };
+                let errors = &mut self.tun_write_errors;
+                self.gro.push(payload(cell, n), &mut |p| {
+                    if tun.get_mut().write(p).is_err() {
+                        *errors += 1;
+                    }
+                });
             }
+        }
+        if let Some(tun) = self.tun.as_mut() {
+            let errors = &mut self.tun_write_errors;
+            self.gro.flush(&mut |p| {
+                if tun.get_mut().write(p).is_err() {
+                    *errors += 1;
+                }
+            });
         }
     }
 
@@ -261,11 +276,18 @@ impl Driver<'_> {
     async fn transmit(&mut self, cell: &mut [u8; CELL_LEN]) {
         for _ in 0..BATCH {
             let Some(tun) = self.tun.as_mut() else { return };
-            let n = match tun.get_mut().read(&mut payload_mut(cell)[..TUN_MTU]) {
+            let mut buf = [0u8; VNET_HDR_LEN + TUN_MTU];
+            let n = match tun.get_mut().read(&mut buf) {
                 Ok(n) => n,
                 Err(_) => return,
             };
-            let Some(to) = self.tunnel.seal_packet(n, cell) else { continue };
+            // No offloads are enabled for reads: the header is empty and the packet whole.
+            let Some(packet) = buf.get(VNET_HDR_LEN..n).filter(|_| buf[..VNET_HDR_LEN] == [0; VNET_HDR_LEN]) else {
+                self.tun_read_errors += 1;
+                continue;
+            };
+            payload_mut(cell)[..packet.len()].copy_from_slice(packet);
+            let Some(to) = self.tunnel.seal_packet(packet.len(), cell) else { continue };
             self.send(to, cell).await;
         }
         self.send_flush().await;
@@ -297,6 +319,7 @@ impl Driver<'_> {
             cells_rejected: c.dropped_bad_cells,
             send_errors: self.send_errors,
             tun_write_errors: self.tun_write_errors,
+            tun_read_errors: self.tun_read_errors,
             rtt_ms: t.rtt().map(|d| d.as_secs_f64() * 1e3),
             suites: t.circuit().map(|c| c.suites().iter().map(|s| s.name().to_owned()).collect()).unwrap_or_default(),
             uptime_secs: now.duration_since(self.started).as_secs(),

@@ -50,6 +50,10 @@ pub const PACKET_BUF_LEN: usize = 2048;
 /// circuit ([`cellproto::cell::TUN_MTU`]).
 pub const DEFAULT_MTU: u32 = cellproto::cell::TUN_MTU as u32;
 
+/// Length of the `struct virtio_net_hdr` before each packet of an `IFF_VNET_HDR` device (the
+/// kernel's default `TUNSETVNETHDRSZ`).
+pub const VNET_HDR_LEN: usize = 10;
+
 /// The smallest MTU [`configure`] accepts: IPv6 needs 1280 (RFC 8200 §5).
 pub const MIN_MTU: u32 = 1280;
 
@@ -109,6 +113,14 @@ impl Tun {
     /// Needs `CAP_NET_ADMIN`, unless attaching to a persistent device its owner may use. Fails if
     /// `name` is another kind of interface, or a TUN device with other flags or in use.
     pub fn create(name: &str, queues: usize) -> io::Result<Tun> {
+        Self::create_with(name, queues, false)
+    }
+
+    /// [`Tun::create`], optionally with `IFF_VNET_HDR`: then every packet read begins with a
+    /// [`VNET_HDR_LEN`]-byte `struct virtio_net_hdr` (all zero: no offloads are enabled for
+    /// reads), and every packet written must begin with one, which lets a writer hand the
+    /// kernel a GSO super-packet (many TCP segments in one write, as wireguard-go does).
+    pub fn create_with(name: &str, queues: usize, vnet_hdr: bool) -> io::Result<Tun> {
         validate_name(name, true)?;
         if queues == 0 || queues > MAX_QUEUES {
             return Err(io::Error::new(
@@ -117,6 +129,9 @@ impl Tun {
             ));
         }
         let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+        if vnet_hdr {
+            flags |= libc::IFF_VNET_HDR;
+        }
         if queues > 1 {
             flags |= libc::IFF_MULTI_QUEUE;
         }
