@@ -8,7 +8,6 @@
 
 use crate::config::Config;
 use crate::control::{self, Answer, HopStatus, Request, Status};
-use crate::gro::{Gro, VNET_HDR_LEN};
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
 use crate::tunnel::{State, Tunnel, TunnelEvent};
@@ -30,7 +29,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
-use tundev::{Tun, TunQueue};
+use tundev::gro::Gro;
+use tundev::{Tun, TunQueue, VNET_HDR_LEN};
 
 /// Datagrams or packets handled per wake-up before timers are looked at again.
 const BATCH: usize = 64;

@@ -8,14 +8,12 @@
 //! | [`system`] | what `up` changes on the machine (routes, DNS, kill switch) and its undo journal |
 //! | [`control`] | the control socket: `status` and `down` |
 //! | [`daemon`] | the tokio driver: UDP socket, TUN, timers, control socket, signals |
-//! | [`gro`] | sans-IO: TCP segments from the tunnel joined into GSO super-packets for the TUN device |
 //! | [`udp`] | the UDP socket to the guard: GSO batches out, GRO runs in |
 //! | [`netcheck`] | STUN against relays: reflexive address, NAT mapping and filtering (RFC 5780) |
 
 pub mod config;
 pub mod control;
 pub mod daemon;
-pub mod gro;
 pub mod netcheck;
 pub mod relays;
 pub mod system;

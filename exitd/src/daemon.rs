@@ -45,7 +45,7 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
     let mut pool = AddressPool::new(exit.pool_v4, exit.pool_v6, Duration::from_secs(exit.session_grace_secs));
     let (gw4, gw6) = pool.gateway();
     pool.expire(Instant::now());
-    let tun = tundev::Tun::create(&exit.tun, workers)
+    let tun = tundev::Tun::create_with(&exit.tun, workers, true)
         .with_context(|| format!("cannot create TUN {} (exit.tun)", exit.tun))?;
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;

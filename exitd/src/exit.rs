@@ -27,7 +27,8 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::info;
-use tundev::TunQueue;
+use tundev::gro::Gro;
+use tundev::{TunQueue, VNET_HDR_LEN};
 
 /// Packets read from the TUN queue per worker loop: bounds how long TUN traffic can delay cells.
 const TUN_BATCH: usize = 64;
@@ -68,6 +69,15 @@ pub struct ExitTerminal {
     total: TokenBucket,
     counts: BTreeMap<&'static str, u64>,
     last_publish: Instant,
+    /// Packets to the TUN device, TCP runs joined into GSO super-packets (written at `flush`).
+    gro: Gro,
+}
+
+/// Writes one packet (virtio header first) into the TUN queue; a refusal loses it, counted.
+fn write_tun(tun: &mut TunQueue, counts: &mut BTreeMap<&'static str, u64>, packet: &[u8]) {
+    if tun.write(packet).is_err() {
+        *counts.entry("tun_write_error").or_insert(0) += 1;
+    }
 }
 
 impl ExitTerminal {
@@ -86,6 +96,7 @@ impl ExitTerminal {
             total,
             counts: BTreeMap::new(),
             last_publish: now,
+            gro: Gro::default(),
         }
     }
 
@@ -119,10 +130,9 @@ impl ExitTerminal {
             self.count_n("rate_limited_bytes", packet.len() as u64);
             return self.count("rate_limited");
         }
-        match self.tun.write(packet) {
-            Ok(_) => self.count("to_tun"),
-            Err(_) => self.count("tun_write_error"),
-        }
+        self.count("to_tun");
+        let (tun, counts) = (&mut self.tun, &mut self.counts);
+        self.gro.push(packet, &mut |p| write_tun(tun, counts, p));
     }
 
     fn attach(&mut self, now: Instant, lcid: u32, circ: &mut HopCircuit, body: &[u8], out: &mut Vec<Outgoing>) {
@@ -220,7 +230,11 @@ impl Terminal for ExitTerminal {
         let mut more = true;
         for _ in 0..TUN_BATCH {
             match self.tun.read(&mut buf) {
-                Ok(n) => self.backward(now, circuits, &buf[..n], out),
+                // No offloads are enabled for reads: the virtio header is empty.
+                Ok(n) if n > VNET_HDR_LEN && buf[..VNET_HDR_LEN] == [0; VNET_HDR_LEN] => {
+                    self.backward(now, circuits, &buf[VNET_HDR_LEN..n], out)
+                }
+                Ok(_) => self.count("bad_tun_packet"),
                 Err(_) => {
                     more = false;
                     break;
@@ -241,6 +255,11 @@ impl Terminal for ExitTerminal {
     fn wake_fds(&self) -> Vec<std::os::fd::OwnedFd> {
         let handoff = self.shared.handoff_ready.get(self.index).map(|r| r.as_fd());
         [Some(self.tun.fd()), handoff].into_iter().flatten().filter_map(|fd| fd.try_clone_to_owned().ok()).collect()
+    }
+
+    fn flush(&mut self) {
+        let (tun, counts) = (&mut self.tun, &mut self.counts);
+        self.gro.flush(&mut |p| write_tun(tun, counts, p));
     }
 
     fn closed(&mut self, lcid: u32) {

@@ -33,6 +33,9 @@ pub trait Terminal: Send {
         Vec::new()
     }
 
+    /// The end of a batch of received cells: write out what was held back to be batched.
+    fn flush(&mut self) {}
+
     /// A circuit of this worker ended (its previous-link LCID).
     fn closed(&mut self, lcid: u32);
 }

@@ -264,6 +264,9 @@ impl Worker {
         for chunk in batch.chunks_mut(64) {
             self.handle_chunk(now, chunk);
         }
+        if let Some(terminal) = self.terminal.as_mut() {
+            terminal.flush();
+        }
     }
 
     fn handle_chunk(&mut self, now: Instant, batch: &mut [Datagram<'_>]) {

@@ -38,6 +38,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+pub mod gro;
 mod setup;
 
 pub use setup::configure;

@@ -1,8 +1,8 @@
 //! Receive coalescing for the TUN device (userspace GRO), sans-IO.
 //!
-//! A bulk TCP download arrives as runs of full-sized segments of one flow. Written one by one
-//! into the TUN device, each segment goes through the kernel's TCP receive path on its own,
-//! which was the client's largest cost in the lab's profile. Instead, consecutive segments of
+//! Bulk TCP arrives from a circuit as runs of full-sized segments of one flow. Written one by
+//! one into the TUN device, each segment goes through the kernel's receive (or forwarding and
+//! NAT) path on its own, which was the client's largest cost in the lab's profile. Instead, consecutive segments of
 //! one flow are joined into one GSO super-packet (up to [`MAX_SEGMENTS`] segments, 64 KiB)
 //! and written once with a `virtio_net_hdr` saying "TCP segments of `gso_size` bytes, checksum
 //! to be completed": the kernel's own GRO result, as wireguard-go and Tailscale do it.
@@ -13,8 +13,7 @@
 //! may be shorter, and ends the run). Everything else is written as it came, behind an empty
 //! header. Packets are never dropped here.
 
-/// Length of the `virtio_net_hdr` before every packet written ([`tundev::VNET_HDR_LEN`]).
-pub const VNET_HDR_LEN: usize = tundev::VNET_HDR_LEN;
+use crate::VNET_HDR_LEN;
 /// Most segments joined into one write.
 pub const MAX_SEGMENTS: usize = 64;
 
