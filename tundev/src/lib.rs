@@ -22,11 +22,13 @@
 //! start, not on any packet path, exactly what `wg-quick` does, and it spares exitd a netlink
 //! implementation. Its exit status is checked and its stderr is part of the error.
 //!
-//! **Offloads, later.** `IFF_VNET_HDR` with `TUNSETOFFLOAD` (checksum, TSO/USO on write, GRO'd
-//! super-packets on read, as wireguard-go and Tailscale do) would cut per-packet syscalls for
-//! bulk TCP; it is a later performance step and deliberately not implemented here. Without it,
-//! no packet read from the device exceeds its MTU, so at exitd's MTU a [`PACKET_BUF_LEN`] buffer
-//! always fits one (a larger one is dropped and counted, never handed on truncated).
+//! **Offloads.** With `IFF_VNET_HDR` ([`Tun::create_with`]) every packet carries a
+//! `virtio_net_hdr`, which lets a writer hand the kernel a GSO super-packet: [`gro`] joins the
+//! TCP segments that come out of a circuit into one write, as wireguard-go and Tailscale do.
+//! Reads stay one packet each: no `TUNSETOFFLOAD` is set, so the kernel segments and checksums
+//! before a packet reaches the device, no packet read exceeds the MTU, and a [`PACKET_BUF_LEN`]
+//! buffer always fits one (a larger one is dropped and counted, never handed on truncated).
+//! TSO on reads (segmenting in userspace) is the next step for uploads from the client.
 //!
 //! All of the module's `unsafe` (in this file) is in three small private helpers around `struct ifreq`: zeroing
 //! one, reading its flags, and the ioctl itself.
