@@ -49,8 +49,7 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
         .with_context(|| format!("cannot create TUN {} (exit.tun)", exit.tun))?;
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
-    tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net)
-        .context("cannot configure the TUN device")?;
+    tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;
     let policy = ExitPolicy::new(&config.policy);
     let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.name().to_string(), exit.pool_v4, exit.pool_v6);
     nat.table = exit.nft_table.clone();

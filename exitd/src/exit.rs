@@ -11,7 +11,6 @@ use crate::bucket::TokenBucket;
 use crate::packet::inspect;
 use crate::policy::{Decision, ExitPolicy};
 use crate::pool::{AddressPool, Lease};
-use tundev::TunQueue;
 use cellproto::cell::{CELL_LEN, Command, payload_capacity};
 use cellproto::command::{Attach, Attached};
 use cellproto::onion::payload_mut;
@@ -26,6 +25,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::info;
+use tundev::TunQueue;
 
 /// Packets read from the TUN queue per worker loop: bounds how long TUN traffic can delay cells.
 const TUN_BATCH: usize = 64;

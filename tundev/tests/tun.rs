@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tundev::{self as tun, DEFAULT_MTU, PACKET_BUF_LEN, Tun, TunQueue};
 use nix::sched::{CloneFlags, setns};
 use pnet_packet::Packet;
 use pnet_packet::ip::IpNextHeaderProtocols;
@@ -23,6 +22,7 @@ use pnet_packet::ipv4::{self, Ipv4Flags, Ipv4Packet, MutableIpv4Packet};
 use pnet_packet::ipv6::{Ipv6Packet, MutableIpv6Packet};
 use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
 use rand_core::{OsRng, RngCore};
+use tundev::{self as tun, DEFAULT_MTU, PACKET_BUF_LEN, Tun, TunQueue};
 
 const DEV: &str = "mvexit0";
 const WAIT: Duration = Duration::from_secs(5);
