@@ -5,6 +5,9 @@ use crate::exit::{ExitShared, ExitTerminal};
 use crate::policy::ExitPolicy;
 use crate::pool::AddressPool;
 use anyhow::{Context, Result, bail};
+use relayd::cli::{LogControl, Notify, notify};
+use relayd::relay::RelayHandle;
+use relayd::reload::Reloader;
 use relayd::terminal::Terminal;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -32,7 +35,28 @@ fn forwarding(enable: bool) -> Result<()> {
 /// Runs the exit configured by `path` until `stop` is set: forwarding, TUN, nftables, the relay
 /// engine with an exit terminal per worker; on stop, DESTROY for live circuits and the table removed.
 pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
+    run_with(path, stop, None)
+}
+
+/// What `exitd run` adds for a service manager: SIGHUP sets `hup` to re-read the
+/// configuration; `log` applies a new `log_level`.
+pub struct ReloadOn {
+    /// Set by the SIGHUP handler.
+    pub hup: Arc<AtomicBool>,
+    /// The log filter.
+    pub log: LogControl,
+}
+
+/// As [`run`], telling systemd READY=1 once the exit is set up (forwarding, TUN, nftables,
+/// sockets) and STOPPING=1 at stop, and with `reload`, re-reading the configuration on SIGHUP:
+/// the relay engine's live keys are applied as relayd does (`relayd::reload`); `[exit]` and
+/// `[policy]` are built into the TUN, the nftables table and the workers, so a change to
+/// either is logged as needing a restart.
+pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) -> Result<()> {
     let config = ExitConfig::load(path)?;
+    if let Some(r) = &reload {
+        r.log.set(&config.relay.log_level)?;
+    }
     let keys = relayd::keys::load(&config.relay.key_dir).with_context(|| {
         format!(
             "cannot load keys from {} (key_dir); create them with `exitd keygen --dir`",
@@ -86,6 +110,7 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
     });
     let mut queues: Vec<_> = tun.into_queues().into_iter().map(Some).collect();
     let now = Instant::now();
+    let mut reloader = reload.map(|r| (r.hup, Reloader::new(config.relay.clone(), &keys, r.log)));
     let relay = relayd::relay::start_with(&config.relay, keys, |i| {
         let queue = queues.get_mut(i)?.take()?;
         let inbox = inboxes.get_mut(i)?.take()?;
@@ -96,17 +121,50 @@ pub fn run(path: &Path, stop: Arc<AtomicBool>) -> Result<()> {
     if let Some(m) = relay.metrics_addr {
         info!("metrics on http://{m}/metrics");
     }
+    let status = format!("exit on {}, out of {}", relay.local_addr, exit.wan);
+    notify(Notify::Ready, &status);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         if let Ok(mut pool) = shared.pool.lock() {
             pool.expire(Instant::now());
         }
+        if let Some((hup, reloader)) = &mut reloader
+            && hup.swap(false, Ordering::Relaxed)
+        {
+            reload_config(path, &config, reloader, &relay, &status);
+        }
     }
+    notify(Notify::Stopping, "sending DESTROY for live circuits, removing the nftables table");
     info!("shutting down: sending DESTROY for live circuits");
     relay.shutdown();
     crate::nft::remove(&nat.table).context("cannot remove the nftables table")?;
     info!("stopped; nftables table removed");
     Ok(())
+}
+
+/// SIGHUP: a new configuration that does not load is logged and the running one kept.
+fn reload_config(path: &Path, running: &ExitConfig, reloader: &mut Reloader, relay: &RelayHandle, status: &str) {
+    notify(Notify::Reloading, "reloading the configuration");
+    info!("SIGHUP: reloading {}", path.display());
+    let result = ExitConfig::load(path).map_err(anyhow::Error::from).and_then(|new| {
+        for (section, changed) in [("[exit]", new.exit != running.exit), ("[policy]", new.policy != running.policy)] {
+            if changed {
+                tracing::warn!(key = section, "reload: changed but needs a restart; still running with the old value");
+            }
+        }
+        reloader.apply(&new.relay, relay)
+    });
+    match result {
+        Ok(_) => {
+            relay.registry.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            notify(Notify::Ready, &format!("{status}; configuration reloaded"));
+        }
+        Err(e) => {
+            relay.registry.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("configuration reload failed, keeping the running configuration: {e:#}");
+            notify(Notify::Ready, &format!("{status}; last reload FAILED (see log)"));
+        }
+    }
 }
 
 /// exitd's own series: packets by what happened to them, and sessions.

@@ -24,7 +24,7 @@ const DEFAULT_DENY: [(&str, &[&str]); 7] = [
 ];
 
 /// Exit policy options, from exitd's config (`[policy]`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Prefixes allowed even inside a default-denied class (never cloud metadata).

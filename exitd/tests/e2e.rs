@@ -10,7 +10,8 @@
 //! handshake (MSS clamped) — that reach the internet namespace from the exit's WAN address and
 //! come back; denied destinations, port 25, a spoofed source and malformed packets are counted
 //! at the exit and never reach the internet; a circuit over its rate limit is held to it; the
-//! nftables table is there while exitd runs, gone after SIGTERM, and exactly once after kill -9
+//! nftables table is there while exitd runs (READY=1 to systemd only once it is; SIGHUP reloads,
+//! a broken file is refused), gone after SIGTERM (STOPPING=1), and exactly once after kill -9
 //! and a restart. Addresses exist only in these namespaces; every wait is bounded.
 
 use cellproto::cell::{CELL_LEN, Command};
@@ -108,6 +109,7 @@ impl Lab {
         let child = Proc::new("ip")
             .args(["netns", "exec", &self.exit, env!("CARGO_BIN_EXE_exitd"), "run", "--config"])
             .arg(config)
+            .env("NOTIFY_SOCKET", config.with_file_name("notify.sock"))
             .spawn()
             .expect("start exitd");
         Exitd(child)
@@ -296,8 +298,18 @@ fn exit_end_to_end() {
         }));
     }
 
+    // systemd's notification socket: READY=1 only once the exit is set up.
+    let notify = std::os::unix::net::UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let next_notify = || {
+        let mut buf = [0u8; 4096];
+        let n = notify.recv(&mut buf).expect("sd_notify message");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let mut child = lab.exitd(&config);
-    wait_for("the exit's nftables table", || lab.nft_tables().contains("meshvpn_exit"));
+    let ready = next_notify();
+    assert!(ready.contains("READY=1") && ready.contains("out of wan0"), "{ready}");
+    assert!(lab.nft_tables().contains("meshvpn_exit"), "READY=1 before the nftables table");
 
     let client = Lab::run_in(&lab.client, move || {
         let mut c = Client::connect(hop);
@@ -458,8 +470,27 @@ fn exit_end_to_end() {
     assert!(sources.contains(&IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1))), "{sources:?}");
     assert!(sources.contains(&"2001:db8:1::1".parse().unwrap()), "{sources:?}");
 
-    // SIGTERM: the table goes away with exitd.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    // SIGHUP with new limits and a new policy: reloaded (the policy is logged as needing a
+    // restart), the exit still serves.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}[limits]\ncreate_burst = 7\n[policy]\ndeny_ports = [25, 26]\n")).unwrap();
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(next_notify().contains("RELOADING=1"));
+    assert!(next_notify().contains("READY=1"));
+    let m = Lab::run_in(&lab.client, || metrics("203.0.113.1:9101")).join().unwrap();
+    assert_eq!(m["relayd_config_reloads_total{result=\"ok\"}"], 1.0, "{m:?}");
+    std::fs::write(&config, "nonsense").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(next_notify().contains("RELOADING=1"));
+    assert!(next_notify().contains("last reload FAILED"));
+    let m = Lab::run_in(&lab.client, || metrics("203.0.113.1:9101")).join().unwrap();
+    assert_eq!(m["relayd_config_reloads_total{result=\"failed\"}"], 1.0, "{m:?}");
+    std::fs::write(&config, text).unwrap();
+
+    // SIGTERM: STOPPING=1, and the table goes away with exitd.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(next_notify().contains("STOPPING=1"));
     let status = wait_exit(&mut child.0);
     assert!(status.success(), "exitd exited with {status}");
     assert!(!lab.nft_tables().contains("meshvpn_exit"), "table left after stop");

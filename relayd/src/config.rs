@@ -52,7 +52,7 @@ pub enum DatapathChoice {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// UDP address for cells and STUN.
@@ -103,10 +103,14 @@ pub struct Config {
     /// Benchmark-only switches.
     #[serde(default)]
     pub bench: Bench,
+    /// Log filter (`info`, `debug`, `relayd=debug,warn`, …: tracing's `EnvFilter` syntax).
+    /// `RUST_LOG`, when set, wins. Changed by SIGHUP.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
 }
 
 /// STUN options.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StunOptions {
     /// A second UDP port on the listen address for RFC 5780 NAT behaviour discovery
@@ -115,7 +119,7 @@ pub struct StunOptions {
 }
 
 /// Switches for the `perf` harness. Never set them on a real relay.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bench {
     /// Forward cells by LCID with no cryptography at all (no header protection, no layer, no
@@ -126,7 +130,7 @@ pub struct Bench {
 }
 
 /// Per-source limits (Tor's DoS defaults: 3 circuits/s, burst 90).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Sustained CREATE rate per source IP (per second).
@@ -144,7 +148,7 @@ pub struct Limits {
 }
 
 /// Where EXTEND may go.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendPolicy {
     /// Allow targets in private, loopback, link-local and CGNAT ranges (labs and private
@@ -154,7 +158,7 @@ pub struct ExtendPolicy {
 }
 
 /// Prometheus metrics.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
     /// Address for `GET /metrics` (text format); none = disabled.
@@ -172,6 +176,9 @@ impl Default for Limits {
     }
 }
 
+fn default_log_level() -> String {
+    "info".into()
+}
 fn yes() -> bool {
     true
 }
@@ -234,6 +241,9 @@ impl Config {
         }
         if config.stun.alternate_port.is_some_and(|p| p == 0 || p == config.listen.port()) {
             return Err(bad("stun.alternate_port", "must be a port other than 0 and other than listen's"));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&config.log_level).is_err() {
+            return Err(bad("log_level", "is not a log filter (e.g. \"info\" or \"relayd=debug,warn\")"));
         }
         if config.workers > 1024 {
             return Err(bad("workers", "must be at most 1024"));

@@ -91,6 +91,17 @@ pub enum ToWorker {
     },
 }
 
+/// Main thread → control: settings changed by SIGHUP (see [`crate::reload`]).
+#[derive(Debug)]
+pub struct ControlUpdate {
+    /// The new `[limits]`.
+    pub limits: crate::config::Limits,
+    /// The new `extend.allow_private`.
+    pub allow_private: bool,
+    /// New onion keys (current first), if they changed on disk (rotation).
+    pub onion: Option<Vec<cellproto::handshake::OnionSecret>>,
+}
+
 /// Whether `ip` is in a range a public relay must not extend into.
 pub fn is_private(ip: IpAddr) -> bool {
     match ip {
@@ -128,6 +139,7 @@ pub struct Control {
     used: HashSet<u32>,
     sources: HashMap<u32, IpAddr>,
     registry: Arc<Registry>,
+    updates: Option<Receiver<ControlUpdate>>,
 }
 
 impl Control {
@@ -150,6 +162,31 @@ impl Control {
             used: HashSet::new(),
             sources: HashMap::new(),
             registry,
+            updates: None,
+        }
+    }
+
+    /// Takes [`ControlUpdate`]s (SIGHUP) from `updates`, applied between messages.
+    pub fn with_updates(mut self, updates: Receiver<ControlUpdate>) -> Self {
+        self.updates = Some(updates);
+        self
+    }
+
+    fn apply(&mut self, u: ControlUpdate) {
+        let l = u.limits;
+        info!(
+            create_rate = l.create_rate,
+            create_burst = l.create_burst,
+            max_circuits_per_ip = l.max_circuits_per_ip,
+            exempt = l.exempt.len(),
+            allow_private = u.allow_private,
+            "reload: limits in force"
+        );
+        self.limits.reconfigure(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt);
+        self.allow_private = u.allow_private;
+        if let Some(keys) = u.onion {
+            debug!(keys = keys.len(), "reload: onion keys replaced");
+            self.plane.set_onion_keys(keys);
         }
     }
 
@@ -182,6 +219,9 @@ impl Control {
     pub fn run(mut self, inbox: Receiver<ToControl>, stop: Arc<AtomicBool>) {
         let mut last_expire = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            while let Some(u) = self.updates.as_ref().and_then(|rx| rx.try_recv().ok()) {
+                self.apply(u);
+            }
             match inbox.recv_timeout(Duration::from_millis(100)) {
                 Ok(msg) => self.handle(Instant::now(), msg),
                 Err(RecvTimeoutError::Timeout) => {}

@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::keys::RelayKeys;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use cellproto::descriptor::{ExitPolicySummary, FLAG_AES_HW, FLAG_EXIT, FLAG_GUARD, RelayDescriptor};
 use cellproto::identity::OnionKeyCert;
 
@@ -13,6 +13,12 @@ const CLOCK_SKEW_SECS: u64 = 3600;
 /// Builds and signs the descriptor for `config` and `keys` at unix time `now`; an exit passes
 /// its policy summary (which also sets the EXIT flag).
 pub fn signed(config: &Config, keys: &RelayKeys, now: u64, exit_policy: Option<ExitPolicySummary>) -> Result<Vec<u8>> {
+    if let Some(a) = config.published_addresses().iter().find(|a| a.ip().is_unspecified()) {
+        bail!(
+            "cannot publish {a}: listen is a wildcard address; set public_addresses to the address clients and relays reach (e.g. [\"203.0.113.7:{}\"])",
+            a.port()
+        );
+    }
     let expires = now + config.descriptor_lifetime_secs;
     let identity = keys.identity.public();
     let onion_keys = keys

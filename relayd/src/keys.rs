@@ -121,6 +121,28 @@ pub fn load(dir: &Path) -> Result<RelayKeys, KeyError> {
     Ok(RelayKeys { identity, onion })
 }
 
+/// Onion key rotation: the current `onion.key` becomes `onion.key.prev` (replacing an older
+/// one) and a new `onion.key` is written (0600). A running relay picks both up on SIGHUP and
+/// answers handshakes made with either, so clients holding the previous descriptor still
+/// connect until the new descriptor has spread; rotate again no sooner than that. Returns the
+/// new onion public key. The identity is untouched.
+pub fn rotate_onion(dir: &Path) -> Result<[u8; 32], KeyError> {
+    // Refuse a directory without an identity: it is not a key directory.
+    read_key(&dir.join(IDENTITY_FILE))?;
+    let current = dir.join(ONION_FILE);
+    let prev = dir.join(ONION_PREV_FILE);
+    if current.exists() {
+        read_key(&current)?;
+        fs::rename(&current, &prev).map_err(io_err(&current))?;
+    }
+    let mut secret = [0u8; 32];
+    OsRng.fill_bytes(&mut secret);
+    let written = write_new(&current, &secret);
+    let public = *OnionSecret::from_bytes(&secret).public();
+    secret.fill(0);
+    written.map(|()| public)
+}
+
 /// Creates `dir` (0700) with a new directory-authority identity; refuses to overwrite it.
 pub fn authority_keygen(dir: &Path) -> Result<RelayIdentity, KeyError> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
@@ -159,6 +181,23 @@ mod tests {
         assert_eq!(made.onion[0].public(), loaded.onion[0].public());
         assert_eq!(fs::metadata(dir.join(IDENTITY_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(matches!(keygen(&dir), Err(KeyError::Exists(_))));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn rotation_keeps_the_previous_onion_key() {
+        let dir = tmp("rotate");
+        let made = keygen(&dir).unwrap();
+        let first = *made.onion[0].public();
+        let new = rotate_onion(&dir).unwrap();
+        let loaded = load(&dir).unwrap();
+        assert_eq!(loaded.identity.public(), made.identity.public());
+        assert_eq!(loaded.onion.iter().map(|k| *k.public()).collect::<Vec<_>>(), vec![new, first]);
+        let newer = rotate_onion(&dir).unwrap();
+        let loaded = load(&dir).unwrap();
+        assert_eq!(loaded.onion.iter().map(|k| *k.public()).collect::<Vec<_>>(), vec![newer, new]);
+        assert_eq!(fs::metadata(dir.join(ONION_FILE)).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(rotate_onion(&tmp("rotate-empty")).is_err(), "no identity, no rotation");
         fs::remove_dir_all(&dir).unwrap();
     }
 

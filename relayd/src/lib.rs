@@ -12,6 +12,7 @@
 //! | [`stun`] | STUN Binding answers on the relay port |
 //! | [`metrics`] | Prometheus counters and endpoint |
 //! | [`relay`] | wiring it all together |
+//! | [`reload`] | SIGHUP: what a new configuration may change while running |
 //! | [`terminal`] | the hook an exit plugs into each worker |
 //! | [`descriptor`] | the relay's signed descriptor |
 
@@ -24,6 +25,7 @@ pub mod keys;
 pub mod metrics;
 pub mod ratelimit;
 pub mod relay;
+pub mod reload;
 pub mod stun;
 pub mod terminal;
 pub mod worker;

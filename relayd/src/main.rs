@@ -2,8 +2,11 @@
 
 use anyhow::{Context, Result};
 use base64::Engine as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use relayd::cli::{LogControl, Notify, notify};
 use relayd::config::Config;
+use relayd::relay::RelayHandle;
+use relayd::reload::Reloader;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,13 @@ enum Cmd {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Onion key rotation: onion.key becomes onion.key.prev and a new onion.key is made; a
+    /// running relay takes both on SIGHUP (`systemctl reload relayd`). Publish a new descriptor.
+    RotateOnion {
+        /// The key directory (`key_dir`).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Print this relay's signed descriptor (base64), for the directory.
     Descriptor {
         /// Configuration file (see relayd.example.toml).
@@ -37,11 +47,19 @@ enum Cmd {
     /// Directory authority: make its key, sign a directory of relay descriptors.
     #[command(subcommand)]
     Authority(AuthorityCmd),
-    /// Run the relay until SIGTERM or SIGINT.
+    /// Run the relay until SIGTERM or SIGINT; SIGHUP re-reads the configuration (applies
+    /// `[limits]`, `extend`, `log_level` and rotated onion keys; logs keys that need a restart).
     Run {
         /// Configuration file (see relayd.example.toml).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Write man pages and shell completions (packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory: man8/ and completions/ are made in it.
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -99,12 +117,20 @@ fn authority(cmd: AuthorityCmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    relayd::cli::init_logging();
+    let log = relayd::cli::init_logging_with("info");
     match cli.command {
         Cmd::Keygen { dir } => {
             let keys = relayd::keys::keygen(&dir)?;
             println!("identity {}", keys.identity.public());
             eprintln!("keys written to {} (mode 0600)", dir.display());
+        }
+        Cmd::RotateOnion { dir } => {
+            let public = relayd::keys::rotate_onion(&dir)?;
+            println!("onion {}", hex(&public));
+            eprintln!(
+                "new onion key in {}; the previous one is kept as onion.key.prev. Reload the relay (SIGHUP), then publish a new descriptor",
+                dir.display()
+            );
         }
         Cmd::Authority(cmd) => authority(cmd)?,
         Cmd::Descriptor { config } => {
@@ -114,30 +140,62 @@ fn main() -> Result<()> {
             let signed = relayd::descriptor::signed(&config, &keys, relayd::cli::unix_now(), None)?;
             println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
         }
-        Cmd::Run { config: path } => {
-            let config = Config::load(&path)?;
-            let keys = relayd::keys::load(&config.key_dir).with_context(|| {
-                format!(
-                    "cannot load keys from {} (key_dir); create them with `relayd keygen --dir`",
-                    config.key_dir.display()
-                )
-            })?;
-            tracing::info!(identity = %keys.identity.public(), nickname = %config.nickname, "starting relayd {}", env!("CARGO_PKG_VERSION"));
-            let relay = relayd::relay::start(&config, keys)?;
-            if let Some(m) = relay.metrics_addr {
-                tracing::info!("metrics on http://{m}/metrics");
-            }
-            let term = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, term.clone()).context("cannot install signal handler")?;
-            }
-            while !term.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            tracing::info!("shutting down: sending DESTROY for live circuits");
-            relay.shutdown();
-            tracing::info!("stopped");
-        }
+        Cmd::Run { config } => run(&config, log)?,
+        Cmd::GenerateDocs { dir } => relayd::cli::write_docs(Cli::command(), &dir)?,
     }
     Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn run(path: &std::path::Path, log: LogControl) -> Result<()> {
+    let config = Config::load(path)?;
+    log.set(&config.log_level)?;
+    let keys = relayd::keys::load(&config.key_dir).with_context(|| {
+        format!("cannot load keys from {} (key_dir); create them with `relayd keygen --dir`", config.key_dir.display())
+    })?;
+    tracing::info!(identity = %keys.identity.public(), nickname = %config.nickname, "starting relayd {}", env!("CARGO_PKG_VERSION"));
+    let term = Arc::new(AtomicBool::new(false));
+    let hup = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, term.clone()).context("cannot install signal handler")?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone()).context("cannot install signal handler")?;
+    let mut reloader = Reloader::new(config.clone(), &keys, log);
+    let relay = relayd::relay::start(&config, keys)?;
+    if let Some(m) = relay.metrics_addr {
+        tracing::info!("metrics on http://{m}/metrics");
+    }
+    notify(Notify::Ready, &format!("relaying on {}", relay.local_addr));
+    while !term.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if hup.swap(false, Ordering::Relaxed) {
+            reload(path, &mut reloader, &relay);
+        }
+    }
+    notify(Notify::Stopping, "sending DESTROY for live circuits");
+    tracing::info!("shutting down: sending DESTROY for live circuits");
+    relay.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGHUP: a new configuration that does not load is logged and the running one kept.
+fn reload(path: &std::path::Path, reloader: &mut Reloader, relay: &RelayHandle) {
+    notify(Notify::Reloading, "reloading the configuration");
+    tracing::info!("SIGHUP: reloading {}", path.display());
+    let result = Config::load(path).map_err(anyhow::Error::from).and_then(|new| reloader.apply(&new, relay));
+    match result {
+        Ok(_) => {
+            relay.registry.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            notify(Notify::Ready, &format!("relaying on {}; configuration reloaded", relay.local_addr));
+        }
+        Err(e) => {
+            relay.registry.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!("configuration reload failed, keeping the running configuration: {e:#}");
+            notify(Notify::Ready, &format!("relaying on {}; last reload FAILED (see log)", relay.local_addr));
+        }
+    }
 }

@@ -142,6 +142,10 @@ pub struct Registry {
     pub control: ControlStats,
     /// Which data path runs ("io_uring" or "recvmmsg").
     pub datapath: &'static str,
+    /// Configuration reloads (SIGHUP): applied, refused (the old configuration kept).
+    pub reloads_ok: AtomicU64,
+    /// See `reloads_ok`.
+    pub reloads_failed: AtomicU64,
     /// More series appended by what embeds the engine (exitd's), set once after start.
     pub extra: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
 }
@@ -159,6 +163,8 @@ impl Registry {
             workers: (0..workers).map(|_| WorkerStats::default()).collect(),
             control: ControlStats::default(),
             datapath,
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
             extra: std::sync::OnceLock::new(),
         }
     }
@@ -233,6 +239,17 @@ impl Registry {
         let _ = writeln!(out, "# HELP relayd_extends_total EXTEND requests.\n# TYPE relayd_extends_total counter");
         let _ = writeln!(out, "relayd_extends_total{{result=\"ok\"}} {}", c.extends.load(Ordering::Relaxed));
         let _ = writeln!(out, "relayd_extends_total{{result=\"failed\"}} {}", c.extends_failed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP relayd_config_reloads_total Configuration reloads (SIGHUP): ok, or failed (old configuration kept).\n# TYPE relayd_config_reloads_total counter"
+        );
+        let _ =
+            writeln!(out, "relayd_config_reloads_total{{result=\"ok\"}} {}", self.reloads_ok.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "relayd_config_reloads_total{{result=\"failed\"}} {}",
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
         if let Some(extra) = self.extra.get() {
             out.push_str(&extra());
         }

@@ -33,6 +33,18 @@ impl SourceLimits {
         Self { rate, burst: f64::from(burst), max_circuits, exempt, buckets: HashMap::new(), circuits: HashMap::new() }
     }
 
+    /// New limits for a running relay (SIGHUP). Sources keep their state: live circuits are
+    /// still counted, and no bucket holds more than the new burst.
+    pub fn reconfigure(&mut self, rate: f64, burst: u32, max_circuits: u32, exempt: Vec<IpNet>) {
+        self.rate = rate;
+        self.burst = f64::from(burst);
+        self.max_circuits = max_circuits;
+        self.exempt = exempt;
+        for b in self.buckets.values_mut() {
+            b.tokens = b.tokens.min(self.burst);
+        }
+    }
+
     /// Whether a CREATE from `ip` may proceed now (spends a token if so).
     pub fn allow_create(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.exempt.iter().any(|net| net.contains(&ip)) {
@@ -99,5 +111,17 @@ mod tests {
         assert!(!l.allow_create(other, t0 + Duration::from_secs(100)), "circuit cap");
         l.closed(other);
         assert!(l.allow_create(other, t0 + Duration::from_secs(100)));
+    }
+
+    #[test]
+    fn reconfigure_applies_at_once() {
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut l = SourceLimits::new(3.0, 90, 100, Vec::new());
+        let t0 = Instant::now();
+        assert_eq!((0..5).filter(|_| l.allow_create(ip, t0)).count(), 5);
+        l.reconfigure(1.0, 2, 100, Vec::new());
+        assert_eq!((0..10).filter(|_| l.allow_create(ip, t0)).count(), 2, "tokens clamped to the new burst");
+        l.reconfigure(1.0, 2, 100, vec!["192.0.2.0/24".parse().unwrap()]);
+        assert_eq!((0..10).filter(|_| l.allow_create(ip, t0)).count(), 10, "now exempt");
     }
 }

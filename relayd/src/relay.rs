@@ -2,7 +2,7 @@
 //! `exitd` starts the same engine.
 
 use crate::config::{Config, DatapathChoice};
-use crate::control::{Control, ToControl, ToWorker};
+use crate::control::{Control, ControlUpdate, ToControl, ToWorker};
 use crate::datapath::{self, Backend};
 use crate::keys::RelayKeys;
 use crate::metrics::{self, Registry};
@@ -32,9 +32,17 @@ pub struct RelayHandle {
     pub metrics_addr: Option<SocketAddr>,
     /// The counters.
     pub registry: Arc<Registry>,
+    updates: crossbeam_channel::Sender<ControlUpdate>,
 }
 
 impl RelayHandle {
+    /// Hands new limits, EXTEND policy and onion keys to the control thread (SIGHUP); it
+    /// applies them within its next poll (≤ 100 ms).
+    pub fn update(&self, update: ControlUpdate) {
+        // The control thread is gone only while shutting down.
+        let _ = self.updates.send(update);
+    }
+
     /// Stops every thread (workers send DESTROY for their circuits first) and waits for them.
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -103,7 +111,8 @@ pub fn start_with(
 
     let plane = ControlPlane::new(keys.identity.public().0, keys.onion, local_aes_hw());
     let wakers = paths.iter().map(|dp| dp.waker()).collect();
-    let control = Control::new(config, plane, worker_senders, wakers, registry.clone());
+    let (updates, update_inbox) = crossbeam_channel::unbounded();
+    let control = Control::new(config, plane, worker_senders, wakers, registry.clone()).with_updates(update_inbox);
     let mut threads = Vec::with_capacity(workers + 1);
     let control_stop = stop.clone();
     threads.push(
@@ -146,5 +155,5 @@ pub fn start_with(
         ),
         None => None,
     };
-    Ok(RelayHandle { stop, threads, local_addr, metrics_addr, registry })
+    Ok(RelayHandle { stop, threads, local_addr, metrics_addr, registry, updates })
 }

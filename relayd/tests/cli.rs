@@ -57,6 +57,17 @@ fn keygen_descriptor_and_refusals() {
     let desc = RelayDescriptor::decode_and_verify(&signed, now).unwrap();
     assert_eq!(desc.nickname, "clitest");
 
+    // A wildcard listen address cannot be published: the error says what to set.
+    let wildcard = dir.join("wildcard.toml");
+    std::fs::write(&wildcard, "listen = \"0.0.0.0:9001\"\nkey_dir = \"keys\"\nnickname = \"clitest\"\n").unwrap();
+    let out = relayd().args(["descriptor", "--config"]).arg(&wildcard).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("set public_addresses"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A key readable by others is refused with the fix in the message.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(keys.join("identity.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
