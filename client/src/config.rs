@@ -40,7 +40,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration, as read (relative paths already resolved against the file).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The signed directory file (`relayd authority sign`).
@@ -78,7 +78,7 @@ pub struct Config {
 }
 
 /// Keepalive and handshake timing, in milliseconds.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Timers {
     /// Send a PING to the exit after this long without receiving anything.
@@ -157,6 +157,28 @@ impl Config {
         }
         config.check().map_err(|(key, problem)| ConfigError::Value { path: path.into(), key, problem })?;
         Ok(config)
+    }
+
+    /// The keys whose change in `new` a running client cannot apply (it needs a restart);
+    /// `timers` and the directory file's content are applied live.
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut check = |key, same: bool| {
+            if !same {
+                keys.push(key);
+            }
+        };
+        check("directory", self.directory == new.directory);
+        check("authority", self.authority == new.authority);
+        check("hops", self.hops == new.hops);
+        check("exit", self.exit == new.exit);
+        check("exit_ports", self.exit_ports == new.exit_ports);
+        check("state_dir", self.state_dir == new.state_dir);
+        check("control_socket", self.control_socket == new.control_socket);
+        check("tun", self.tun == new.tun);
+        check("resolv_conf", self.resolv_conf == new.resolv_conf);
+        check("kill_switch", self.kill_switch == new.kill_switch);
+        keys
     }
 
     /// Range checks, also applied after command-line overrides.

@@ -17,6 +17,7 @@ use cellproto::cell::{CELL_LEN, TUN_MTU};
 use cellproto::onion::{payload, payload_mut};
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand_core::OsRng;
+use relayd::cli::{Notify, notify};
 use std::io::{BufRead, ErrorKind, Seek};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -42,8 +43,9 @@ const UP_WAIT: Duration = Duration::from_secs(60);
 type ControlRequest = (Request, oneshot::Sender<Answer>);
 
 /// `meshvpn up --foreground`: runs until SIGTERM, SIGINT or `meshvpn down`, then undoes every
-/// change it made.
-pub fn run(config: Config) -> Result<()> {
+/// change it made. SIGHUP re-reads `config_path` (keeping a `--hops` override) and the
+/// directory file; under systemd it notifies readiness once the tunnel is up.
+pub fn run(config: Config, config_path: &Path, hops: Option<usize>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("meshvpn up needs root (it creates a TUN device and changes routes, DNS and nftables); run it with sudo");
     }
@@ -51,7 +53,8 @@ pub fn run(config: Config) -> Result<()> {
     let mut system = System::begin(&config.state_dir)?;
     relays.measure_rtts(RTT_PROBE);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let result = runtime.block_on(drive(&config, relays, &mut system));
+    let result = runtime.block_on(drive(&config, (config_path, hops), relays, &mut system));
+    notify(Notify::Stopping, "restoring routes, DNS and nftables");
     system.finish();
     let _ = std::fs::remove_file(&config.control_socket);
     match &result {
@@ -76,7 +79,12 @@ struct Driver<'a> {
     gro: Gro,
 }
 
-async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> Result<()> {
+async fn drive(
+    config: &Config,
+    (config_path, hops): (&Path, Option<usize>),
+    relays: relays::Relays,
+    system: &mut System,
+) -> Result<()> {
     let now = Instant::now();
     let request = PathRequest {
         hops: config.hops,
@@ -103,6 +111,7 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(8);
     let mut cell = Box::new([0u8; CELL_LEN]);
     loop {
@@ -111,6 +120,7 @@ async fn drive(config: &Config, relays: relays::Relays, system: &mut System) -> 
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: going down"); break }
             _ = int.recv() => { info!("SIGINT: going down"); break }
+            _ = hup.recv() => driver.reload(config_path, hops),
             ready = driver.socket.readable() => {
                 ready?;
                 driver.receive().await;
@@ -161,6 +171,31 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// SIGHUP: applies new timers and a fresh directory; anything else needs a restart, which
+    /// is logged by key. A file that does not load changes nothing.
+    fn reload(&mut self, path: &Path, hops: Option<usize>) {
+        notify(Notify::Reloading, "re-reading the configuration");
+        match Config::load(path) {
+            Ok(mut new) => {
+                new.hops = hops.unwrap_or(new.hops);
+                let restart = self.config.restart_needed(&new);
+                if !restart.is_empty() {
+                    warn!(keys = ?restart, "these changes apply at the next start (`meshvpn down` and `up`, or `systemctl restart meshvpn`)");
+                }
+                self.tunnel.set_timers(new.timers);
+                match relays::load_directory(self.config) {
+                    Ok(fresh) => {
+                        info!(relays = fresh.relays.len(), "configuration and directory reloaded");
+                        self.tunnel.set_relays(fresh);
+                    }
+                    Err(e) => warn!("keeping the directory already loaded: {e}"),
+                }
+            }
+            Err(e) => warn!("keeping the running configuration: {e}"),
+        }
+        notify(Notify::Ready, self.tunnel.reason().unwrap_or("tunnel up"));
+    }
+
     fn on_event(&mut self, event: TunnelEvent) -> Result<()> {
         match event {
             TunnelEvent::Guard(guard) => {
@@ -209,6 +244,7 @@ impl Driver<'_> {
                 }
                 let path: Vec<&str> = self.tunnel.path().iter().map(|r| r.desc.nickname.as_str()).collect();
                 info!(path = %path.join(" -> "), inner4 = %v4.addr(), inner6 = %v6.addr(), "tunnel up");
+                notify(Notify::Ready, &format!("tunnel up through {}", path.join(" > ")));
             }
             TunnelEvent::Down => {
                 warn!(reason = self.tunnel.reason().unwrap_or("-"), "tunnel down; the kill switch holds traffic");

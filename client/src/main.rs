@@ -62,6 +62,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Write man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Output directory (man8/ and completions/ are made in it).
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Ask relays (STUN) for this machine's public address and its NAT's behaviour (RFC 5780).
     Netcheck {
         /// Configuration file (relays come from its directory).
@@ -85,8 +92,8 @@ fn main() -> Result<()> {
                 bail!("--hops: {key} {problem}");
             }
             if foreground {
-                init_logging();
-                meshvpn::daemon::run(cfg)
+                relayd::cli::init_logging();
+                meshvpn::daemon::run(cfg, &config, hops)
             } else {
                 meshvpn::daemon::spawn_background(&config, &cfg, hops)
             }
@@ -107,6 +114,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::GenerateDocs { dir } => relayd::cli::write_docs(<Cli as clap::CommandFactory>::command(), &dir),
         Cmd::Netcheck { config, json } => {
             let cfg = Config::load(&config)?;
             let relays = meshvpn::relays::load_directory(&cfg)?;
@@ -119,12 +127,4 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
 }

@@ -16,7 +16,7 @@ use rand_core::RngCore;
 use std::collections::HashMap;
 use std::net::{IpAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// Why the directory file was refused.
@@ -79,16 +79,11 @@ pub struct Relays {
     pub relays: Vec<Relay>,
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 /// Reads and verifies `config.directory` under `config.authority` at the current time.
 pub fn load_directory(config: &Config) -> Result<Relays, LoadError> {
     let path = &config.directory;
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
-    from_bytes(&bytes, path, &config.authority, unix_now())
+    from_bytes(&bytes, path, &config.authority, relayd::cli::unix_now())
 }
 
 /// Verifies a directory's bytes (`path` only names it in errors).

@@ -145,6 +145,18 @@ impl Tunnel {
         }
     }
 
+    /// New timings (SIGHUP), from the next timer on.
+    pub fn set_timers(&mut self, timers: Timers) {
+        self.timers = timers;
+        self.circuit_config.handshake_timeout = Duration::from_millis(timers.handshake_timeout_ms);
+        self.circuit_config.handshake_attempts = timers.handshake_attempts;
+    }
+
+    /// A fresh directory (SIGHUP): new paths are chosen from it; the current circuit stays.
+    pub fn set_relays(&mut self, relays: Relays) {
+        self.relays = relays;
+    }
+
     /// Where packets flow.
     pub fn state(&self) -> State {
         self.state

@@ -398,6 +398,18 @@ fn curl_through_the_tunnel_and_the_server_sees_the_exit() {
     assert_eq!(status["state"], "up", "{status}");
     assert_eq!(path_nicknames(&status).len(), 3, "{status}");
     assert!(status["bytes_received"].as_u64().unwrap_or(0) > 0, "{status}");
+
+    // SIGHUP (systemctl reload) re-reads the configuration and directory; the tunnel stays.
+    let pids = stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[]));
+    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+    wait_until(10, "the client to log the reload", || {
+        lab.read("client/state/meshvpn.log").contains("configuration and directory reloaded")
+    });
+    assert_eq!(lab.status()["state"], "up");
+    let (ok, body) = lab.curl("http://internet.lab/", 20);
+    assert!(ok && body.contains(PAGE_TEXT), "curl after SIGHUP failed: {body}");
 }
 
 /// IPv6 goes through the tunnel too: the server sees the exit's IPv6 address.
