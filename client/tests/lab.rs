@@ -572,13 +572,24 @@ fn down_restores_routes_dns_and_nftables() {
     }
 }
 
-/// After `kill -9`, what the client changed stays (the kill switch keeps holding traffic in);
-/// the next `up` undoes it from the journal before starting, and `down --config` with no
-/// client running undoes it too.
+/// SIGTERM (what systemd sends) undoes everything at once. After `kill -9`, what the client
+/// changed stays (the kill switch keeps holding traffic in); the next `up` undoes it from the
+/// journal before starting, and `down --config` with no client running undoes it too.
 #[test]
-fn crash_is_cleaned_up_by_the_next_up_and_by_down() {
+fn sigterm_and_crashes_are_cleaned_up() {
     let lab = Lab::up(10, &["--no-client"]);
     let before = snapshot(&lab);
+    lab.client_up();
+    let pids = stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[]));
+    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    }
+    wait_until(15, "the client to stop on SIGTERM", || {
+        stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[])).trim().is_empty()
+    });
+    for ((what, b), (_, a)) in before.iter().zip(&snapshot(&lab)) {
+        assert_eq!(b, a, "`{what}` differs after SIGTERM");
+    }
     for cleaner in ["up", "down"] {
         lab.client_up();
         // The only process in the client's namespace is meshvpn (the lab runs curl and the like
