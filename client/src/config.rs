@@ -6,38 +6,9 @@ use cellproto::identity::IdentityKey;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use thiserror::Error;
 
-/// Why a configuration file was refused.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// TOML syntax, an unknown key, or a value of the wrong type (the message names the key).
-    #[error("invalid config {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, naming the key.
-        message: String,
-    },
-    /// A value out of range.
-    #[error("invalid config {path}: `{key}` {problem}")]
-    Value {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        problem: String,
-    },
-}
+/// Why a configuration file was refused: the same cases, and messages, as relayd's.
+pub use relayd::config::ConfigError;
 
 /// The whole configuration, as read (relative paths already resolved against the file).
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -101,6 +101,9 @@ pub struct Tunnel {
     suspects: Vec<IdentityKey>,
     retry_at: Option<Instant>,
     last_rx: Instant,
+    /// Last run of [`Tunnel::handle_timeout`]: it runs at least every keepalive interval, also
+    /// while traffic flows, to catch a circuit's usage and age limits.
+    checked: Instant,
     ping: Option<(u64, Instant)>,
     rtt: Option<Duration>,
     up_since: Option<Instant>,
@@ -136,6 +139,7 @@ impl Tunnel {
             suspects: Vec::new(),
             retry_at: Some(now),
             last_rx: now,
+            checked: now,
             ping: None,
             rtt: None,
             up_since: None,
@@ -223,7 +227,9 @@ impl Tunnel {
 
     /// When [`Tunnel::handle_timeout`] should run next.
     pub fn poll_timeout(&self) -> Instant {
-        let mut at = self.last_rx + self.timers.keepalive();
+        // Every deadline here moves past `now` once `handle_timeout` has acted on it, so the
+        // driver never spins.
+        let mut at = self.checked + self.timers.keepalive();
         let mut earliest = |t: Instant| at = at.min(t);
         if let Some(t) = self.retry_at {
             earliest(t);
@@ -236,12 +242,23 @@ impl Tunnel {
         }
         if self.state == State::Up {
             earliest(self.last_rx + self.timers.dead_after());
+            earliest(match self.ping {
+                Some((_, sent)) => sent + self.timers.keepalive(),
+                None => self.last_rx + self.timers.keepalive(),
+            });
         }
         at
     }
 
     /// Advances timers: retries, handshake timeouts, keepalive, silence.
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
+        self.checked = now;
+        if self.state == State::Up && self.circuit.as_ref().is_some_and(|c| c.needs_rebuild(now)) {
+            info!("the circuit is near its key-usage or age limit: replacing it (same exit, same session)");
+            self.reason = Some("circuit replaced at its key-usage or age limit".into());
+            self.rebuild(now, rng);
+            return;
+        }
         if self.retry_at.is_some_and(|t| now >= t) {
             self.retry_at = None;
             self.build(now, rng);
@@ -266,10 +283,18 @@ impl Tunnel {
                 self.suspects = middles;
                 self.reason = Some(why);
                 self.rebuild(now, rng);
-            } else if silent >= self.timers.keepalive()
-                && self.ping.is_none_or(|(_, at)| now >= at + self.timers.keepalive())
-            {
-                self.send_ping(now, rng);
+            } else {
+                let keepalive = self.timers.keepalive();
+                let due = match self.ping {
+                    Some((_, sent)) => now >= sent + keepalive,
+                    None => silent >= keepalive,
+                };
+                match (due, silent >= keepalive) {
+                    (true, true) => self.send_ping(now, rng),
+                    // Cells arrive, only the PONG was lost: nothing to probe.
+                    (true, false) => self.ping = None,
+                    _ => {}
+                }
             }
         }
     }
@@ -403,9 +428,10 @@ impl Tunnel {
         let mut cell = Box::new([0u8; CELL_LEN]);
         payload_mut(&mut cell)[..8].copy_from_slice(&id.to_be_bytes());
         let exit = circ.path().len();
+        // Marked sent even if sealing failed, so the next probe waits a keepalive interval.
+        self.ping = Some((id, now));
         if let Ok(to) = circ.seal(exit, Command::Ping, 8, &mut cell) {
             self.queued.push_back((to, cell));
-            self.ping = Some((id, now));
         }
     }
 

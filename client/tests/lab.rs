@@ -216,6 +216,23 @@ impl Lab {
         s
     }
 
+    /// Sends `signal` to every process in the client's namespace: only meshvpn lives there
+    /// (the lab runs curl and the like in it only on demand; `pkill -f` would match its own
+    /// `timeout` wrapper). Returns how many it signalled.
+    fn signal_client(&self, signal: nix::sys::signal::Signal) -> usize {
+        let pids = stdout(&run(10, &["ip", "netns", "pids", &self.ns("client")], &[]));
+        let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+        pids.len()
+    }
+
+    /// Waits (bounded) until no process is left in the client's namespace.
+    fn wait_client_gone(&self, what: &str) {
+        wait_until(15, what, || stdout(&run(10, &["ip", "netns", "pids", &self.ns("client")], &[])).trim().is_empty());
+    }
+
     /// curl from the client namespace; (success, body or error).
     fn curl(&self, url: &str, secs: u64) -> (bool, String) {
         let out = self.exec("client", secs + 5, &["curl", "-sS", "-g", "--max-time", &secs.to_string(), url]);
@@ -400,10 +417,7 @@ fn curl_through_the_tunnel_and_the_server_sees_the_exit() {
     assert!(status["bytes_received"].as_u64().unwrap_or(0) > 0, "{status}");
 
     // SIGHUP (systemctl reload) re-reads the configuration and directory; the tunnel stays.
-    let pids = stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[]));
-    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-    }
+    assert_eq!(lab.signal_client(nix::sys::signal::Signal::SIGHUP), 1, "one meshvpn in the client namespace");
     wait_until(10, "the client to log the reload", || {
         lab.read("client/state/meshvpn.log").contains("configuration and directory reloaded")
     });
@@ -563,9 +577,7 @@ fn down_restores_routes_dns_and_nftables() {
     assert_ne!(before, during, "up changed nothing in the client namespace");
     let out = lab.exec("client", 30, &[&lab.meshvpn(), "down", "--socket", &lab.socket()]);
     assert!(out.status.success(), "meshvpn down failed:\n{}", text(&out));
-    wait_until(15, "the meshvpn daemon to exit", || {
-        stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[])).trim().is_empty()
-    });
+    lab.wait_client_gone("the meshvpn daemon to exit");
     let after = snapshot(&lab);
     for ((what, b), (_, a)) in before.iter().zip(&after) {
         assert_eq!(b, a, "`{what}` differs after meshvpn down");
@@ -580,28 +592,15 @@ fn sigterm_and_crashes_are_cleaned_up() {
     let lab = Lab::up(10, &["--no-client"]);
     let before = snapshot(&lab);
     lab.client_up();
-    let pids = stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[]));
-    for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    }
-    wait_until(15, "the client to stop on SIGTERM", || {
-        stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[])).trim().is_empty()
-    });
+    assert_eq!(lab.signal_client(nix::sys::signal::Signal::SIGTERM), 1, "one meshvpn in the client namespace");
+    lab.wait_client_gone("the client to stop on SIGTERM");
     for ((what, b), (_, a)) in before.iter().zip(&snapshot(&lab)) {
         assert_eq!(b, a, "`{what}` differs after SIGTERM");
     }
     for cleaner in ["up", "down"] {
         lab.client_up();
-        // The only process in the client's namespace is meshvpn (the lab runs curl and the like
-        // there only on demand); pkill -f would match its own `timeout` wrapper.
-        let pids = stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[]));
-        assert!(!pids.trim().is_empty(), "no meshvpn to kill");
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-        }
-        wait_until(15, "the killed client to be gone", || {
-            stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[])).trim().is_empty()
-        });
+        assert_eq!(lab.signal_client(nix::sys::signal::Signal::SIGKILL), 1, "one meshvpn to kill");
+        lab.wait_client_gone("the killed client to be gone");
         let left = snapshot(&lab);
         let nft = &left.iter().find(|(k, _)| k == "nft list ruleset").expect("nft").1;
         assert!(nft.contains("meshvpn_client"), "the kill switch should outlive a crash:\n{nft}");
@@ -617,9 +616,7 @@ fn sigterm_and_crashes_are_cleaned_up() {
         if cleaner == "down" {
             assert!(stdout(&out).contains("was not running"), "{}", text(&out));
         }
-        wait_until(15, "the meshvpn daemon to exit", || {
-            stdout(&run(10, &["ip", "netns", "pids", &lab.ns("client")], &[])).trim().is_empty()
-        });
+        lab.wait_client_gone("the meshvpn daemon to exit");
         let after = snapshot(&lab);
         for ((what, b), (_, a)) in before.iter().zip(&after) {
             assert_eq!(b, a, "`{what}` differs after a crash cleaned up by `{cleaner}`");

@@ -107,6 +107,22 @@ impl Lab {
         }
     }
 
+    /// Lets `d` pass jumping from timer to timer, as the driver sleeps; returns how many
+    /// timers ran (a spinning driver would run millions).
+    fn advance_by_timers(&mut self, d: Duration) -> usize {
+        let end = self.now + d;
+        let mut runs = 0;
+        while self.now < end {
+            let next = self.tunnel.poll_timeout();
+            assert!(next > self.now || runs == 0, "poll_timeout in the past: the driver would spin");
+            self.now = next.min(end);
+            self.tunnel.handle_timeout(self.now, &mut self.rng);
+            self.pump();
+            runs += 1;
+        }
+        runs
+    }
+
     fn send(&mut self, data: &[u8]) -> bool {
         let mut cell = [0u8; CELL_LEN];
         payload_mut(&mut cell)[..data.len()].copy_from_slice(data);
@@ -208,4 +224,23 @@ fn dead_only_exit_is_named_in_the_reason_and_packets_are_held() {
     lab.dead.clear();
     lab.advance(Duration::from_secs(12));
     assert_eq!(lab.tunnel.state(), State::Up, "{:?}", lab.tunnel.reason());
+}
+
+#[test]
+fn old_circuits_are_replaced_in_time_and_timers_never_spin() {
+    let mut lab = Lab::new(&[FLAG_GUARD, MIDDLE, MIDDLE, FLAG_EXIT]);
+    lab.advance(Duration::from_millis(50));
+    let Some(TunnelEvent::Up(first)) = lab.events.get(1).cloned() else { panic!("{:?}", lab.events) };
+    // A circuit may live an hour; the client replaces it 5 minutes before, same session.
+    let runs = lab.advance_by_timers(Duration::from_secs(3400));
+    assert!(runs < 20_000, "{runs} timer runs for 3400 s of keepalive");
+    assert_eq!(lab.tunnel.state(), State::Up, "{:?}", lab.tunnel.reason());
+    assert_eq!(lab.tunnel.counters().rebuilds, 1);
+    let Some(TunnelEvent::Up(again)) = lab.events.last().cloned() else { panic!("{:?}", lab.events) };
+    assert_eq!((again.ipv4, again.token), (first.ipv4, first.token));
+    // With the only exit dead, the client retries without spinning.
+    lab.dead.insert(3);
+    let runs = lab.advance_by_timers(Duration::from_secs(60));
+    assert!(runs < 1_000, "{runs} timer runs in 60 s while the exit is dead");
+    assert_eq!(lab.tunnel.state(), State::Rebuilding);
 }
