@@ -71,6 +71,8 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     pool.expire(Instant::now());
     let tun = tundev::Tun::create_with(&exit.tun, workers, true)
         .with_context(|| format!("cannot create TUN {} (exit.tun)", exit.tun))?;
+    // TCP from the internet then reaches the workers as super-packets, segmented in userspace.
+    tun.enable_offloads().context("cannot enable the TUN device's offloads")?;
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
     tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;

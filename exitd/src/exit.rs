@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::info;
 use tundev::gro::Gro;
+use tundev::tso;
 use tundev::{TunQueue, VNET_HDR_LEN};
 
 /// Packets read from the TUN queue per worker loop: bounds how long TUN traffic can delay cells.
@@ -71,6 +72,10 @@ pub struct ExitTerminal {
     last_publish: Instant,
     /// Packets to the TUN device, TCP runs joined into GSO super-packets (written at `flush`).
     gro: Gro,
+    /// One frame read from the TUN device: a virtio header and up to 64 KiB (a TSO super-packet).
+    rx: Box<[u8]>,
+    /// Where `tso::segment` builds each packet.
+    scratch: Vec<u8>,
 }
 
 /// Writes one packet (virtio header first) into the TUN queue; a refusal loses it, counted.
@@ -97,6 +102,8 @@ impl ExitTerminal {
             counts: BTreeMap::new(),
             last_publish: now,
             gro: Gro::default(),
+            rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
+            scratch: Vec::with_capacity(tundev::PACKET_BUF_LEN),
         }
     }
 
@@ -226,21 +233,26 @@ impl Terminal for ExitTerminal {
         while let Ok(packet) = self.inbox.try_recv() {
             self.backward(now, circuits, &packet, out);
         }
-        let mut buf = [0u8; tundev::PACKET_BUF_LEN];
+        // Taken out of `self` while `backward` (which needs `self`) runs on each segment.
+        let mut rx = std::mem::take(&mut self.rx);
+        let mut scratch = std::mem::take(&mut self.scratch);
         let mut more = true;
         for _ in 0..TUN_BATCH {
-            match self.tun.read(&mut buf) {
-                // No offloads are enabled for reads: the virtio header is empty.
-                Ok(n) if n > VNET_HDR_LEN && buf[..VNET_HDR_LEN] == [0; VNET_HDR_LEN] => {
-                    self.backward(now, circuits, &buf[VNET_HDR_LEN..n], out)
+            match self.tun.read(&mut rx) {
+                Ok(n) => {
+                    let segmented = tso::segment(&rx[..n], &mut scratch, &mut |p| self.backward(now, circuits, p, out));
+                    if segmented.is_err() {
+                        self.count("bad_tun_packet");
+                    }
                 }
-                Ok(_) => self.count("bad_tun_packet"),
                 Err(_) => {
                     more = false;
                     break;
                 }
             }
         }
+        self.rx = rx;
+        self.scratch = scratch;
         if now.duration_since(self.last_publish).as_millis() >= 100 {
             self.last_publish = now;
             if let Some(slot) = self.shared.stats.get(self.index)

@@ -94,7 +94,7 @@ fn same_flow(first: &[u8], f: &Segment, next: &[u8], n: &Segment) -> bool {
 }
 
 /// One's-complement sum of 16-bit words.
-fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
+pub(crate) fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
     let mut chunks = bytes.chunks_exact(2);
     for c in &mut chunks {
         acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -105,7 +105,8 @@ fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
     acc
 }
 
-fn fold(mut acc: u32) -> u16 {
+/// Folds a one's-complement sum into 16 bits.
+pub(crate) fn fold(mut acc: u32) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }

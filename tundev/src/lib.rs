@@ -42,6 +42,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 pub mod gro;
 mod setup;
+pub mod tso;
 
 pub use setup::configure;
 
@@ -188,6 +189,14 @@ impl Tun {
         self.persistent
     }
 
+    /// [`TunQueue::enable_offloads`] for the device (through its first queue).
+    pub fn enable_offloads(&self) -> io::Result<()> {
+        match self.queues.first() {
+            Some(q) => q.enable_offloads(),
+            None => Err(io::Error::other("the queues were handed out already")),
+        }
+    }
+
     /// Hands the queues over, one per worker, in order; later calls return an empty `Vec`. The
     /// device lives as long as any of them.
     pub fn queues(&mut self) -> Vec<TunQueue> {
@@ -220,6 +229,15 @@ impl fmt::Debug for TunQueue {
 }
 
 impl TunQueue {
+    /// Lets the kernel hand over TCP super-packets and packets with partial checksums
+    /// (`TUNSETOFFLOAD`: checksum, TSO4, TSO6), which [`tso::segment`] turns back into plain
+    /// packets. Needs an `IFF_VNET_HDR` device ([`Tun::create_with`]); the setting is the
+    /// device's, so one queue is enough.
+    pub fn enable_offloads(&self) -> io::Result<()> {
+        offload_ioctl(&self.file, libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)
+            .map_err(|e| context(e, format_args!("TUNSETOFFLOAD on {:?}", self.name)))
+    }
+
     /// Reads one packet into `buf`, returning its length; `ErrorKind::WouldBlock` when none is
     /// waiting. A packet longer than `buf` (which the kernel truncates to fit) is dropped with
     /// `ErrorKind::InvalidData`, detected by its IP header's length field.
@@ -421,6 +439,14 @@ fn zeroed_ifreq() -> libc::ifreq {
 }
 
 /// `ioctl(file, request, ifr)` for the TUN ioctls that take a `struct ifreq`.
+fn offload_ioctl(file: &File, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: `file` is an open descriptor of /dev/net/tun, borrowed for the call; TUNSETOFFLOAD
+    // takes its argument by value (an unsigned long of TUN_F_* flags), so no memory of ours is
+    // read or written.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(flags)) };
+    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 fn tun_ioctl(file: &File, request: libc::Ioctl, ifr: &mut libc::ifreq) -> io::Result<()> {
     // SAFETY: `file` is an open descriptor of /dev/net/tun, borrowed for the call. `request` is
     // TUNSETIFF or TUNGETIFF (the only callers), which read and/or write exactly one
