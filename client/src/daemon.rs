@@ -31,6 +31,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 use tundev::gro::Gro;
+use tundev::tso;
 use tundev::{Tun, TunQueue, VNET_HDR_LEN};
 
 /// Datagrams or packets handled per wake-up before timers are looked at again.
@@ -77,6 +78,12 @@ struct Driver<'a> {
     tun_read_errors: u64,
     send_errors: u64,
     gro: Gro,
+    /// One frame from the TUN device: virtio header and up to 64 KiB (a TSO super-packet).
+    tun_rx: Box<[u8]>,
+    /// Its segments, back to back, and their lengths; `tso::segment`'s work buffer.
+    segments: Vec<u8>,
+    segment_lens: Vec<usize>,
+    tso_scratch: Vec<u8>,
 }
 
 async fn drive(
@@ -108,6 +115,10 @@ async fn drive(
         tun_read_errors: 0,
         send_errors: 0,
         gro: Gro::default(),
+        tun_rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
+        segments: Vec::with_capacity(65_536 + 64 * 52),
+        segment_lens: Vec::with_capacity(64),
+        tso_scratch: Vec::with_capacity(2048),
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -225,6 +236,8 @@ impl Driver<'_> {
                     let mut tun = Tun::create_with(&self.config.tun, 1, true).with_context(|| {
                         format!("cannot create the TUN device {} (needs CAP_NET_ADMIN)", self.config.tun)
                     })?;
+                    // Local TCP then arrives as super-packets, segmented in userspace (tso).
+                    tun.enable_offloads().context("cannot enable the TUN device's offloads")?;
                     let queue = tun.queues().pop().context("TUN device without a queue")?;
                     // `AsyncFd::new` is deprecated because a `T` could close its descriptor while
                     // registered; a `TunQueue` owns its `File` and closes it only when dropped,
@@ -309,22 +322,40 @@ impl Driver<'_> {
     }
 
     /// Drains the TUN device: IP packets in, cells to the guard.
+    /// Drains the TUN device: IP packets (TCP super-packets cut back into segments) in, cells
+    /// to the guard.
     async fn transmit(&mut self, cell: &mut [u8; CELL_LEN]) {
         for _ in 0..BATCH {
             let Some(tun) = self.tun.as_mut() else { return };
-            let mut buf = [0u8; VNET_HDR_LEN + TUN_MTU];
-            let n = match tun.get_mut().read(&mut buf) {
+            let n = match tun.get_mut().read(&mut self.tun_rx) {
                 Ok(n) => n,
-                Err(_) => return,
+                Err(_) => break,
             };
-            // No offloads are enabled for reads: the header is empty and the packet whole.
-            let Some(packet) = buf.get(VNET_HDR_LEN..n).filter(|_| buf[..VNET_HDR_LEN] == [0; VNET_HDR_LEN]) else {
+            self.segments.clear();
+            let (segments, lens) = (&mut self.segments, &mut self.segment_lens);
+            lens.clear();
+            if tso::segment(&self.tun_rx[..n], &mut self.tso_scratch, &mut |p| {
+                segments.extend_from_slice(p);
+                lens.push(p.len());
+            })
+            .is_err()
+            {
                 self.tun_read_errors += 1;
                 continue;
-            };
-            payload_mut(cell)[..packet.len()].copy_from_slice(packet);
-            let Some(to) = self.tunnel.seal_packet(packet.len(), cell) else { continue };
-            self.send(to, cell).await;
+            }
+            let mut at = 0;
+            for i in 0..self.segment_lens.len() {
+                let len = self.segment_lens[i];
+                let packet = &self.segments[at..at + len];
+                at += len;
+                if len > TUN_MTU {
+                    self.tun_read_errors += 1;
+                    continue;
+                }
+                payload_mut(cell)[..len].copy_from_slice(packet);
+                let Some(to) = self.tunnel.seal_packet(len, cell) else { continue };
+                self.send(to, cell).await;
+            }
         }
         self.send_flush().await;
     }
