@@ -23,12 +23,12 @@
 //! implementation. Its exit status is checked and its stderr is part of the error.
 //!
 //! **Offloads.** With `IFF_VNET_HDR` ([`Tun::create_with`]) every packet carries a
-//! `virtio_net_hdr`, which lets a writer hand the kernel a GSO super-packet: [`gro`] joins the
-//! TCP segments that come out of a circuit into one write, as wireguard-go and Tailscale do.
-//! Reads stay one packet each: no `TUNSETOFFLOAD` is set, so the kernel segments and checksums
-//! before a packet reaches the device, no packet read exceeds the MTU, and a [`PACKET_BUF_LEN`]
+//! `virtio_net_hdr`. Writes: [`gro`] joins the TCP segments that come out of a circuit into one
+//! GSO super-packet per write, as wireguard-go and Tailscale do. Reads: after
+//! [`Tun::enable_offloads`] the kernel hands over TCP super-packets (up to 64 KiB) and packets
+//! with partial checksums, which [`tso`] cuts into ordinary packets; without it, the kernel
+//! segments and checksums first, no packet read exceeds the MTU, and a [`PACKET_BUF_LEN`]
 //! buffer always fits one (a larger one is dropped and counted, never handed on truncated).
-//! TSO on reads (segmenting in userspace) is the next step for uploads from the client.
 //!
 //! All of the module's `unsafe` (in this file) is in three small private helpers around `struct ifreq`: zeroing
 //! one, reading its flags, and the ioctl itself.
