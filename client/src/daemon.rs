@@ -84,6 +84,8 @@ struct Driver<'a> {
     segments: Vec<u8>,
     segment_lens: Vec<usize>,
     tso_scratch: Vec<u8>,
+    /// The last drain of the TUN device stopped with packets left.
+    tun_left: bool,
 }
 
 async fn drive(
@@ -119,6 +121,7 @@ async fn drive(
         segments: Vec::with_capacity(65_536 + 64 * 52),
         segment_lens: Vec::with_capacity(64),
         tso_scratch: Vec::with_capacity(2048),
+        tun_left: false,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -136,7 +139,7 @@ async fn drive(
                 ready?;
                 driver.receive().await;
             }
-            ready = tun_readable(&driver.tun) => {
+            ready = tun_readable(&driver.tun, driver.tun_left) => {
                 ready?;
                 driver.transmit(&mut cell).await;
             }
@@ -162,8 +165,11 @@ async fn drive(
     Ok(())
 }
 
-async fn tun_readable(tun: &Option<AsyncFd<TunQueue>>) -> std::io::Result<()> {
+/// Resolves when the TUN device has packets: at once if the last drain stopped at [`BATCH`]
+/// with packets left (their readiness was already consumed), else at the next edge.
+async fn tun_readable(tun: &Option<AsyncFd<TunQueue>>, left: bool) -> std::io::Result<()> {
     match tun {
+        Some(_) if left => Ok(()),
         Some(t) => t.readable().await.map(|mut g| g.clear_ready()),
         None => std::future::pending().await,
     }
@@ -325,11 +331,15 @@ impl Driver<'_> {
     /// Drains the TUN device: IP packets (TCP super-packets cut back into segments) in, cells
     /// to the guard.
     async fn transmit(&mut self, cell: &mut [u8; CELL_LEN]) {
+        self.tun_left = true;
         for _ in 0..BATCH {
             let Some(tun) = self.tun.as_mut() else { return };
             let n = match tun.get_mut().read(&mut self.tun_rx) {
                 Ok(n) => n,
-                Err(_) => break,
+                Err(_) => {
+                    self.tun_left = false;
+                    break;
+                }
             };
             self.segments.clear();
             let (segments, lens) = (&mut self.segments, &mut self.segment_lens);
