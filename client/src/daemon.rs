@@ -18,7 +18,7 @@ use cellproto::onion::{payload, payload_mut};
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand_core::OsRng;
 use relayd::cli::{Notify, notify};
-use std::io::{BufRead, ErrorKind, Seek};
+use std::io::{BufRead, Seek};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -80,9 +80,7 @@ struct Driver<'a> {
     gro: Gro,
     /// One frame from the TUN device: virtio header and up to 64 KiB (a TSO super-packet).
     tun_rx: Box<[u8]>,
-    /// Its segments, back to back, and their lengths; `tso::segment`'s work buffer.
-    segments: Vec<u8>,
-    segment_lens: Vec<usize>,
+    /// Where `tso::segment` builds each packet.
     tso_scratch: Vec<u8>,
     /// The last drain of the TUN device stopped with packets left.
     tun_left: bool,
@@ -118,8 +116,6 @@ async fn drive(
         send_errors: 0,
         gro: Gro::default(),
         tun_rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
-        segments: Vec::with_capacity(65_536 + 64 * 52),
-        segment_lens: Vec::with_capacity(64),
         tso_scratch: Vec::with_capacity(2048),
         tun_left: false,
     };
@@ -167,6 +163,16 @@ async fn drive(
 
 /// Resolves when the TUN device has packets: at once if the last drain stopped at [`BATCH`]
 /// with packets left (their readiness was already consumed), else at the next edge.
+/// Writes what GRO hands over into the TUN device; a refused write (or no device yet) loses
+/// the packet, counted.
+fn tun_writer<'a>(tun: &'a mut Option<AsyncFd<TunQueue>>, errors: &'a mut u64) -> impl FnMut(&[u8]) + 'a {
+    move |packet| {
+        if tun.as_mut().is_none_or(|t| t.get_mut().write(packet).is_err()) {
+            *errors += 1;
+        }
+    }
+}
+
 async fn tun_readable(tun: &Option<AsyncFd<TunQueue>>, left: bool) -> std::io::Result<()> {
     match tun {
         Some(_) if left => Ok(()),
@@ -293,78 +299,53 @@ impl Driver<'_> {
         }
     }
 
-    /// Drains the UDP socket: cells in, IP packets to the TUN device.
+    /// Drains the UDP socket: cells in, IP packets to the TUN device (TCP runs joined), and
+    /// writes out the run held back at the end, so nothing waits for the next datagram.
     async fn receive(&mut self) {
         let now = Instant::now();
         for _ in 0..BATCH {
-            let (len, segment, from) = match self.socket.try_recv() {
-                Ok(r) => r,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(_) => return,
-            };
+            let Ok((len, segment, from)) = self.socket.try_recv() else { break };
             if segment != CELL_LEN {
                 continue;
             }
             for chunk in self.socket.rx[..len].chunks_exact_mut(CELL_LEN) {
                 let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(chunk) else { continue };
                 let Some(n) = self.tunnel.handle_cell(now, from, cell, &mut OsRng) else { continue };
-                let Some(tun) = self.tun.as_mut() else { continue };
-                let errors = &mut self.tun_write_errors;
-                self.gro.push(payload(cell, n), &mut |p| {
-                    if tun.get_mut().write(p).is_err() {
-                        *errors += 1;
-                    }
-                });
+                self.gro.push(payload(cell, n), &mut tun_writer(&mut self.tun, &mut self.tun_write_errors));
             }
         }
-        if let Some(tun) = self.tun.as_mut() {
-            let errors = &mut self.tun_write_errors;
-            self.gro.flush(&mut |p| {
-                if tun.get_mut().write(p).is_err() {
-                    *errors += 1;
-                }
-            });
-        }
+        self.gro.flush(&mut tun_writer(&mut self.tun, &mut self.tun_write_errors));
     }
 
-    /// Drains the TUN device: IP packets in, cells to the guard.
-    /// Drains the TUN device: IP packets (TCP super-packets cut back into segments) in, cells
-    /// to the guard.
+    /// Drains the TUN device: IP packets (TCP super-packets cut back into segments) in, each
+    /// sealed straight into a cell and queued for the guard.
     async fn transmit(&mut self, cell: &mut [u8; CELL_LEN]) {
         self.tun_left = true;
         for _ in 0..BATCH {
             let Some(tun) = self.tun.as_mut() else { return };
-            let n = match tun.get_mut().read(&mut self.tun_rx) {
-                Ok(n) => n,
-                Err(_) => {
-                    self.tun_left = false;
-                    break;
-                }
+            let Ok(n) = tun.get_mut().read(&mut self.tun_rx) else {
+                self.tun_left = false;
+                break;
             };
-            self.segments.clear();
-            let (segments, lens) = (&mut self.segments, &mut self.segment_lens);
-            lens.clear();
-            if tso::segment(&self.tun_rx[..n], &mut self.tso_scratch, &mut |p| {
-                segments.extend_from_slice(p);
-                lens.push(p.len());
-            })
-            .is_err()
-            {
-                self.tun_read_errors += 1;
-                continue;
-            }
-            let mut at = 0;
-            for i in 0..self.segment_lens.len() {
-                let len = self.segment_lens[i];
-                let packet = &self.segments[at..at + len];
-                at += len;
-                if len > TUN_MTU {
-                    self.tun_read_errors += 1;
-                    continue;
+            let (tunnel, socket) = (&mut self.tunnel, &mut self.socket);
+            let (read_errors, send_errors) = (&mut self.tun_read_errors, &mut self.send_errors);
+            let segmented = tso::segment(&self.tun_rx[..n], &mut self.tso_scratch, &mut |packet| {
+                if packet.len() > TUN_MTU {
+                    *read_errors += 1;
+                    return;
                 }
-                payload_mut(cell)[..len].copy_from_slice(packet);
-                let Some(to) = self.tunnel.seal_packet(len, cell) else { continue };
-                self.send(to, cell).await;
+                payload_mut(cell)[..packet.len()].copy_from_slice(packet);
+                if let Some(to) = tunnel.seal_packet(packet.len(), cell)
+                    && !socket.queue(to, cell)
+                {
+                    *send_errors += 1;
+                }
+            });
+            if segmented.is_err() {
+                self.tun_read_errors += 1;
+            }
+            if self.socket.queued() >= crate::udp::GSO_CELLS {
+                self.send_flush().await;
             }
         }
         self.send_flush().await;

@@ -75,32 +75,54 @@ impl CellSocket {
         })
     }
 
-    /// Queues a cell for `to`; sends the batch first if it is full or for another address.
-    pub async fn send(&mut self, to: SocketAddr, cell: &[u8; CELL_LEN]) -> io::Result<()> {
-        if self.tx_to.is_some_and(|t| t != to) || self.tx.len() >= GSO_CELLS * CELL_LEN {
-            self.flush().await?;
+    /// Queues a cell for `to` without sending; `false` (not queued) if the queue holds cells
+    /// for another address: [`CellSocket::flush`] first.
+    pub fn queue(&mut self, to: SocketAddr, cell: &[u8; CELL_LEN]) -> bool {
+        if self.tx_to.is_some_and(|t| t != to) {
+            return false;
         }
         self.tx_to = Some(to);
         self.tx.extend_from_slice(cell);
+        true
+    }
+
+    /// Cells queued and not yet sent.
+    pub fn queued(&self) -> usize {
+        self.tx.len() / CELL_LEN
+    }
+
+    /// Queues a cell for `to`, sending what is queued first if it is a full batch or for
+    /// another address.
+    pub async fn send(&mut self, to: SocketAddr, cell: &[u8; CELL_LEN]) -> io::Result<()> {
+        if self.tx_to.is_some_and(|t| t != to) || self.queued() >= GSO_CELLS {
+            self.flush().await?;
+        }
+        self.queue(to, cell);
         Ok(())
     }
 
-    /// Sends the queued cells.
+    /// Sends the queued cells, [`GSO_CELLS`] per system call.
     pub async fn flush(&mut self) -> io::Result<()> {
         let Some(to) = self.tx_to.take() else { return Ok(()) };
-        let result = self.send_batch(to).await;
+        let mut result = Ok(());
+        let mut at = 0;
+        while at < self.tx.len() && result.is_ok() {
+            let end = self.tx.len().min(at + GSO_CELLS * CELL_LEN);
+            result = self.send_batch(to, at..end).await;
+            at = end;
+        }
         self.tx.clear();
         result
     }
 
-    async fn send_batch(&mut self, to: SocketAddr) -> io::Result<()> {
-        if self.gso && self.tx.len() > CELL_LEN {
+    async fn send_batch(&mut self, to: SocketAddr, range: std::ops::Range<usize>) -> io::Result<()> {
+        if self.gso && range.len() > CELL_LEN {
             let addr = SockaddrStorage::from(to);
             let segment = CELL_LEN as u16;
             let fd = self.socket.as_raw_fd();
             loop {
                 self.socket.writable().await?;
-                let tx = &self.tx;
+                let tx = &self.tx[range.clone()];
                 let sent = self.socket.try_io(Interest::WRITABLE, || {
                     let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
                     Ok(sendmsg(fd, &[IoSlice::new(tx)], &cmsg, MsgFlags::empty(), Some(&addr))?)
@@ -117,7 +139,7 @@ impl CellSocket {
                 }
             }
         }
-        for cell in self.tx.chunks(CELL_LEN) {
+        for cell in self.tx[range].chunks(CELL_LEN) {
             self.socket.send_to(cell, to).await?;
         }
         Ok(())

@@ -204,11 +204,11 @@ impl Gro {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// An IPv4 or IPv6 TCP segment with valid checksums.
-    fn tcp(v6: bool, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    /// An IPv4 (identification 1) or IPv6 TCP segment with timestamps and valid checksums.
+    pub(crate) fn tcp(v6: bool, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
         let mut t = vec![0u8; 32];
         t[0..2].copy_from_slice(&443u16.to_be_bytes());
         t[2..4].copy_from_slice(&50000u16.to_be_bytes());
@@ -243,7 +243,7 @@ mod tests {
     }
 
     /// The TCP checksum sum over pseudo-header and segment (checksum field as is).
-    fn checksum_input(p: &[u8], ip_len: usize) -> u32 {
+    pub(crate) fn checksum_input(p: &[u8], ip_len: usize) -> u32 {
         let len = (p.len() - ip_len) as u32;
         let pseudo = if ip_len == 40 { sum16(&p[8..40], 6 + len) } else { sum16(&p[12..20], 6 + len) };
         sum16(&p[ip_len..], pseudo)
