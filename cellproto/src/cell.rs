@@ -3,12 +3,18 @@
 //! Every cell on the wire is exactly [`CELL_LEN`] bytes:
 //!
 //! ```text
-//! 0        4                 12                                            1452
-//! | LCID   | protected counter | body (BODY_LEN bytes)                        |
+//! 0        4                  8                                    1436          1452
+//! | LCID   | protected counter | onion area (ONION_LEN bytes)       | link tag (16) |
 //! ```
 //!
-//! The body at hop `i` (1-based) holds that hop's layer (ciphertext ‖ tag), followed by
-//! `HOP_OVERHEAD * (i - 1)` bytes of padding written by the previous hop. See SPEC.md, "Cells".
+//! The counter in the header is the **link counter** of the link the cell is on: chosen by the
+//! sending end of that link for that direction, never the same sequence on two links. The onion
+//! area at hop `i` (1-based) holds that hop's layer (ciphertext ‖ tag) followed by padding; a
+//! relaying layer's plaintext ends with the next layer's counter and the RELAY command, so each
+//! layer's nonce travels encrypted inside the layer around it. The last 16 bytes carry the link
+//! tag that authenticates a backward cell to the hop receiving it (forward cells are
+//! authenticated by the receiving hop's own layer, whose associated data covers those bytes).
+//! See SPEC.md, "Cells".
 
 use crate::crypto::TAG_LEN;
 
@@ -17,16 +23,24 @@ use crate::crypto::TAG_LEN;
 pub const CELL_LEN: usize = 1452;
 /// Link circuit id: 4 bytes, chosen by the receiving end of each link direction.
 pub const LCID_LEN: usize = 4;
-/// The cell counter (per circuit and direction), protected per link.
-pub const COUNTER_LEN: usize = 8;
+/// The link counter (per circuit, link and direction), protected per link.
+pub const COUNTER_LEN: usize = 4;
 /// Cleartext-looking header: LCID ‖ protected counter.
 pub const HEADER_LEN: usize = LCID_LEN + COUNTER_LEN;
 /// Bytes after the header.
 pub const BODY_LEN: usize = CELL_LEN - HEADER_LEN;
-/// What each hop's layer costs: a 16-byte AEAD tag and a 1-byte command.
-pub const HOP_OVERHEAD: usize = TAG_LEN + 1;
-/// The longest circuit: 8 hops, as Tor's limit on EXTEND cells. It fixes the TUN MTU.
-pub const MAX_HOPS: usize = 8;
+/// The link tag at the end of every cell (SPEC.md §3).
+pub const LINK_TAG_LEN: usize = TAG_LEN;
+/// The part of the body that carries onion layers and their padding.
+pub const ONION_LEN: usize = BODY_LEN - LINK_TAG_LEN;
+/// A relaying layer carries the next layer's counter (4 bytes) before its command byte.
+pub const INNER_COUNTER_LEN: usize = COUNTER_LEN;
+/// What each relaying hop's layer costs: a 16-byte AEAD tag, the inner counter and a command.
+pub const HOP_OVERHEAD: usize = TAG_LEN + INNER_COUNTER_LEN + 1;
+/// The longest circuit. Private mode uses 3 hops and mesh relaying 1 or 2; 6 leaves room for
+/// every planned use (Tor's practical circuits are 3 or 4 hops) and, with the inner counter each
+/// layer carries, keeps the TUN MTU above IPv6's 1280 (7 hops would leave 1283, 8 only 1262).
+pub const MAX_HOPS: usize = 6;
 /// Terminal commands end with a 2-byte payload length before the command byte.
 pub const LEN_FIELD: usize = 2;
 /// Bytes of header-protection sample: the first 16 body bytes (always ciphertext).
@@ -34,39 +48,36 @@ pub const SAMPLE_LEN: usize = 16;
 
 /// LCID of handshake (CREATE) cells: no circuit exists yet on the receiving side.
 pub const HANDSHAKE_LCID: u32 = 0xFFFF_FFFF;
-/// Counter value that marks a link-control cell (never a data counter: see [`CELL_LIMIT`]).
-pub const LINK_CONTROL_COUNTER: u64 = u64::MAX;
+/// Counter value that marks a link-control cell (never a data counter: see [`COUNTER_START_MAX`]).
+pub const LINK_CONTROL_COUNTER: u32 = u32::MAX;
 
 /// Cells one key may seal before the circuit must be rebuilt. For AES-256-GCM with ≤ 90-block
 /// cells, 2²⁸ messages keep the confidentiality advantage below 2⁻⁵⁷ (RFC 9001 §B.1 method);
-/// ChaCha20-Poly1305 allows more, and one limit keeps the state machine simple.
-pub const CELL_LIMIT: u64 = 1 << 28;
-/// Failed authentications tolerated per circuit before it is torn down (RFC 9001 §6.6 integrity
-/// limits are far above this; a circuit receiving this many forgeries is under attack).
-pub const FORGERY_LIMIT: u64 = 1 << 20;
+/// ChaCha20-Poly1305 allows more, and one limit keeps the state machine simple. Senders count
+/// what they sealed; receivers count what they accepted.
+pub const CELL_LIMIT: u32 = 1 << 28;
+/// Every counter sequence starts at a random value in `1..=COUNTER_START_MAX`, so that two
+/// sequences of one circuit (the same cells seen on two links) do not show the same numbers to
+/// the hops that read them. Start + [`CELL_LIMIT`] stays below [`LINK_CONTROL_COUNTER`].
+pub const COUNTER_START_MAX: u32 = 1 << 30;
+/// Failed authentications per key before the circuit is torn down: ChaCha20-Poly1305's
+/// integrity limit (RFC 9001 §6.6: 2³⁶ forgery attempts; AES-GCM's is 2⁵²). Unreachable in a
+/// circuit's hour below 19 million forgeries a second, so a forged datagram never ends a circuit.
+pub const FORGERY_LIMIT: u64 = 1 << 36;
 /// Circuits are rebuilt at least this often (seconds), whatever their traffic.
 pub const MAX_CIRCUIT_AGE_SECS: u64 = 3600;
 
-/// The hop that originated a backward cell, from its counter. Backward counters are
-/// partitioned by origin (counter ≡ hop mod [`MAX_HOPS`], hop 8 ↦ 0) so that the exit and any
-/// hop answering a PING or EXTEND never pick the same counter: each hop seals relayed cells
-/// (origin beyond it) and its own cells (origin itself) under disjoint nonces.
-pub const fn backward_origin(counter: u64) -> usize {
-    match (counter % MAX_HOPS as u64) as usize {
-        0 => MAX_HOPS,
-        r => r,
-    }
-}
-
 /// Length of the layer plaintext at hop `i` (1-based): what the hop's AEAD covers, excluding
-/// the tag. Its last byte is the command.
+/// the tag. Its last byte is the command; a relaying layer's four bytes before it are the next
+/// layer's counter.
 pub const fn layer_plaintext_len(hop: usize) -> usize {
-    BODY_LEN + 1 - HOP_OVERHEAD * hop
+    ONION_LEN + INNER_COUNTER_LEN + 1 - HOP_OVERHEAD * hop
 }
 
-/// Bytes of padding that precede hop `hop`'s input: written by hop `hop - 1`.
-pub const fn padding_len_before(hop: usize) -> usize {
-    HOP_OVERHEAD * (hop - 1)
+/// Where hop `hop`'s layer (ciphertext ‖ tag) ends in the body; everything after it up to the
+/// end of the body is padding or link tag, the layer's associated data on the forward path.
+pub const fn layer_end(hop: usize) -> usize {
+    layer_plaintext_len(hop) + TAG_LEN
 }
 
 /// Largest payload a terminal command can carry to or from hop `hop`.
@@ -78,6 +89,7 @@ pub const fn payload_capacity(hop: usize) -> usize {
 pub const TUN_MTU: usize = payload_capacity(MAX_HOPS);
 
 const _: () = assert!(TUN_MTU >= 1280, "IPv6 needs an MTU of at least 1280");
+const _: () = assert!(COUNTER_START_MAX as u64 + CELL_LIMIT as u64 <= LINK_CONTROL_COUNTER as u64);
 
 /// Whether `lcid` may be chosen as a link circuit id: its top two bits must not both be zero
 /// (so a cell's first byte is ≥ 0x40 and never looks like STUN, RFC 7983), and it must not be the
@@ -153,16 +165,17 @@ mod tests {
 
     #[test]
     fn geometry_is_consistent() {
-        // The client's outermost layer fills the body exactly.
-        assert_eq!(layer_plaintext_len(1) + TAG_LEN, BODY_LEN);
+        // The client's outermost layer fills the onion area exactly; the link tag follows.
+        assert_eq!(layer_end(1), ONION_LEN);
+        assert_eq!(ONION_LEN + LINK_TAG_LEN, BODY_LEN);
         for hop in 1..MAX_HOPS {
-            // The inner layer (ciphertext ‖ tag) plus the command byte is the outer plaintext.
-            assert_eq!(layer_plaintext_len(hop + 1) + TAG_LEN + 1, layer_plaintext_len(hop));
-            // What a hop frees after opening is exactly the padding the next hop expects.
-            assert_eq!(BODY_LEN - (layer_plaintext_len(hop) - 1), padding_len_before(hop + 1));
+            // The inner layer (ciphertext ‖ tag), its counter and the command byte are the outer
+            // plaintext.
+            assert_eq!(layer_end(hop + 1) + INNER_COUNTER_LEN + 1, layer_plaintext_len(hop));
         }
-        assert_eq!(TUN_MTU, 1302);
-        assert!(padding_len_before(MAX_HOPS) <= 128);
+        assert_eq!(TUN_MTU, 1304);
+        // The most padding one hop writes: from the deepest layer's end to the end of the body.
+        assert!(BODY_LEN - layer_end(MAX_HOPS) <= 128);
     }
 
     #[test]

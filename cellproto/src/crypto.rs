@@ -4,10 +4,12 @@
 //! shape the protocol needs, so the rest of the crate never sees a nonce format or a key type of
 //! the underlying library. All primitives come from `aws-lc-rs`:
 //!
-//! * AEAD layers: AES-256-GCM or ChaCha20-Poly1305 ([`Suite`]), nonce = 4 zero bytes ‖ counter.
-//! * Header protection and padding: AES-256 blocks under the link key, whatever the layer
-//!   suite, because both are a handful of blocks per cell and aws-lc's AES is constant-time
-//!   (vpaes/bitsliced) even without AES instructions.
+//! * AEAD layers: AES-256-GCM or ChaCha20-Poly1305 ([`Suite`]), nonce = 8 zero bytes ‖ counter.
+//! * Link tags ([`LinkMac`]): the same AEAD with an empty plaintext (GMAC or Poly1305) over the
+//!   whole cell, so a hop authenticates what its neighbour sent before it changes any state.
+//! * Header protection and padding: AES-256 blocks, whatever the layer suite, because both are
+//!   a handful of blocks per cell and aws-lc's AES is constant-time (vpaes/bitsliced) even
+//!   without AES instructions.
 //! * X25519 and HKDF-SHA256 for the handshake. `x25519-dalek` (on the design card) is measured
 //!   against aws-lc-rs in `benches/handshake.rs`; aws-lc-rs was faster on the relay's path, so it
 //!   is the one used here (the figures are in the README).
@@ -15,7 +17,7 @@
 use aws_lc_rs::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
 use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, X25519};
 use aws_lc_rs::cipher::{AES_256, EncryptingKey, EncryptionContext, UnboundCipherKey};
-use aws_lc_rs::hkdf;
+use aws_lc_rs::{hkdf, hmac};
 use thiserror::Error;
 
 /// Length of every symmetric key the protocol derives.
@@ -90,9 +92,9 @@ pub fn local_aes_hw() -> bool {
     }
 }
 
-fn counter_nonce(counter: u64) -> Nonce {
+fn counter_nonce(counter: u32) -> Nonce {
     let mut n = [0u8; aead::NONCE_LEN];
-    n[4..].copy_from_slice(&counter.to_be_bytes());
+    n[8..].copy_from_slice(&counter.to_be_bytes());
     Nonce::assume_unique_for_key(n)
 }
 
@@ -119,7 +121,7 @@ impl LayerKey {
     }
 
     /// Encrypts `in_out` in place and returns the tag.
-    pub fn seal(&self, counter: u64, aad: &[u8], in_out: &mut [u8]) -> [u8; TAG_LEN] {
+    pub fn seal(&self, counter: u32, aad: &[u8], in_out: &mut [u8]) -> [u8; TAG_LEN] {
         let tag = self
             .key
             .seal_in_place_separate_tag(counter_nonce(counter), Aad::from(aad), in_out)
@@ -130,7 +132,7 @@ impl LayerKey {
     }
 
     /// Authenticates and decrypts `in_out` in place.
-    pub fn open(&self, counter: u64, aad: &[u8], in_out: &mut [u8], tag: &[u8]) -> Result<(), CryptoError> {
+    pub fn open(&self, counter: u32, aad: &[u8], in_out: &mut [u8], tag: &[u8]) -> Result<(), CryptoError> {
         self.key
             .open_in_place_separate_tag(counter_nonce(counter), Aad::from(aad), tag, in_out)
             .map(|_| ())
@@ -144,20 +146,63 @@ impl std::fmt::Debug for LayerKey {
     }
 }
 
-/// Per-link header protection and padding, both from AES-256 in ECB mode under the link key.
+/// A MAC over a whole cell under a link key: the AEAD of the link's suite with an empty
+/// plaintext (GMAC for AES-256-GCM, Poly1305 for ChaCha20-Poly1305), the link counter as nonce.
+/// Counters are unique per key (one key per link and direction, each counter sent once), so the
+/// one-time-key requirement of both constructions holds. Verification is the library's
+/// constant-time tag check.
+pub struct LinkMac(LayerKey);
+
+impl LinkMac {
+    /// Builds the key from 32 bytes of derived key material.
+    pub fn new(suite: Suite, key: &[u8; KEY_LEN]) -> Self {
+        Self(LayerKey::new(suite, key))
+    }
+
+    /// The tag of `data` sent with link counter `counter`.
+    pub fn tag(&self, counter: u32, data: &[u8]) -> [u8; TAG_LEN] {
+        self.0.seal(counter, data, &mut [])
+    }
+
+    /// Checks `tag` against `data` and `counter`.
+    pub fn verify(&self, counter: u32, data: &[u8], tag: &[u8]) -> Result<(), CryptoError> {
+        self.0.open(counter, data, &mut [], tag)
+    }
+}
+
+impl std::fmt::Debug for LinkMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkMac(..)")
+    }
+}
+
+/// Who writes a run of padding: the input blocks differ, so no two writers under one key ever
+/// produce the same bytes for the same counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PadRole {
+    /// The client filling the link-tag slot of a forward cell (hop 1's associated data).
+    Client = 0,
+    /// A hop replacing what it opened of a forward cell (the next hop's associated data).
+    Forward = 1,
+    /// A hop filling a backward cell after its layer (overwritten by the next hop, never read).
+    Backward = 2,
+}
+
+/// AES-256 in ECB mode for header protection and padding.
 ///
 /// * The counter is hidden as QUIC hides packet numbers (RFC 9001 §5.4):
-///   mask = AES(key, sample)[..8], where the sample is the first 16 body bytes (ciphertext).
-/// * A hop's padding is AES(key, counter ‖ j ‖ "pad\0") for block j = 0, 1, …: a PRF of the
-///   counter that the client (which knows every link key) can predict, so the next hop
-///   authenticates the padding as associated data. Sample blocks are ciphertext and never match
-///   that fixed structure except with probability 2⁻⁶⁴ per block.
+///   mask = AES(key, sample)[..4], where the sample is the first 16 body bytes (ciphertext).
+/// * Padding is AES(key, counter ‖ j ‖ "pad" ‖ role ‖ 0⁴) for block j = 0, 1, …: a PRF of the
+///   counter, so the client (which knows every forward padding key) can predict it and the next
+///   hop authenticates it as associated data. Sample blocks are ciphertext and never match that
+///   fixed structure except with probability 2⁻⁶⁴ per block.
 ///
-/// Mask and padding for an outgoing cell come from one call: what costs here is the call
-/// (about 25 ns), not the handful of AES blocks (about 4 ns each).
+/// Mask and padding for an outgoing cell come from one call where one key does both: what
+/// costs here is the call (about 25 ns), not the handful of AES blocks (about 4 ns each).
 pub struct HeaderKey(EncryptingKey);
 
-/// Most padding one cell carries: (MAX_HOPS - 1) × 17 = 119 bytes, rounded up to blocks.
+/// Most padding one cell carries (the deepest layer's end to the end of the body), in blocks.
 const MAX_PAD: usize = 128;
 
 impl HeaderKey {
@@ -173,42 +218,47 @@ impl HeaderKey {
             .unwrap_or_else(|_| unreachable!("ECB on whole blocks cannot fail"));
     }
 
-    /// The 8-byte mask for a 16-byte sample of the cell body.
-    pub fn mask(&self, sample: &[u8; 16]) -> [u8; 8] {
+    /// The 4-byte mask for a 16-byte sample of the cell body.
+    pub fn mask(&self, sample: &[u8; 16]) -> [u8; 4] {
         let mut block = *sample;
         self.encrypt_blocks(&mut block);
-        let mut mask = [0u8; 8];
-        mask.copy_from_slice(&block[..8]);
-        mask
+        [block[0], block[1], block[2], block[3]]
     }
 
     /// The mask for `sample` and the padding for `counter` (`pad.len()` ≤ 128 bytes), in one call.
-    pub fn mask_and_pad(&self, sample: &[u8; 16], counter: u64, pad: &mut [u8]) -> [u8; 8] {
+    pub fn mask_and_pad(&self, sample: &[u8; 16], counter: u32, role: PadRole, pad: &mut [u8]) -> [u8; 4] {
         let pad_blocks = pad.len().div_ceil(16).min(MAX_PAD / 16);
         let mut buf = [0u8; 16 + MAX_PAD];
         buf[..16].copy_from_slice(sample);
         for (j, block) in buf[16..16 + 16 * pad_blocks].chunks_exact_mut(16).enumerate() {
-            pad_block(counter, j, block);
+            pad_block(counter, j, role, block);
         }
         self.encrypt_blocks(&mut buf[..16 + 16 * pad_blocks]);
         let n = pad.len().min(MAX_PAD);
         pad[..n].copy_from_slice(&buf[16..16 + n]);
-        let mut mask = [0u8; 8];
-        mask.copy_from_slice(&buf[..8]);
-        mask
+        [buf[0], buf[1], buf[2], buf[3]]
     }
 
-    /// The padding alone, as the client computes it for associated data.
-    pub fn pad(&self, counter: u64, pad: &mut [u8]) {
-        self.mask_and_pad(&[0u8; 16], counter, pad);
+    /// The padding alone (`pad.len()` ≤ 128 bytes).
+    pub fn pad(&self, counter: u32, role: PadRole, pad: &mut [u8]) {
+        let blocks = pad.len().div_ceil(16).min(MAX_PAD / 16);
+        let mut buf = [0u8; MAX_PAD];
+        for (j, block) in buf[..16 * blocks].chunks_exact_mut(16).enumerate() {
+            pad_block(counter, j, role, block);
+        }
+        self.encrypt_blocks(&mut buf[..16 * blocks]);
+        let n = pad.len().min(MAX_PAD);
+        pad[..n].copy_from_slice(&buf[..n]);
     }
 }
 
-/// Input block `j` of the padding for `counter`: counter ‖ u32(j) ‖ "pad\0".
-fn pad_block(counter: u64, j: usize, block: &mut [u8]) {
-    block[..8].copy_from_slice(&counter.to_be_bytes());
-    block[8..12].copy_from_slice(&(j as u32).to_be_bytes());
-    block[12..16].copy_from_slice(b"pad\0");
+/// Input block `j` of the padding for `counter`: counter ‖ u32(j) ‖ "pad" ‖ role ‖ 0⁴.
+fn pad_block(counter: u32, j: usize, role: PadRole, block: &mut [u8]) {
+    block[..4].copy_from_slice(&counter.to_be_bytes());
+    block[4..8].copy_from_slice(&(j as u32).to_be_bytes());
+    block[8..11].copy_from_slice(b"pad");
+    block[11] = role as u8;
+    block[12..16].fill(0);
 }
 
 impl std::fmt::Debug for HeaderKey {
@@ -252,6 +302,20 @@ pub fn open_random_nonce(
         .open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), tag, in_out)
         .map(|_| ())
         .map_err(|_| CryptoError)
+}
+
+/// HMAC-SHA256 of `data` under `key`, truncated to 16 bytes (cookies and the MAC a CREATE
+/// carries with one, as WireGuard's cookie and mac2).
+pub fn mac16(key: &[u8], data: &[u8]) -> [u8; 16] {
+    let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, key), data);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&tag.as_ref()[..16]);
+    out
+}
+
+/// Whether `tag` is [`mac16`] of `data` under `key`, compared in constant time.
+pub fn verify_mac16(key: &[u8], data: &[u8], tag: &[u8]) -> bool {
+    aws_lc_rs::constant_time::verify_slices_are_equal(&mac16(key, data), tag).is_ok()
 }
 
 struct OutLen(usize);

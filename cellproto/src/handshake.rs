@@ -15,7 +15,7 @@ use thiserror::Error;
 use zeroize::Zeroize;
 
 /// Handshake version this library speaks (descriptors list the versions a relay accepts).
-pub const HANDSHAKE_VERSION: u8 = 1;
+pub const HANDSHAKE_VERSION: u8 = 2;
 /// Plaintext length of the client's encrypted extensions.
 pub const CLIENT_EXT_LEN: usize = 96;
 /// Plaintext length of the relay's encrypted extensions.
@@ -68,8 +68,10 @@ pub struct ClientRequest {
     pub hop: u8,
     /// Offer AES-256-GCM (the client has AES hardware).
     pub offer_aes: bool,
-    /// For hops after the first: the secret of the link from the previous hop, which the
-    /// client also hands to the previous hop in its EXTEND.
+    /// For hops after the first: the client's seed for the link from the previous hop, which
+    /// the client also hands to the previous hop in its EXTEND. The two hops mix it with a
+    /// Diffie–Hellman of their own ([`hop_link_secret`]), so the link's keys are forward-secret
+    /// and known to those two hops only.
     pub link_secret: Option<[u8; KEY_LEN]>,
 }
 
@@ -79,8 +81,9 @@ pub struct HandshakeOutput {
     pub suite: Suite,
     /// The layer keys.
     pub keys: HopKeyMaterial,
-    /// The secret of the link on which the handshake arrived (derived for hop 1, chosen by the
-    /// client otherwise).
+    /// Hop 1: the secret of the client's link, derived here. Later hops (relay side): the
+    /// client's seed for the link from the previous hop, for [`hop_link_secret`]; the client
+    /// itself needs no secret of a link between two relays.
     pub link_secret: [u8; KEY_LEN],
     /// The hop index the client asked for.
     pub hop: u8,
@@ -121,7 +124,8 @@ fn transcript_aad<const N: usize>(parts: [&[u8; 32]; N]) -> [u8; 128] {
     aad
 }
 
-/// reply_key, then the hop's key material and link secret, from both DH results.
+/// reply_key, then the hop's key material (forward, backward, forward padding) and the
+/// client-link secret, from both DH results.
 fn final_keys(
     xy: &[u8; 32],
     xb: &[u8; 32],
@@ -135,11 +139,11 @@ fn final_keys(
         ikm[i * 32..(i + 1) * 32].copy_from_slice(*p);
     }
     ikm[192..].copy_from_slice(client_ext);
-    let mut okm = [0u8; 4 * KEY_LEN];
+    let mut okm = [0u8; 5 * KEY_LEN];
     hkdf(PROTOID, &ikm, b"circuit keys", &mut okm);
     ikm.zeroize();
     let take = |i: usize| -> [u8; KEY_LEN] { okm[i * 32..(i + 1) * 32].try_into().unwrap_or([0; 32]) };
-    let out = (take(0), HopKeyMaterial { fwd: take(1), bwd: take(2) }, take(3));
+    let out = (take(0), HopKeyMaterial { fwd: take(1), bwd: take(2), pad: take(3) }, take(4));
     okm.zeroize();
     out
 }
@@ -355,4 +359,68 @@ impl From<CryptoError> for HandshakeError {
     fn from(_: CryptoError) -> Self {
         HandshakeError::BadReply
     }
+}
+
+/// An ephemeral X25519 share one hop sends the other on a new link between two relays (in
+/// CREATE from the extending hop, in CREATED from the new hop).
+pub struct LinkShare {
+    secret: X25519Secret,
+    wire: [u8; X25519_LEN],
+}
+
+impl LinkShare {
+    /// A fresh share.
+    pub fn generate(rng: &mut impl CryptoRngCore) -> Self {
+        let mut raw = [0u8; 32];
+        rng.fill_bytes(&mut raw);
+        let secret = X25519Secret::from_bytes(&raw);
+        raw.zeroize();
+        let wire = random_public_bit(secret.public(), rng);
+        Self { secret, wire }
+    }
+
+    /// The public share as sent (its top bit random, like every X25519 key on the wire).
+    pub fn public(&self) -> &[u8; X25519_LEN] {
+        &self.wire
+    }
+
+    /// The link's secret from the peer's share, the client's seed, and who created the link.
+    pub fn finish(
+        &self,
+        peer: &[u8; X25519_LEN],
+        seed: &[u8; KEY_LEN],
+        creator_share: &[u8; X25519_LEN],
+        responder_share: &[u8; X25519_LEN],
+    ) -> Result<[u8; KEY_LEN], HandshakeError> {
+        let mut dh = self.secret.diffie_hellman(peer).map_err(|_| HandshakeError::BadPublicKey)?;
+        let out = hop_link_secret(seed, &dh, creator_share, responder_share);
+        dh.zeroize();
+        Ok(out)
+    }
+}
+
+impl std::fmt::Debug for LinkShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkShare").field("public", &self.wire).finish_non_exhaustive()
+    }
+}
+
+/// The secret of a link between hop `i` and hop `i + 1`: the client's seed (which a thief of
+/// hop `i + 1`'s onion key could read from a recorded CREATE) mixed with the two hops' ephemeral
+/// Diffie–Hellman (which nobody can recompute once they erased it), bound to both shares.
+pub fn hop_link_secret(
+    seed: &[u8; KEY_LEN],
+    dh: &[u8; X25519_LEN],
+    creator_share: &[u8; X25519_LEN],
+    responder_share: &[u8; X25519_LEN],
+) -> [u8; KEY_LEN] {
+    let mut ikm = [0u8; 4 * 32];
+    ikm[..32].copy_from_slice(seed);
+    ikm[32..64].copy_from_slice(dh);
+    ikm[64..96].copy_from_slice(creator_share);
+    ikm[96..].copy_from_slice(responder_share);
+    let mut out = [0u8; KEY_LEN];
+    hkdf(PROTOID, &ikm, b"hop link", &mut out);
+    ikm.zeroize();
+    out
 }

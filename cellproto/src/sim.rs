@@ -9,7 +9,8 @@ use crate::command::{Attach, Attached, decode_ping};
 use crate::handshake::{OnionSecret, RelayKeys};
 use crate::link::LinkControl;
 use crate::onion::{Direction, payload, payload_mut};
-use crate::relay::control::{ControlPlane, Created};
+use crate::relay::control::{Answer, ControlPlane, Created};
+use crate::relay::cookie::CookieJar;
 use crate::relay::{CircuitMap, CircuitTable, DropReason, Verdict};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -19,6 +20,9 @@ use std::time::Instant;
 
 /// A cell buffer.
 pub type Cell = [u8; CELL_LEN];
+
+/// What a hostile relay does to a cell it relays.
+pub type Meddle = Box<dyn FnMut(&mut Cell)>;
 
 /// A deterministic RNG from a seed.
 pub fn rng(seed: u64) -> ChaCha20Rng {
@@ -51,6 +55,11 @@ pub struct TestRelay {
     pub echo: bool,
     /// Sessions ATTACH made, by token: the number in their inner addresses.
     pub sessions: HashMap<[u8; 32], u8>,
+    /// A hostile relay's meddling with the backward cells it relays: applied after the cell
+    /// passed this relay's checks and before it seals its own layer.
+    pub hostile: Option<Meddle>,
+    /// Under load: CREATEs without a valid cookie get a COOKIE answer instead of a handshake.
+    pub cookies: Option<CookieJar>,
     rng: ChaCha20Rng,
 }
 
@@ -77,6 +86,8 @@ impl TestRelay {
             drops: Vec::new(),
             echo: true,
             sessions: HashMap::new(),
+            hostile: None,
+            cookies: None,
             rng,
         }
     }
@@ -99,6 +110,15 @@ impl TestRelay {
     pub fn handle(&mut self, now: Instant, from: SocketAddr, cell: &mut Cell) -> Vec<(SocketAddr, Cell)> {
         let id = lcid(cell);
         if id == HANDSHAKE_LCID {
+            if let Some(jar) = &self.cookies
+                && !jar.check(from, cell)
+            {
+                let mut out = [0u8; CELL_LEN];
+                return match jar.reply(from, cell, &mut out, &mut self.rng) {
+                    Ok(()) => vec![(from, out)],
+                    Err(_) => vec![],
+                };
+            }
             let lcid = Self::fresh_lcid(&mut self.rng, &self.circuits, &self.control);
             return match self.control.handle_create(now, from, cell, || lcid, &mut self.rng) {
                 Ok(Created::New { reply, circuit }) => {
@@ -113,9 +133,13 @@ impl TestRelay {
             };
         }
         if self.control.is_pending(id) {
-            return match self.control.handle_created(from, cell) {
-                Ok(ext) => {
-                    self.circuits.set_next(ext.circuit, ext.link);
+            return match self.control.handle_created(now, from, cell, &mut self.rng) {
+                Ok(Answer::Retry { to, create }) => vec![(to, *create)],
+                Ok(Answer::Extended(ext)) => {
+                    let ext = *ext;
+                    if !self.circuits.set_next(ext.circuit, ext.link) {
+                        return vec![];
+                    }
                     let Some(circ) = self.circuits.get_mut(ext.circuit) else { return vec![] };
                     let mut out = [0u8; CELL_LEN];
                     let Ok(len) = ext.extended.encode(payload_mut(&mut out)) else { return vec![] };
@@ -136,7 +160,15 @@ impl TestRelay {
         let prev_lcid = circ.prev().lcid_in;
         let verdict = match dir {
             Direction::Forward => circ.handle_forward(now, from, cell),
-            Direction::Backward => circ.handle_backward(now, from, cell),
+            Direction::Backward => match circ.accept_backward(now, from, cell) {
+                Ok(inner) => {
+                    if let Some(meddle) = self.hostile.as_mut() {
+                        meddle(cell);
+                    }
+                    circ.relay_backward(now, inner, cell)
+                }
+                Err(verdict) => verdict,
+            },
         };
         match verdict {
             Verdict::Send(to) => vec![(to, *cell)],
@@ -146,7 +178,7 @@ impl TestRelay {
             }
             Verdict::Control { msg: LinkControl::Destroy { reason }, from: side } => {
                 // Propagate away from the side it came from.
-                let Some(circ) = self.circuits.remove(prev_lcid) else { return vec![] };
+                let Some(mut circ) = self.circuits.remove(prev_lcid) else { return vec![] };
                 let mut out = [0u8; CELL_LEN];
                 circ.seal_destroy(side, reason, &mut out, &mut self.rng).map(|to| vec![(to, out)]).unwrap_or_default()
             }
@@ -164,10 +196,19 @@ impl TestRelay {
     ) -> Vec<(SocketAddr, Cell)> {
         match cmd {
             Command::Extend => {
+                // One EXTEND per circuit: none once it is extended.
+                if self.circuits.get_mut(prev_lcid).is_none_or(|c| c.next().is_some()) {
+                    self.drops.push(DropReason::Protocol);
+                    return vec![];
+                }
                 let lcid = Self::fresh_lcid(&mut self.rng, &self.circuits, &self.control);
                 match self.control.handle_extend(now, prev_lcid, payload(cell, len), || lcid, &mut self.rng) {
-                    Ok((target, create)) => vec![(target, *create)],
-                    Err(_) => vec![],
+                    Ok(Some((target, create))) => vec![(target, *create)],
+                    Ok(None) => vec![],
+                    Err(_) => {
+                        self.drops.push(DropReason::Protocol);
+                        vec![]
+                    }
                 }
             }
             Command::Ping => {

@@ -2,7 +2,7 @@
 //! ways, tamper detection at every byte, replay, header unlinkability across links.
 
 use cellproto::cell::{CELL_LEN, Command, HEADER_LEN, MAX_HOPS, payload_capacity};
-use cellproto::client::Event;
+use cellproto::client::{CircuitError, Event};
 use cellproto::relay::DropReason;
 use cellproto::sim::*;
 use proptest::prelude::*;
@@ -26,7 +26,7 @@ fn three_hops_data_both_ways() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Any hop count, any payload up to the capacity at that hop count, both directions, both
     /// suites (each relay with or without AES hardware).
@@ -109,67 +109,69 @@ fn flipped_bit_anywhere_is_rejected_by_next_hop_forward() {
     }
 }
 
-/// Backward: relays cannot authenticate what comes from beyond them, so the client is where a
-/// modified backward cell is caught. Any flip of the authenticated bytes on any backward link
-/// makes the client drop the cell; flips in padding that the next hop overwrites have no effect.
+/// Backward: every link carries a link tag, so a cell with any single bit flipped on any
+/// backward link is dropped (and counted) by the node that receives it, relay or client; the
+/// genuine cell still goes through afterwards, so nothing was committed. Every bit of every byte
+/// on every link is tried, and the test counts that it tried them all.
 #[test]
-fn flipped_bit_anywhere_backward_never_reaches_the_client() {
+fn flipped_bit_anywhere_is_rejected_by_next_node_backward() {
     let hops = 3;
-    let mut net = Net::new(hops, 12, |_| true);
+    let mut net = Net::new(hops, 12, |i| i != 2);
     net.build();
     for relay in &mut net.relays {
         relay.echo = false;
     }
     let exit = hops - 1;
     let circ_lcid = net.relays[exit].circuits.iter().next().unwrap().prev().lcid_in;
-    // One backward cell per (position, bit) originated by the exit, flipped on link `link`.
-    for link in 0..hops {
-        for pos in (0..CELL_LEN).step_by(if link == 0 { 1 } else { 7 }) {
-            let bit = (pos % 8) as u8;
-            let mut cell = [0u8; CELL_LEN];
-            cellproto::onion::payload_mut(&mut cell)[..4].copy_from_slice(b"back");
-            let circ = net.relays[exit].circuits.get_mut(circ_lcid).unwrap();
-            let mut to = circ.seal_backward(net.now, Command::Data, 4, &mut cell).unwrap();
-            let mut from = net.relays[exit].addr;
-            // Walk the cell down to the client, flipping it on the chosen link.
-            let mut hop = exit;
-            let mut flipped_on = None;
-            loop {
-                let link_index = hop; // link between hop+1 (1-based) and the next towards the client
-                if link_index == link && flipped_on.is_none() {
-                    cell = flipped(&cell, pos, bit);
-                    flipped_on = Some(pos);
-                }
-                if to == addr(CLIENT) {
-                    break;
-                }
-                let next_hop = net.relay_index(to).unwrap();
-                let out = net.relays[next_hop].handle(net.now, from, &mut cell);
-                if out.is_empty() {
-                    break; // dropped by a relay (counter or LCID flip)
-                }
-                from = to;
-                (to, cell) = out[0];
-                hop = next_hop;
+    let mut cell = [0u8; CELL_LEN];
+    cellproto::onion::payload_mut(&mut cell)[..4].copy_from_slice(b"back");
+    let circ = net.relays[exit].circuits.get_mut(circ_lcid).unwrap();
+    let mut to = circ.seal_backward(net.now, Command::Data, 4, &mut cell).unwrap();
+    let mut from = net.relays[exit].addr;
+    let mut tried = 0usize;
+    while to != addr(CLIENT) {
+        let index = net.relay_index(to).unwrap();
+        let relay = &mut net.relays[index];
+        for pos in 0..CELL_LEN {
+            for bit in 0..8 {
+                let before = relay.drops.len();
+                let out = relay.handle(net.now, from, &mut flipped(&cell, pos, bit));
+                assert!(out.is_empty(), "flip at byte {pos} bit {bit} into {to} went through");
+                assert_eq!(relay.drops.len(), before + 1, "flip at {pos} not counted");
+                let reason = *relay.drops.last().unwrap();
+                let allowed: &[DropReason] = if pos < 4 {
+                    &[DropReason::UnknownCircuit, DropReason::BadTag, DropReason::Replay]
+                } else {
+                    &[DropReason::BadTag, DropReason::Replay]
+                };
+                assert!(allowed.contains(&reason), "flip at {pos}: {reason:?}");
+                tried += 1;
             }
-            // The client's driver routes by LCID: a flipped LCID reaches no circuit.
-            if to != addr(CLIENT) || cellproto::cell::lcid(&cell) != net.circuit.lcid_in() {
+        }
+        let out = relay.handle(net.now, from, &mut cell);
+        assert_eq!(out.len(), 1, "genuine cell refused at {to}");
+        from = to;
+        (to, cell) = out[0];
+    }
+    // At the client, the driver routes by LCID: a flipped LCID reaches no circuit at all.
+    for pos in 0..CELL_LEN {
+        for bit in 0..8 {
+            let mut c = flipped(&cell, pos, bit);
+            tried += 1;
+            if cellproto::cell::lcid(&c) != net.circuit.lcid_in() {
                 continue;
             }
-            let before = net.events.len();
-            let res = net.circuit.handle_cell(net.now, &mut cell, &mut net.client_rng);
-            match res {
-                Err(_) => {}
-                Ok(Some(Event::Delivered { len, .. })) => {
-                    // Only possible when the flip hit bytes the next hop overwrote.
-                    assert_eq!(&cell[HEADER_LEN..HEADER_LEN + len], b"back", "link {link} pos {pos} altered data");
-                    assert!(link > 0, "flip at {pos} on the client's own link was accepted");
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-            assert_eq!(net.events.len(), before);
+            let res = net.circuit.handle_cell(net.now, &mut c, &mut net.client_rng);
+            assert!(
+                matches!(res, Err(CircuitError::Forged | CircuitError::Replay)),
+                "flip at byte {pos} bit {bit} on the client's link: {res:?}"
+            );
         }
     }
+    assert!(net.circuit.evidence().violations.iter().all(|&v| v == 0), "a flip counted as tampering");
+    let res = net.circuit.handle_cell(net.now, &mut cell, &mut net.client_rng);
+    assert_eq!(res, Ok(Some(Event::Delivered { hop: hops, cmd: Command::Data, len: 4 })));
+    assert_eq!(tried, hops * CELL_LEN * 8);
 }
 
 #[test]

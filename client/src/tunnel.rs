@@ -333,6 +333,14 @@ impl Tunnel {
             CloseReason::LinkDestroyed { reason } => {
                 self.hop_failed(now, 1, &format!("closed the circuit (reason {reason})"), rng)
             }
+            // Evidence that something up to `hop` drops or alters cells; no single relay is to
+            // blame, so none is avoided for it: the path is rebuilt.
+            CloseReason::Tampered { hop } => {
+                let why = format!("the circuit showed tampering up to hop {hop}; rebuilding");
+                warn!("{why}");
+                self.reason = Some(why);
+                self.rebuild(now, rng)
+            }
             CloseReason::Local => self.rebuild(now, rng),
         }
     }

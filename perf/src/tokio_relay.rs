@@ -11,7 +11,7 @@ use cellproto::cell::{CELL_LEN, Command, HANDSHAKE_LCID, is_valid_lcid, lcid};
 use cellproto::command::decode_ping;
 use cellproto::link::LinkControl;
 use cellproto::onion::{Direction, payload, payload_mut};
-use cellproto::relay::control::{ControlPlane, Created};
+use cellproto::relay::control::{Answer, ControlPlane, Created};
 use cellproto::relay::{CircuitMap, CircuitTable, Verdict};
 use rand_core::{OsRng, RngCore};
 use std::collections::HashSet;
@@ -86,7 +86,8 @@ async fn serve(socket: std::net::UdpSocket, mut plane: ControlPlane) -> Result<(
             continue;
         }
         if plane.is_pending(id) {
-            if let Ok(ext) = plane.handle_created(from, cell) {
+            if let Ok(Answer::Extended(ext)) = plane.handle_created(now, from, cell, &mut OsRng) {
+                let ext = *ext;
                 let circuit = ext.circuit;
                 if circuits.set_next(circuit, ext.link)
                     && let Some(circ) = circuits.get_mut(circuit)
@@ -113,7 +114,7 @@ async fn serve(socket: std::net::UdpSocket, mut plane: ControlPlane) -> Result<(
             Verdict::Deliver { cmd: Command::Extend, len } => {
                 let body = payload(cell, len).to_vec();
                 let alloc = || alloc_lcid(&mut used);
-                if let Ok((target, create)) = plane.handle_extend(now, id, &body, alloc, &mut OsRng) {
+                if let Ok(Some((target, create))) = plane.handle_extend(now, id, &body, alloc, &mut OsRng) {
                     socket.send_to(&create[..], target).await?;
                 }
             }

@@ -155,6 +155,13 @@ pub struct ExtendPolicy {
     /// deployments only: otherwise a client could make the relay probe its own network).
     #[serde(default)]
     pub allow_private: bool,
+    /// A signed directory (`relayd authority sign`): EXTEND may then go only to the addresses
+    /// of the relays it lists. Re-read on SIGHUP. Without it, any public address a client names
+    /// is a target (logged as a warning at start).
+    pub directory: Option<PathBuf>,
+    /// The directory authority's public key (64 hex digits); required with `directory`.
+    #[serde(default, deserialize_with = "opt_identity_key")]
+    pub authority: Option<cellproto::identity::IdentityKey>,
 }
 
 /// Prometheus metrics.
@@ -174,6 +181,13 @@ impl Default for Limits {
             exempt: Vec::new(),
         }
     }
+}
+
+fn opt_identity_key<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<cellproto::identity::IdentityKey>, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 fn default_log_level() -> String {
@@ -206,10 +220,13 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         let mut config = Self::parse(&text, path)?;
-        if config.key_dir.is_relative()
-            && let Some(parent) = path.parent()
-        {
-            config.key_dir = parent.join(&config.key_dir);
+        if let Some(parent) = path.parent() {
+            if config.key_dir.is_relative() {
+                config.key_dir = parent.join(&config.key_dir);
+            }
+            if let Some(dir) = config.extend.directory.as_mut().filter(|d| d.is_relative()) {
+                *dir = parent.join(&*dir);
+            }
         }
         Ok(config)
     }
@@ -244,6 +261,9 @@ impl Config {
         }
         if tracing_subscriber::EnvFilter::try_new(&config.log_level).is_err() {
             return Err(bad("log_level", "is not a log filter (e.g. \"info\" or \"relayd=debug,warn\")"));
+        }
+        if config.extend.directory.is_some() != config.extend.authority.is_some() {
+            return Err(bad("extend.directory", "and extend.authority go together"));
         }
         if config.workers > 1024 {
             return Err(bad("workers", "must be at most 1024"));

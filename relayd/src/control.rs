@@ -4,11 +4,12 @@
 
 use crate::config::Config;
 use crate::datapath::{Outgoing, Waker};
+use crate::extend::ExtendTargets;
 use crate::metrics::{ControlStats, Registry};
 use crate::ratelimit::SourceLimits;
-use cellproto::cell::{CELL_LEN, is_valid_lcid};
+use cellproto::cell::{CELL_LEN, is_valid_lcid, lcid};
 use cellproto::command::{Extend, Extended, reason};
-use cellproto::relay::control::{ControlPlane, Created};
+use cellproto::relay::control::{Answer, ControlError, ControlPlane, Created, Expired};
 use cellproto::relay::{HopCircuit, Link};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use rand_core::{OsRng, RngCore};
@@ -89,6 +90,8 @@ pub enum ToWorker {
         /// The reply LCID that was pending, if one was allocated.
         reply_lcid: Option<u32>,
     },
+    /// Cells on this LCID are no longer CREATEDs (the EXTEND's circuit closed).
+    ForgetCreated(u32),
 }
 
 /// Main thread → control: settings changed by SIGHUP (see [`crate::reload`]).
@@ -96,8 +99,8 @@ pub enum ToWorker {
 pub struct ControlUpdate {
     /// The new `[limits]`.
     pub limits: crate::config::Limits,
-    /// The new `extend.allow_private`.
-    pub allow_private: bool,
+    /// The new EXTEND target policy (`[extend]`).
+    pub targets: ExtendTargets,
     /// New onion keys (current first), if they changed on disk (rotation).
     pub onion: Option<Vec<cellproto::handshake::OnionSecret>>,
 }
@@ -132,7 +135,7 @@ pub fn is_private(ip: IpAddr) -> bool {
 pub struct Control {
     plane: ControlPlane,
     limits: SourceLimits,
-    allow_private: bool,
+    targets: ExtendTargets,
     workers: Vec<Sender<ToWorker>>,
     wakers: Vec<Waker>,
     next_worker: usize,
@@ -143,9 +146,11 @@ pub struct Control {
 }
 
 impl Control {
-    /// The control plane for `config`, with one channel and one waker per worker.
+    /// The control plane for `config` and EXTEND policy `targets`, with one channel and one
+    /// waker per worker.
     pub fn new(
         config: &Config,
+        targets: ExtendTargets,
         plane: ControlPlane,
         workers: Vec<Sender<ToWorker>>,
         wakers: Vec<Waker>,
@@ -155,7 +160,7 @@ impl Control {
         Self {
             plane,
             limits: SourceLimits::new(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt.clone()),
-            allow_private: config.extend.allow_private,
+            targets,
             workers,
             wakers,
             next_worker: 0,
@@ -179,11 +184,11 @@ impl Control {
             create_burst = l.create_burst,
             max_circuits_per_ip = l.max_circuits_per_ip,
             exempt = l.exempt.len(),
-            allow_private = u.allow_private,
+            extend_relays = ?u.targets.relay_count(),
             "reload: limits in force"
         );
         self.limits.reconfigure(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt);
-        self.allow_private = u.allow_private;
+        self.targets = u.targets;
         if let Some(keys) = u.onion {
             debug!(keys = keys.len(), "reload: onion keys replaced");
             self.plane.set_onion_keys(keys);
@@ -231,13 +236,12 @@ impl Control {
             if now.duration_since(last_expire) >= Duration::from_secs(1) {
                 last_expire = now;
                 self.limits.prune(now);
-                for circuit in self.plane.expire(now) {
+                for Expired { circuit, reply_lcid } in self.plane.expire(now) {
                     ControlStats::bump(&self.stats().extends_failed);
+                    self.used.remove(&reply_lcid);
                     let worker = circuit as usize % self.workers.len();
-                    self.send(
-                        worker,
-                        ToWorker::ExtendFailed { circuit, reason: reason::CONNECT_FAILED, reply_lcid: None },
-                    );
+                    let reply_lcid = Some(reply_lcid);
+                    self.send(worker, ToWorker::ExtendFailed { circuit, reason: reason::CONNECT_FAILED, reply_lcid });
                 }
             }
         }
@@ -246,8 +250,9 @@ impl Control {
     fn handle(&mut self, now: Instant, msg: ToControl) {
         match msg {
             ToControl::Create { from, cell } => self.create(now, from, &cell),
-            ToControl::Created { from, cell } => match self.plane.handle_created(from, &cell) {
-                Ok(ext) => {
+            ToControl::Created { from, cell } => match self.plane.handle_created(now, from, &cell, &mut OsRng) {
+                Ok(Answer::Extended(ext)) => {
+                    let ext = *ext;
                     ControlStats::bump(&self.stats().extends);
                     let worker = ext.circuit as usize % self.workers.len();
                     let reply_lcid = ext.link.lcid_in;
@@ -261,6 +266,11 @@ impl Control {
                         },
                     );
                 }
+                Ok(Answer::Retry { to, create }) => {
+                    // The next hop is under load and sent a cookie: the same CREATE with it.
+                    let worker = lcid(&cell) as usize % self.workers.len();
+                    self.send(worker, ToWorker::Send(Outgoing { to, data: create.to_vec() }));
+                }
                 Err(e) => debug!(%from, "CREATED refused: {e}"),
             },
             ToControl::Extend { worker, circuit, body } => self.extend(now, worker, circuit, &body),
@@ -269,6 +279,11 @@ impl Control {
                     self.used.remove(&id);
                     if let Some(ip) = self.sources.remove(&id) {
                         self.limits.closed(ip);
+                    }
+                    // An EXTEND still pending for a circuit that is gone: free its reply id too.
+                    if let Some(reply_lcid) = self.plane.circuit_closed(id) {
+                        self.used.remove(&reply_lcid);
+                        self.send(reply_lcid as usize % self.workers.len(), ToWorker::ForgetCreated(reply_lcid));
                     }
                 }
             }
@@ -317,14 +332,14 @@ impl Control {
     }
 
     fn extend(&mut self, now: Instant, worker: usize, circuit: u32, body: &[u8]) {
-        if let Ok(ext) = Extend::decode(body)
-            && !self.allow_private
-            && is_private(ext.target.ip())
-        {
-            ControlStats::bump(&self.stats().extends_failed);
-            info!(target = %ext.target, "EXTEND to a private address refused (extend.allow_private = false)");
-            self.send(worker, ToWorker::ExtendFailed { circuit, reason: reason::POLICY, reply_lcid: None });
-            return;
+        let refuse = |this: &mut Self, why: u8| {
+            ControlStats::bump(&this.stats().extends_failed);
+            this.send(worker, ToWorker::ExtendFailed { circuit, reason: why, reply_lcid: None });
+        };
+        let Ok(ext) = Extend::decode(body) else { return refuse(self, reason::PROTOCOL) };
+        if let Err(why) = self.targets.allows(ext.target) {
+            info!(target = %ext.target, "EXTEND refused: {why}");
+            return refuse(self, reason::POLICY);
         }
         let workers = self.workers.len();
         let used = &mut self.used;
@@ -341,16 +356,19 @@ impl Control {
             &mut OsRng,
         );
         match result {
-            Ok((target, create)) => {
+            Ok(Some((target, create))) => {
                 if let Some(id) = allocated {
                     self.send(worker, ToWorker::ExpectCreated(id));
                 }
                 self.send(worker, ToWorker::Send(Outgoing { to: target, data: create.to_vec() }));
             }
+            // A retransmitted EXTEND inside the resend interval, or past the resend budget.
+            Ok(None) => {}
+            // A different EXTEND while one is pending: the first one stands.
+            Err(ControlError::ExtendPending) => debug!(circuit, "EXTEND refused: another is pending"),
             Err(e) => {
-                ControlStats::bump(&self.stats().extends_failed);
                 debug!("EXTEND refused: {e}");
-                self.send(worker, ToWorker::ExtendFailed { circuit, reason: reason::PROTOCOL, reply_lcid: None });
+                refuse(self, reason::PROTOCOL);
             }
         }
     }

@@ -8,6 +8,7 @@
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
 //! | [`worker`] | the data-plane pipeline: classify → process in place → route |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
+//! | [`extend`] | where EXTEND may send a CREATE |
 //! | [`ratelimit`] | per-source CREATE limits |
 //! | [`stun`] | STUN Binding answers on the relay port |
 //! | [`metrics`] | Prometheus counters and endpoint |
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod datapath;
 pub mod descriptor;
+pub mod extend;
 pub mod keys;
 pub mod metrics;
 pub mod ratelimit;

@@ -109,10 +109,16 @@ pub fn start_with(
         inboxes.push(rx);
     }
 
+    let targets = crate::extend::ExtendTargets::from_config(&config.extend)?;
+    match targets.relay_count() {
+        Some(n) => info!(relays = n, "EXTEND limited to the relays of extend.directory"),
+        None => warn!("extend.directory is not set: EXTEND may go to any public address a client names"),
+    }
     let plane = ControlPlane::new(keys.identity.public().0, keys.onion, local_aes_hw());
     let wakers = paths.iter().map(|dp| dp.waker()).collect();
     let (updates, update_inbox) = crossbeam_channel::unbounded();
-    let control = Control::new(config, plane, worker_senders, wakers, registry.clone()).with_updates(update_inbox);
+    let control =
+        Control::new(config, targets, plane, worker_senders, wakers, registry.clone()).with_updates(update_inbox);
     let mut threads = Vec::with_capacity(workers + 1);
     let control_stop = stop.clone();
     threads.push(

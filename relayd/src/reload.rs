@@ -1,6 +1,6 @@
 //! SIGHUP: re-read the configuration and apply what is safe to change in a running relay.
 //!
-//! Applied at once: `[limits]` (all four keys), `extend.allow_private`, `log_level`, and the
+//! Applied at once: `[limits]` (all four keys), `[extend]` (its directory re-read), `log_level`, and the
 //! onion keys in `key_dir` (rotation: `relayd rotate-onion`). Used only by `relayd descriptor`,
 //! so in effect for the next descriptor: `nickname`, `operator`, `bandwidth`, `guard`,
 //! `public_addresses`, `descriptor_lifetime_secs`. Everything else (sockets, threads, the data
@@ -55,7 +55,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         ("limits.create_burst", old.limits.create_burst != new.limits.create_burst, Applied),
         ("limits.max_circuits_per_ip", old.limits.max_circuits_per_ip != new.limits.max_circuits_per_ip, Applied),
         ("limits.exempt", old.limits.exempt != new.limits.exempt, Applied),
-        ("extend.allow_private", old.extend != new.extend, Applied),
+        ("extend", old.extend != new.extend, Applied),
         ("nickname", old.nickname != new.nickname, Descriptor),
         ("operator", old.operator != new.operator, Descriptor),
         ("bandwidth", old.bandwidth != new.bandwidth, Descriptor),
@@ -104,11 +104,8 @@ impl Reloader {
         if new.log_level != self.running.log_level && !self.log.set(&new.log_level)? {
             warn!("log_level changed, but RUST_LOG is set and wins");
         }
-        relay.update(ControlUpdate {
-            limits: new.limits.clone(),
-            allow_private: new.extend.allow_private,
-            onion: rotated.then_some(keys.onion),
-        });
+        let targets = crate::extend::ExtendTargets::from_config(&new.extend)?;
+        relay.update(ControlUpdate { limits: new.limits.clone(), targets, onion: rotated.then_some(keys.onion) });
         if rotated {
             self.onion = onion;
             changes.push(Change { key: "key_dir (onion keys)", effect: Effect::Applied });

@@ -209,6 +209,9 @@ impl Worker {
                     let Ok(len) = extended.encode(payload_mut(&mut cell)) else { continue };
                     self.originate(now, circuit, Command::Extended, len, cell);
                 }
+                ToWorker::ForgetCreated(reply_lcid) => {
+                    self.pending.remove(&reply_lcid);
+                }
                 ToWorker::ExtendFailed { circuit, reason, reply_lcid } => {
                     if let Some(id) = reply_lcid {
                         self.pending.remove(&id);
@@ -232,7 +235,7 @@ impl Worker {
 
     /// Removes nothing itself: sends DESTROY to the neighbours of `circ` (except `skip`) and
     /// tells the control thread its LCIDs are free.
-    fn teardown(&mut self, circ: HopCircuit, why: u8, skip: Option<Direction>) {
+    fn teardown(&mut self, mut circ: HopCircuit, why: u8, skip: Option<Direction>) {
         for side in [Direction::Backward, Direction::Forward] {
             if Some(side) == skip {
                 continue;
@@ -313,7 +316,7 @@ impl Worker {
                 Verdict::Drop(r) => self.drop(drop_index(r)),
                 Verdict::Control { from, msg: LinkControl::Destroy { reason } } => {
                     let id = lcid_of(d.data);
-                    if let Some(circ) = self.remove_by_any_lcid(id) {
+                    if let Some(circ) = self.circuits.remove_any(id) {
                         self.teardown(circ, reason, Some(from_side(from)));
                     }
                 }
@@ -351,17 +354,15 @@ impl Worker {
         }
     }
 
-    fn remove_by_any_lcid(&mut self, id: u32) -> Option<HopCircuit> {
-        let prev =
-            self.circuits.iter().find(|c| c.prev().lcid_in == id || c.next().is_some_and(|n| n.lcid_in == id))?;
-        let prev = prev.prev().lcid_in;
-        self.circuits.remove(prev)
-    }
-
     /// A command addressed to this hop (it arrived forward, so `circuit` is the previous-link LCID).
     fn deliver(&mut self, now: Instant, circuit: u32, cmd: Command, body: Vec<u8>) {
         match cmd {
             Command::Extend => {
+                // One EXTEND per circuit: refused once the circuit is extended (the control
+                // plane also keeps at most one pending, and resends its CREATE sparingly).
+                if self.circuits.get_mut(circuit).is_none_or(|c| c.next().is_some()) {
+                    return self.drop(drop_index(DropReason::Protocol));
+                }
                 let msg = ToControl::Extend { worker: self.index, circuit, body };
                 self.tell_control(msg);
             }

@@ -83,7 +83,7 @@ fn ten_thousand_circuits_from_one_neighbour_spread_over_workers() {
         .map(|i| {
             let hs = ClientHandshake::start(&r.hop.keys, &req, &mut OsRng).unwrap();
             let mut cell = [0u8; CELL_LEN];
-            encode_create(&mut cell, 0x4000_0000 + i, hs.message(), &mut OsRng);
+            encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
             cell
         })
         .collect();
@@ -170,7 +170,7 @@ fn create_flood_is_rate_limited_per_source() {
     for i in 0..300u32 {
         let hs = ClientHandshake::start(&r.hop.keys, &req, &mut OsRng).unwrap();
         let mut cell = [0u8; CELL_LEN];
-        encode_create(&mut cell, 0x4000_0000 + i, hs.message(), &mut OsRng);
+        encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
         flooder.send_to(&cell, r.hop.addr).unwrap();
     }
     let mut answered = 0;

@@ -82,7 +82,7 @@ fn creates_answered(relay: SocketAddr, keys: &RelayKeys, n: u32) -> usize {
     for i in 0..n {
         let hs = ClientHandshake::start(keys, &req, &mut OsRng).unwrap();
         let mut cell = [0u8; CELL_LEN];
-        encode_create(&mut cell, 0x4000_0000 + i, hs.message(), &mut OsRng);
+        encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
         sock.send_to(&cell, relay).unwrap();
     }
     let mut buf = [0u8; 2048];

@@ -3,7 +3,9 @@
 //! message with the input XORed in (to get past the tags). Nothing may panic.
 #![no_main]
 
-use cellproto::handshake::{CREATE_LEN, CREATED_LEN, ClientHandshake, ClientRequest, OnionSecret, RelayKeys, respond};
+use cellproto::handshake::{
+    CREATE_LEN, CREATED_LEN, ClientHandshake, ClientRequest, LinkShare, OnionSecret, RelayKeys, respond,
+};
 use libfuzzer_sys::fuzz_target;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -66,7 +68,13 @@ fuzz_target!(|data: &[u8]| {
             None => assert_eq!(mine.link_secret, out.link_secret),
         }
         assert_eq!(mine.hop, out.hop);
-        assert_eq!((mine.keys.fwd, mine.keys.bwd), (out.keys.fwd, out.keys.bwd));
+        assert_eq!((mine.keys.fwd, mine.keys.bwd, mine.keys.pad), (out.keys.fwd, out.keys.bwd, out.keys.pad));
+    }
+    // A relay-to-relay link share against an arbitrary peer share (low-order points included).
+    let share = LinkShare::generate(&mut rng);
+    let peer: [u8; 32] = prefix(data.get(3..).unwrap_or_default());
+    if let Ok(secret) = share.finish(&peer, &[0x55; 32], share.public(), &peer) {
+        assert_ne!(secret, [0u8; 32]);
     }
     let tail = data.get(2 + CREATE_LEN..).unwrap_or_default();
     xor_into(&mut reply, tail);

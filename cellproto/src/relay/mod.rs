@@ -7,25 +7,48 @@
 //! [`Verdict::Deliver`], and it answers with [`HopCircuit::seal_backward`].
 
 pub mod control;
+pub mod cookie;
 
 use crate::cell::{
-    CELL_LEN, CELL_LIMIT, Command, FORGERY_LIMIT, LINK_CONTROL_COUNTER, MAX_CIRCUIT_AGE_SECS, backward_origin, lcid,
+    CELL_LEN, CELL_LIMIT, COUNTER_START_MAX, FORGERY_LIMIT, LINK_CONTROL_COUNTER, MAX_CIRCUIT_AGE_SECS, lcid,
 };
 use crate::crypto::{KEY_LEN, Suite};
 use crate::handshake::HandshakeOutput;
 use crate::link::{LinkControl, open_link_control, seal_link_control};
 use crate::onion::{
-    Direction, HopKeys, LayerError, LinkKeys, backward_pad_start, forward_to_next, open_forward, protect_header,
+    Direction, HopKeys, Layer, LayerError, LinkKeys, check_link_tag, forward_to_next, open_forward,
     seal_backward_command, seal_backward_relay, unprotect_counter,
 };
 use crate::replay::ReplayWindow;
 use rand_core::CryptoRngCore;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+/// The AEAD of link tags on links between two relays. Relays are servers with AES hardware
+/// (their descriptors say so); the client's own link uses the suite negotiated with hop 1.
+pub const RELAY_LINK_SUITE: Suite = Suite::Aes256Gcm;
+
+/// A source address as one value: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a
+/// dual-stack socket reports for IPv4 peers) becomes the IPv4 address it maps, so that every
+/// comparison, limit and table treats one peer as one address.
+pub fn canonical_addr(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// A random start for a counter sequence (SPEC.md §4.4).
+pub(crate) fn counter_start(rng: &mut impl CryptoRngCore) -> u32 {
+    1 + rng.next_u32() % COUNTER_START_MAX
+}
+
 /// One side of a circuit at a relay: the neighbour, the id it wants on cells we send it, the id
-/// we receive on, and the link's header keys.
+/// we receive on, and the link's keys.
 #[derive(Debug)]
 pub struct Link {
     /// The neighbour's UDP address.
@@ -35,12 +58,22 @@ pub struct Link {
     /// LCID we chose: cells from the neighbour carry it.
     pub lcid_in: u32,
     keys: LinkKeys,
+    /// Link-control sequence numbers: the last one we sent, the highest we accepted.
+    ctl_sent: u64,
+    ctl_seen: u64,
 }
 
 impl Link {
-    /// A link from its addresses, ids and 32-byte link secret.
-    pub fn new(peer: SocketAddr, lcid_out: u32, lcid_in: u32, secret: &[u8; KEY_LEN]) -> Self {
-        Self { peer, lcid_out, lcid_in, keys: LinkKeys::derive(secret) }
+    /// A link from its addresses, ids, 32-byte link secret and the suite of its link tags.
+    pub fn new(peer: SocketAddr, lcid_out: u32, lcid_in: u32, secret: &[u8; KEY_LEN], suite: Suite) -> Self {
+        Self {
+            peer: canonical_addr(peer),
+            lcid_out,
+            lcid_in,
+            keys: LinkKeys::derive(secret, suite),
+            ctl_sent: 0,
+            ctl_seen: 0,
+        }
     }
 }
 
@@ -57,9 +90,9 @@ pub enum DropReason {
     Replay,
     /// Authenticated, but the command is unknown.
     UnknownCommand,
-    /// Authenticated, but not allowed here (e.g. RELAY at the last hop).
+    /// Authenticated, but not allowed here (e.g. RELAY at the last hop, a second EXTEND).
     Protocol,
-    /// A backward cell from an address that is not the next hop.
+    /// A cell from an address that is not the neighbour of its link.
     WrongPeer,
     /// The circuit reached its AEAD usage or forgery limit.
     Limit,
@@ -89,7 +122,7 @@ pub enum Verdict {
     /// A command for this hop; its payload is the first `len` bytes of the body.
     Deliver {
         /// The command.
-        cmd: Command,
+        cmd: crate::cell::Command,
         /// Payload length.
         len: usize,
     },
@@ -105,6 +138,29 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
+/// The counters this hop seals its own backward layers under: its outgoing link counter.
+#[derive(Debug)]
+struct Sequence {
+    next: u32,
+    used: u32,
+}
+
+impl Sequence {
+    fn new(rng: &mut impl CryptoRngCore) -> Self {
+        Self { next: counter_start(rng), used: 0 }
+    }
+
+    fn take(&mut self) -> Result<u32, LayerError> {
+        if self.used >= CELL_LIMIT {
+            return Err(LayerError::KeyLimit);
+        }
+        let c = self.next;
+        self.next += 1;
+        self.used += 1;
+        Ok(c)
+    }
+}
+
 /// A circuit as one relay (or the exit) sees it.
 #[derive(Debug)]
 pub struct HopCircuit {
@@ -112,33 +168,42 @@ pub struct HopCircuit {
     keys: HopKeys,
     prev: Link,
     next: Option<Link>,
+    /// This hop's forward layer counters, which are the previous link's forward counters.
     fwd_window: ReplayWindow,
+    /// The next link's backward counters.
     bwd_window: ReplayWindow,
+    /// This hop's backward layer counters, which are the previous link's backward counters.
+    bwd_out: Sequence,
     forgeries: u64,
     created: Instant,
     last_active: Instant,
 }
 
 impl HopCircuit {
-    /// A circuit from a completed handshake that arrived from `peer` with reply id `lcid_out`;
-    /// `lcid_in` is the id this relay chose for it.
-    pub fn new(hs: &HandshakeOutput, peer: SocketAddr, lcid_out: u32, lcid_in: u32, now: Instant) -> Self {
+    /// A circuit from a completed handshake on `prev`, the link it arrived on.
+    pub fn new(hs: &HandshakeOutput, prev: Link, now: Instant, rng: &mut impl CryptoRngCore) -> Self {
         Self {
             hop: usize::from(hs.hop),
             keys: HopKeys::from_material(hs.suite, &hs.keys),
-            prev: Link::new(peer, lcid_out, lcid_in, &hs.link_secret),
+            prev,
             next: None,
             fwd_window: ReplayWindow::new(),
             bwd_window: ReplayWindow::new(),
+            bwd_out: Sequence::new(rng),
             forgeries: 0,
             created: now,
             last_active: now,
         }
     }
 
-    /// Adds the next hop once it answered our CREATE (the circuit was extended through us).
-    pub fn set_next(&mut self, next: Link) {
+    /// Adds the next hop once it answered our CREATE. A circuit is extended once: returns
+    /// `false` (and changes nothing) if it already has a next hop.
+    pub fn set_next(&mut self, next: Link) -> bool {
+        if self.next.is_some() {
+            return false;
+        }
         self.next = Some(next);
+        true
     }
 
     /// This relay's position in the circuit (1-based).
@@ -171,26 +236,39 @@ impl HopCircuit {
     pub fn expired(&self, now: Instant, idle: Duration) -> bool {
         now.saturating_duration_since(self.last_active) > idle
             || now.saturating_duration_since(self.created) > Duration::from_secs(MAX_CIRCUIT_AGE_SECS)
-            || self.fwd_window.newest() >= CELL_LIMIT
-            || self.bwd_window.newest() >= CELL_LIMIT
+            || self.fwd_window.accepted() >= CELL_LIMIT
+            || self.bwd_window.accepted() >= CELL_LIMIT
+            || self.bwd_out.used >= CELL_LIMIT
             || self.forgeries >= FORGERY_LIMIT
+    }
+
+    /// The counter this hop reads from a cell arriving from side `from` (what a hop, honest or
+    /// colluding, learns of a cell's counter). For tests and diagnostics.
+    pub fn peek_counter(&self, from: Direction, cell: &[u8; CELL_LEN]) -> u32 {
+        match (from, &self.next) {
+            (Direction::Forward, _) => unprotect_counter(cell, self.prev.keys.header(Direction::Forward)),
+            (Direction::Backward, Some(next)) => unprotect_counter(cell, next.keys.header(Direction::Backward)),
+            (Direction::Backward, None) => 0,
+        }
     }
 
     /// Processes a cell received from the previous hop, in place.
     pub fn handle_forward(&mut self, now: Instant, from: SocketAddr, cell: &mut [u8; CELL_LEN]) -> Verdict {
-        let counter = unprotect_counter(cell, self.prev.keys.header(Direction::Forward));
-        if counter == LINK_CONTROL_COUNTER {
-            return control(cell, &self.prev.keys, Direction::Forward);
-        }
-        // Only the client (hop 1's neighbour) may roam to a new address, and only once a cell
-        // from there authenticates; relays do not move.
+        let from = canonical_addr(from);
+        // Relays do not move: after hop 1 only the previous hop's address may send on this
+        // link, link control included. Hop 1's neighbour, the client, may roam, once a cell from
+        // its new address authenticates.
         if self.hop > 1 && from != self.prev.peer {
             return Verdict::Drop(DropReason::WrongPeer);
+        }
+        let counter = unprotect_counter(cell, self.prev.keys.header(Direction::Forward));
+        if counter == LINK_CONTROL_COUNTER {
+            return control(cell, &mut self.prev, Direction::Forward, Direction::Forward);
         }
         if self.fwd_window.check(counter).is_err() {
             return Verdict::Drop(DropReason::Replay);
         }
-        if counter >= CELL_LIMIT || self.forgeries >= FORGERY_LIMIT {
+        if self.fwd_window.accepted() >= CELL_LIMIT || self.forgeries >= FORGERY_LIMIT {
             return Verdict::Drop(DropReason::Limit);
         }
         let opened = open_forward(cell, self.hop, &self.keys, counter);
@@ -203,69 +281,83 @@ impl HopCircuit {
         self.last_active = now;
         self.prev.peer = from;
         match opened {
-            Ok((Command::Relay, _)) => match &self.next {
+            Ok(Layer::Relay(next_counter)) => match &self.next {
                 Some(next) => {
-                    forward_to_next(cell, self.hop, counter, &next.keys, next.lcid_out);
+                    forward_to_next(cell, self.hop, &self.keys, next_counter, &next.keys, next.lcid_out);
                     Verdict::Send(next.peer)
                 }
                 None => Verdict::Drop(DropReason::Protocol),
             },
-            Ok((cmd, len)) => Verdict::Deliver { cmd, len },
+            Ok(Layer::Terminal(cmd, len)) => Verdict::Deliver { cmd, len },
             Err(LayerError::UnknownCommand(_)) => Verdict::Drop(DropReason::UnknownCommand),
             Err(_) => Verdict::Drop(DropReason::Malformed),
         }
     }
 
-    /// Processes a cell received from the next hop, in place.
+    /// Processes a cell received from the next hop, in place: [`Self::accept_backward`], then
+    /// [`Self::relay_backward`].
     pub fn handle_backward(&mut self, now: Instant, from: SocketAddr, cell: &mut [u8; CELL_LEN]) -> Verdict {
-        let Some(next) = &self.next else { return Verdict::Drop(DropReason::UnknownCircuit) };
-        if from != next.peer {
-            return Verdict::Drop(DropReason::WrongPeer);
+        match self.accept_backward(now, from, cell) {
+            Ok(inner) => self.relay_backward(now, inner, cell),
+            Err(verdict) => verdict,
+        }
+    }
+
+    /// First half of [`Self::handle_backward`]: checks that a cell comes from the next hop
+    /// (address, link tag, replay window) and commits its counter. Returns that counter, or the
+    /// verdict for a cell that goes no further (a drop or a link-control message). A forged or
+    /// replayed datagram changes nothing here.
+    pub fn accept_backward(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        cell: &mut [u8; CELL_LEN],
+    ) -> Result<u32, Verdict> {
+        let Some(next) = &mut self.next else { return Err(Verdict::Drop(DropReason::UnknownCircuit)) };
+        if canonical_addr(from) != next.peer {
+            return Err(Verdict::Drop(DropReason::WrongPeer));
         }
         let counter = unprotect_counter(cell, next.keys.header(Direction::Backward));
         if counter == LINK_CONTROL_COUNTER {
-            return control(cell, &next.keys, Direction::Backward);
-        }
-        // Only hops beyond this one may originate what arrives from the next hop.
-        if backward_origin(counter) <= self.hop {
-            return Verdict::Drop(DropReason::Protocol);
+            return Err(control(cell, next, Direction::Backward, Direction::Backward));
         }
         if self.bwd_window.check(counter).is_err() {
-            return Verdict::Drop(DropReason::Replay);
+            return Err(Verdict::Drop(DropReason::Replay));
         }
-        if counter >= CELL_LIMIT {
-            return Verdict::Drop(DropReason::Limit);
+        if check_link_tag(cell, &next.keys, counter).is_err() {
+            return Err(Verdict::Drop(DropReason::BadTag));
         }
-        // Backward cells cannot be authenticated here (only the client shares keys with the
-        // hops beyond), but every counter is sealed under at most once: that is what keeps
-        // this hop's backward nonces unique.
+        if self.bwd_window.accepted() >= CELL_LIMIT {
+            return Err(Verdict::Drop(DropReason::Limit));
+        }
         self.bwd_window.commit(counter);
-        if seal_backward_relay(cell, self.hop, &self.keys, counter).is_err() {
+        self.last_active = now;
+        Ok(counter)
+    }
+
+    /// Second half of [`Self::handle_backward`]: seals the accepted cell (which arrived with
+    /// counter `inner`) under this hop's layer and its own next counter, for the previous hop.
+    pub fn relay_backward(&mut self, now: Instant, inner: u32, cell: &mut [u8; CELL_LEN]) -> Verdict {
+        let Ok(counter) = self.bwd_out.take() else { return Verdict::Drop(DropReason::Limit) };
+        if seal_backward_relay(cell, self.hop, &self.keys, counter, inner, &self.prev.keys, self.prev.lcid_out).is_err()
+        {
             return Verdict::Drop(DropReason::Malformed);
         }
-        protect_header(
-            cell,
-            self.prev.keys.header(Direction::Backward),
-            self.prev.lcid_out,
-            counter,
-            backward_pad_start(self.hop),
-        );
         self.last_active = now;
         Verdict::Send(self.prev.peer)
     }
 
     /// Originates a command towards the client (DATA from the exit's TUN, PONG, EXTENDED, …).
     /// The payload (`len` bytes) must already be at the start of the body; returns where to send.
+    /// Fails with [`LayerError::KeyLimit`] once this hop sealed [`CELL_LIMIT`] cells.
     pub fn seal_backward(
         &mut self,
         now: Instant,
-        cmd: Command,
+        cmd: crate::cell::Command,
         len: usize,
         cell: &mut [u8; CELL_LEN],
     ) -> Result<SocketAddr, LayerError> {
-        // The counter comes from the same window as relayed cells, in this hop's own residue
-        // class, so it is never used twice.
-        let counter = self.bwd_window.take_next(self.hop);
+        let counter = self.bwd_out.take()?;
         seal_backward_command(cell, self.hop, &self.keys, counter, cmd, len, &self.prev.keys, self.prev.lcid_out)?;
         self.last_active = now;
         Ok(self.prev.peer)
@@ -274,24 +366,32 @@ impl HopCircuit {
     /// Writes a link-level DESTROY for the neighbour on side `to` (Backward: the previous hop).
     /// Returns where to send it, or `None` if there is no such neighbour.
     pub fn seal_destroy(
-        &self,
+        &mut self,
         to: Direction,
         reason: u8,
         cell: &mut [u8; CELL_LEN],
         rng: &mut impl CryptoRngCore,
     ) -> Option<SocketAddr> {
-        let (link, dir) = match to {
-            Direction::Backward => (&self.prev, Direction::Backward),
-            Direction::Forward => (self.next.as_ref()?, Direction::Forward),
+        let link = match to {
+            Direction::Backward => &mut self.prev,
+            Direction::Forward => self.next.as_mut()?,
         };
-        seal_link_control(cell, &link.keys, dir, link.lcid_out, LinkControl::Destroy { reason }, rng);
+        link.ctl_sent += 1;
+        seal_link_control(cell, &link.keys, to, link.lcid_out, link.ctl_sent, LinkControl::Destroy { reason }, rng);
         Some(link.peer)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn exhaust_backward_for_test(&mut self) {
+        self.bwd_out.used = CELL_LIMIT;
     }
 }
 
-fn control(cell: &mut [u8; CELL_LEN], keys: &LinkKeys, from: Direction) -> Verdict {
-    match open_link_control(cell, keys) {
+/// Opens a link-control cell that travelled `dir` on `link` and came from side `from`.
+fn control(cell: &mut [u8; CELL_LEN], link: &mut Link, dir: Direction, from: Direction) -> Verdict {
+    match open_link_control(cell, &link.keys, dir, &mut link.ctl_seen) {
         Ok(msg) => Verdict::Control { from, msg },
+        Err(crate::link::LinkError::Replay) => Verdict::Drop(DropReason::Replay),
         Err(_) => Verdict::Drop(DropReason::BadTag),
     }
 }
@@ -350,12 +450,27 @@ impl CircuitMap {
         self.circuits.insert(circ.prev.lcid_in, circ);
     }
 
-    /// Records the next link of the circuit whose previous-link LCID is `lcid`.
+    /// Records the next link of the circuit whose previous-link LCID is `lcid`. Refused (false)
+    /// if there is no such circuit or it is already extended.
     pub fn set_next(&mut self, lcid: u32, next: Link) -> bool {
         let Some(circ) = self.circuits.get_mut(&lcid) else { return false };
-        self.by_next.insert(next.lcid_in, lcid);
-        circ.set_next(next);
+        let next_lcid = next.lcid_in;
+        if !circ.set_next(next) {
+            return false;
+        }
+        self.by_next.insert(next_lcid, lcid);
         true
+    }
+
+    /// Removes the circuit that receives on `lcid` on either of its links.
+    pub fn remove_any(&mut self, lcid: u32) -> Option<HopCircuit> {
+        let prev = self.by_next.get(&lcid).copied().unwrap_or(lcid);
+        self.remove(prev)
+    }
+
+    /// Number of next-link entries (one per extended circuit; for tests that count tables).
+    pub fn next_links(&self) -> usize {
+        self.by_next.len()
     }
 
     /// The circuit whose previous-link LCID is `lcid`.
@@ -405,5 +520,26 @@ impl CircuitTable for CircuitMap {
             return self.circuits.get_mut(&prev).map(|c| (c, Direction::Backward));
         }
         self.circuits.get_mut(&lcid).map(|c| (c, Direction::Forward))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cell::{CELL_LEN, Command};
+    use crate::onion::LayerError;
+    use crate::sim::Net;
+
+    /// A hop refuses to seal once its backward key reached the usage limit, whoever asks.
+    #[test]
+    fn seal_backward_enforces_the_cell_limit() {
+        let mut net = Net::new(1, 1, |_| true);
+        net.build();
+        let lcid = net.relays[0].circuits.iter().next().map(|c| c.prev().lcid_in).unwrap_or_default();
+        let circ = net.relays[0].circuits.get_mut(lcid).expect("circuit");
+        let mut cell = [0u8; CELL_LEN];
+        assert!(circ.seal_backward(net.now, Command::Padding, 0, &mut cell).is_ok());
+        circ.exhaust_backward_for_test();
+        assert_eq!(circ.seal_backward(net.now, Command::Padding, 0, &mut cell), Err(LayerError::KeyLimit));
+        assert!(circ.expired(net.now, std::time::Duration::from_secs(3600)));
     }
 }

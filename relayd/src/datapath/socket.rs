@@ -183,7 +183,9 @@ fn sockaddr_in6(a: &SocketAddrV6) -> libc::sockaddr_in6 {
 }
 
 /// Decodes a `sockaddr_in` or `sockaddr_in6` as the kernel wrote it (`name` holds exactly the
-/// bytes it wrote). Anything else, or a truncated address, is `None`.
+/// bytes it wrote). Anything else, or a truncated address, is `None`. An IPv4-mapped IPv6
+/// source (an IPv4 peer of a dual-stack socket) comes out as the IPv4 address, so that every
+/// comparison and limit after this point sees one peer as one address; sends map it back.
 pub(crate) fn decode_sockaddr(name: &[u8]) -> Option<SocketAddr> {
     let family = u16::from_ne_bytes(name.get(0..2)?.try_into().ok()?);
     let port = u16::from_be_bytes(name.get(2..4)?.try_into().ok()?);
@@ -194,7 +196,8 @@ pub(crate) fn decode_sockaddr(name: &[u8]) -> Option<SocketAddr> {
         let flowinfo = u32::from_be_bytes(name.get(4..8)?.try_into().ok()?);
         let ip: [u8; 16] = name.get(8..24)?.try_into().ok()?;
         let scope_id = u32::from_ne_bytes(name.get(24..28)?.try_into().ok()?);
-        Some(SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, flowinfo, scope_id)))
+        let addr = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(ip), port, flowinfo, scope_id));
+        Some(cellproto::relay::canonical_addr(addr))
     } else {
         None
     }
@@ -226,7 +229,7 @@ mod tests {
         }
         let mut raw = RawSockAddr::zeroed();
         let len = raw.set("127.0.0.1:7".parse().unwrap(), true) as usize;
-        assert_eq!(decode_sockaddr(&raw.as_bytes()[..len]), Some("[::ffff:127.0.0.1]:7".parse().unwrap()));
+        assert_eq!(decode_sockaddr(&raw.as_bytes()[..len]), Some("127.0.0.1:7".parse().unwrap()));
         assert_eq!(decode_sockaddr(&[0u8; 3]), None);
         assert_eq!(decode_sockaddr(&[9u8; 28]), None);
     }

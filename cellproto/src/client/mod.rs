@@ -1,26 +1,35 @@
 //! Client side: a [`Circuit`] built hop by hop (CREATE, then one EXTEND per hop), carrying
 //! commands to any hop and IP packets to and from the exit.
 //!
+//! Only the hop that may send a command is heard: DATA and ATTACHED only from the last hop of
+//! an open circuit, EXTENDED only from the hop being extended. The client chooses a forward
+//! counter sequence per hop and checks one backward sequence per hop ([`tamper`]); evidence
+//! that a hop dropped or altered what it relayed closes the circuit as tampered.
+//!
 //! Sans-IO in the quinn-proto manner: the driver feeds received cells to
 //! [`Circuit::handle_cell`], asks [`Circuit::poll_transmit`] for handshake cells to send,
 //! sleeps until [`Circuit::poll_timeout`] and then calls [`Circuit::handle_timeout`]. Time is
 //! always an argument, so tests can jump the clock.
 
-use crate::cell::{
-    CELL_LEN, CELL_LIMIT, Command, LINK_CONTROL_COUNTER, MAX_CIRCUIT_AGE_SECS, MAX_HOPS, backward_origin, is_valid_lcid,
-};
+pub mod tamper;
+
+use crate::cell::{CELL_LEN, CELL_LIMIT, Command, LINK_CONTROL_COUNTER, MAX_CIRCUIT_AGE_SECS, MAX_HOPS, is_valid_lcid};
 use crate::command::{Extend, Extended, decode_destroy};
 use crate::crypto::{KEY_LEN, Suite, local_aes_hw};
 use crate::descriptor::RelayDescriptor;
 use crate::handshake::{ClientHandshake, ClientRequest, HandshakeError, RelayKeys};
-use crate::link::{LinkControl, decode_created, encode_create, open_link_control, seal_link_control};
-use crate::onion::{
-    Direction, HopKeys, LayerError, LinkKeys, open_backward, payload, payload_mut, seal_forward, unprotect_counter,
+use crate::link::{
+    COOKIE_LEN, LinkControl, decode_cookie_reply, decode_created, encode_create, open_link_control, seal_link_control,
 };
-use crate::replay::ReplayWindow;
+use crate::onion::{
+    Direction, HopKeys, Layer, LayerError, LinkKeys, check_link_tag, open_backward, payload, payload_mut, seal_forward,
+    unprotect_counter,
+};
+use crate::relay::counter_start;
 use rand_core::CryptoRngCore;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use tamper::{HopSequence, PathEvidence};
 use thiserror::Error;
 
 /// A relay on the client's chosen path.
@@ -80,6 +89,13 @@ pub enum CloseReason {
         /// Its reason code.
         reason: u8,
     },
+    /// The backward cells showed that something on the path up to hop `hop` drops or alters
+    /// what it relays ([`tamper`]). No single relay is to blame: hop `hop`, the link into it, or
+    /// any hop before could be the culprit.
+    Tampered {
+        /// The hop at which the evidence showed.
+        hop: usize,
+    },
     /// Closed by this side.
     Local,
 }
@@ -132,6 +148,12 @@ pub enum CircuitError {
     /// A replayed or stale cell.
     #[error("replayed or stale cell")]
     Replay,
+    /// A datagram on our id that the first hop did not send (its link tag failed).
+    #[error("not from the first hop (link tag failed)")]
+    Forged,
+    /// A cell the first hop sent whose inner layers show tampering on the path (counted).
+    #[error("tampered cell from the path at hop {0}")]
+    Tampered(usize),
     /// A well-formed cell that makes no sense now.
     #[error("unexpected {0:?} from hop {1}")]
     Unexpected(Command, usize),
@@ -147,6 +169,15 @@ struct Pending {
     link_secret: Option<[u8; KEY_LEN]>,
     send_at: Instant,
     attempts: u32,
+    /// A cookie hop 1 sent under load: CREATE is resent with its MAC.
+    cookie: Option<[u8; COOKIE_LEN]>,
+}
+
+/// The client's forward counters for one hop: the sequence of that hop's layer.
+#[derive(Debug, Clone, Copy)]
+struct Sequence {
+    next: u32,
+    used: u32,
 }
 
 #[derive(Debug)]
@@ -163,10 +194,15 @@ pub struct Circuit {
     hops: Vec<HopKeys>,
     lcid_in: u32,
     lcid_out: u32,
-    /// `links[j]`: keys of the link into hop `j + 1` (the client's own link first).
-    links: Vec<LinkKeys>,
-    next_counter: u64,
-    bwd_window: ReplayWindow,
+    /// The keys of the client's own link (to hop 1), once hop 1 answered.
+    link0: Option<LinkKeys>,
+    /// Link-control sequence numbers on the client's link: last sent, highest accepted.
+    ctl_sent: u64,
+    ctl_seen: u64,
+    /// `fwd[j]`: the forward counters of hop `j + 1`'s layer.
+    fwd: [Sequence; MAX_HOPS],
+    /// Every hop's backward sequence, and the evidence against the path.
+    evidence: PathEvidence,
     phase: Phase,
     config: CircuitConfig,
     started: Instant,
@@ -190,14 +226,17 @@ impl Circuit {
             return Err(CircuitError::BadLcid(lcid_in));
         }
         let first = Self::start_hop(&path, 1, &config, now, rng)?;
+        let fwd = std::array::from_fn(|_| Sequence { next: counter_start(rng), used: 0 });
         Ok(Self {
             path,
             hops: Vec::with_capacity(MAX_HOPS),
             lcid_in,
             lcid_out: 0,
-            links: Vec::with_capacity(MAX_HOPS),
-            next_counter: 1,
-            bwd_window: ReplayWindow::new(),
+            link0: None,
+            ctl_sent: 0,
+            ctl_seen: 0,
+            fwd,
+            evidence: PathEvidence::default(),
             phase: Phase::Building(Box::new(first)),
             config,
             started: now,
@@ -220,7 +259,7 @@ impl Circuit {
         let req = ClientRequest { hop: hop as u8, offer_aes: config.offer_aes, link_secret };
         let handshake = ClientHandshake::start(&path[hop - 1].keys, &req, rng)
             .map_err(|err| CircuitError::Handshake { hop, err })?;
-        Ok(Pending { hop, handshake, link_secret, send_at: now, attempts: 0 })
+        Ok(Pending { hop, handshake, link_secret, send_at: now, attempts: 0, cookie: None })
     }
 
     /// The id cells to us carry (to route received cells to this circuit).
@@ -259,9 +298,14 @@ impl Circuit {
     /// Whether the circuit is near its key usage limit or maximum age and should be replaced.
     pub fn needs_rebuild(&self, now: Instant) -> bool {
         let soon = CELL_LIMIT / 4 * 3;
-        self.next_counter > soon
-            || self.bwd_window.newest() > soon
+        self.fwd.iter().any(|s| s.used > soon)
+            || self.evidence.hops.iter().any(|h| h.accepted() > soon)
             || now.saturating_duration_since(self.started) > Duration::from_secs(MAX_CIRCUIT_AGE_SECS - 300)
+    }
+
+    /// The per-hop backward sequences and the evidence of tampering seen so far.
+    pub fn evidence(&self) -> &PathEvidence {
+        &self.evidence
     }
 
     /// A handshake cell (CREATE or EXTEND) due now, written into `cell`; returns where to send it.
@@ -278,7 +322,7 @@ impl Circuit {
         p.attempts += 1;
         p.send_at = now + self.config.handshake_timeout * (1 << (p.attempts - 1).min(16));
         if p.hop == 1 {
-            encode_create(cell, self.lcid_in, p.handshake.message(), rng);
+            encode_create(cell, self.lcid_in, p.handshake.message(), None, p.cookie.as_ref(), rng);
             return Some(self.path[0].addr);
         }
         // EXTEND goes to the current last hop; each send is a fresh cell with a new counter.
@@ -322,15 +366,26 @@ impl Circuit {
         len: usize,
         cell: &mut [u8; CELL_LEN],
     ) -> Result<SocketAddr, CircuitError> {
-        if self.links.is_empty() || matches!(self.phase, Phase::Closed(_)) {
+        let Some(link0) = &self.link0 else { return Err(CircuitError::NotOpen) };
+        if matches!(self.phase, Phase::Closed(_)) {
             return Err(CircuitError::NotOpen);
         }
-        if self.next_counter >= CELL_LIMIT {
+        if target == 0 || target > self.hops.len() {
+            return Err(CircuitError::Layer(LayerError::BadHop(target)));
+        }
+        let seqs = &mut self.fwd[..target];
+        if seqs.iter().any(|s| s.used >= CELL_LIMIT) {
             return Err(CircuitError::KeyLimit);
         }
-        let counter = self.next_counter;
-        seal_forward(cell, &self.hops, &self.links, target, counter, cmd, len, self.lcid_out)?;
-        self.next_counter += 1;
+        let mut counters = [0u32; MAX_HOPS];
+        for (c, s) in counters.iter_mut().zip(seqs.iter()) {
+            *c = s.next;
+        }
+        seal_forward(cell, &self.hops, link0, &counters[..target], cmd, len, self.lcid_out)?;
+        for s in seqs {
+            s.next += 1;
+            s.used += 1;
+        }
         Ok(self.path[0].addr)
     }
 
@@ -346,12 +401,19 @@ impl Circuit {
     /// it. Returns where to send it (`None` if no hop was built yet).
     pub fn close(&mut self, cell: &mut [u8; CELL_LEN], rng: &mut impl CryptoRngCore) -> Option<SocketAddr> {
         self.phase = Phase::Closed(CloseReason::Local);
-        let link = self.links.first()?;
-        seal_link_control(cell, link, Direction::Forward, self.lcid_out, LinkControl::Destroy { reason: 0 }, rng);
+        let link = self.link0.as_ref()?;
+        self.ctl_sent += 1;
+        let msg = LinkControl::Destroy { reason: 0 };
+        seal_link_control(cell, link, Direction::Forward, self.lcid_out, self.ctl_sent, msg, rng);
         Some(self.path[0].addr)
     }
 
     /// Processes a cell whose LCID is [`Circuit::lcid_in`], in place.
+    ///
+    /// A datagram the first hop did not send changes nothing ([`CircuitError::Forged`]). A cell
+    /// it did send whose inner layers do not open, or a command from a hop that may not send it,
+    /// counts as evidence against the path; enough evidence closes the circuit
+    /// ([`CloseReason::Tampered`]).
     pub fn handle_cell(
         &mut self,
         now: Instant,
@@ -361,33 +423,94 @@ impl Circuit {
         if matches!(self.phase, Phase::Closed(_)) {
             return Err(CircuitError::NotOpen);
         }
-        let Some(link) = self.links.first() else { return self.handle_created(now, cell, rng) };
+        let Some(link) = &self.link0 else { return self.handle_created(now, cell, rng) };
         let counter = unprotect_counter(cell, link.header(Direction::Backward));
         if counter == LINK_CONTROL_COUNTER {
-            let LinkControl::Destroy { reason } = open_link_control(cell, link).map_err(|_| CircuitError::Malformed)?;
-            let reason = CloseReason::LinkDestroyed { reason };
-            self.phase = Phase::Closed(reason);
-            return Ok(Some(Event::Closed(reason)));
+            let opened = open_link_control(cell, link, Direction::Backward, &mut self.ctl_seen);
+            let LinkControl::Destroy { reason } = opened.map_err(|_| CircuitError::Forged)?;
+            return Ok(Some(self.close_with(CloseReason::LinkDestroyed { reason })));
         }
-        self.bwd_window.check(counter).map_err(|_| CircuitError::Replay)?;
-        let (hop, cmd, len) = open_backward(cell, &self.hops, counter)?;
-        if backward_origin(counter) != hop {
-            return Err(CircuitError::Unexpected(cmd, hop));
+        self.evidence.hops[0].check(counter).map_err(|_| CircuitError::Replay)?;
+        check_link_tag(cell, link, counter).map_err(|_| CircuitError::Forged)?;
+        // From here on the first hop vouched for the cell.
+        let mut counter = counter;
+        for hop in 1..=self.hops.len() {
+            if hop > 1 && self.evidence.hops[hop - 1].check(counter).is_err() {
+                return self.violation(hop);
+            }
+            let layer = match open_backward(cell, hop, &self.hops[hop - 1], counter) {
+                Ok(layer) => layer,
+                Err(_) => return self.violation(hop),
+            };
+            self.evidence.hops[hop - 1].commit(counter);
+            match layer {
+                Layer::Relay(inner) if hop < self.hops.len() => counter = inner,
+                Layer::Relay(_) => return self.violation(hop),
+                Layer::Terminal(cmd, len) => {
+                    let delivered = self.dispatch(now, hop, cmd, len, cell, rng);
+                    // Loss that the evidence now shows closes the circuit before anything else.
+                    return match self.check_tampering() {
+                        Some(closed) => Ok(Some(closed)),
+                        None => delivered,
+                    };
+                }
+            }
         }
-        self.bwd_window.commit(counter);
-        match cmd {
-            Command::Extended => self.handle_extended(now, hop, payload(cell, len), rng),
+        Err(CircuitError::Malformed)
+    }
+
+    /// Evidence against the path at `hop`: an error for this cell, or the circuit's closing once
+    /// the evidence is enough.
+    fn violation(&mut self, hop: usize) -> Result<Option<Event>, CircuitError> {
+        self.evidence.violation(hop);
+        match self.check_tampering() {
+            Some(closed) => Ok(Some(closed)),
+            None => Err(CircuitError::Tampered(hop)),
+        }
+    }
+
+    fn close_with(&mut self, reason: CloseReason) -> Event {
+        self.phase = Phase::Closed(reason);
+        Event::Closed(reason)
+    }
+
+    /// A command from `hop`: acted on only if that hop may send it now.
+    fn dispatch(
+        &mut self,
+        now: Instant,
+        hop: usize,
+        cmd: Command,
+        len: usize,
+        cell: &[u8; CELL_LEN],
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Option<Event>, CircuitError> {
+        let exit = hop == self.path.len();
+        let result = match cmd {
+            Command::Extended => match &self.phase {
+                Phase::Building(p) if p.hop == hop + 1 => self.handle_extended(now, hop, payload(cell, len), rng),
+                _ => Err(CircuitError::Unexpected(cmd, hop)),
+            },
             Command::Destroy => {
                 let reason = decode_destroy(payload(cell, len)).map_err(|_| CircuitError::Malformed)?;
-                let reason = CloseReason::Destroyed { hop, reason };
-                self.phase = Phase::Closed(reason);
-                Ok(Some(Event::Closed(reason)))
+                Ok(Some(self.close_with(CloseReason::Destroyed { hop, reason })))
             }
-            Command::Data | Command::Pong | Command::Attached | Command::Padding => {
+            Command::Data | Command::Attached if !(exit && self.is_open()) => Err(CircuitError::Unexpected(cmd, hop)),
+            Command::Data | Command::Attached | Command::Pong | Command::Padding => {
                 Ok(Some(Event::Delivered { hop, cmd, len }))
             }
             other => Err(CircuitError::Unexpected(other, hop)),
+        };
+        if let Err(CircuitError::Unexpected(..)) = result {
+            // An authenticated command a hop may not send: evidence, like a failed layer.
+            self.evidence.violation(hop);
         }
+        result
+    }
+
+    /// Closes the circuit if the evidence against the path crossed a threshold.
+    fn check_tampering(&mut self) -> Option<Event> {
+        let hop = self.evidence.tampered_at()?;
+        Some(self.close_with(CloseReason::Tampered { hop }))
     }
 
     fn handle_created(
@@ -396,12 +519,19 @@ impl Circuit {
         cell: &[u8; CELL_LEN],
         rng: &mut impl CryptoRngCore,
     ) -> Result<Option<Event>, CircuitError> {
-        let Phase::Building(p) = &self.phase else { return Err(CircuitError::NotOpen) };
-        let (responder_lcid, reply) = decode_created(cell).map_err(|_| CircuitError::Malformed)?;
-        let out = p.handshake.finish(reply).map_err(|err| CircuitError::Handshake { hop: 1, err })?;
-        self.lcid_out = responder_lcid;
-        self.links.push(LinkKeys::derive(&out.link_secret));
+        let Phase::Building(p) = &mut self.phase else { return Err(CircuitError::NotOpen) };
+        // Hop 1 under load answers with a cookie: send CREATE again at once, with its MAC.
+        if let Ok(cookie) = decode_cookie_reply(cell, p.handshake.message()) {
+            p.cookie = Some(cookie);
+            p.send_at = now;
+            return Ok(None);
+        }
+        let created = decode_created(cell).map_err(|_| CircuitError::Malformed)?;
+        let out = p.handshake.finish(created.message).map_err(|err| CircuitError::Handshake { hop: 1, err })?;
+        self.lcid_out = created.responder_lcid;
+        self.link0 = Some(LinkKeys::derive(&out.link_secret, out.suite));
         self.hops.push(HopKeys::from_material(out.suite, &out.keys));
+        self.evidence.hops.push(HopSequence::default());
         Ok(self.advance(now, rng))
     }
 
@@ -418,8 +548,8 @@ impl Circuit {
         }
         let ext = Extended::decode(body).map_err(|_| CircuitError::Malformed)?;
         let out = p.handshake.finish(&ext.handshake).map_err(|err| CircuitError::Handshake { hop: p.hop, err })?;
-        self.links.push(LinkKeys::derive(&out.link_secret));
         self.hops.push(HopKeys::from_material(out.suite, &out.keys));
+        self.evidence.hops.push(HopSequence::default());
         Ok(self.advance(now, rng))
     }
 
