@@ -1,5 +1,5 @@
 //! Attacks by a hostile hop, a colluding pair of hops, or a spoofing stranger, each as a test on
-//! the in-memory network (SPEC.md §11, "Threat model", names the test that shows each claim).
+//! the in-memory network (SPEC.md §12, "Threat model", names the test that shows each claim).
 
 use cellproto::cell::{CELL_LEN, Command, HEADER_LEN, LCID_LEN};
 use cellproto::client::{CloseReason, Event};
