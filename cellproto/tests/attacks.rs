@@ -295,3 +295,36 @@ fn cookies_under_load() {
     assert_eq!(net.relays[0].control.answered_len(), answered, "a spoofed CREATE cost a handshake");
     assert_eq!(net.relays[0].circuits.len(), 1);
 }
+
+/// After a rotation the previous onion key answers handshakes only until the last certificate
+/// that named it has expired: a thief of that old key cannot keep impersonating the relay to
+/// clients with a stale descriptor for ever.
+#[test]
+fn previous_onion_key_expires_with_its_certificate() {
+    use cellproto::handshake::{ClientHandshake, ClientRequest, OnionSecret, RelayKeys};
+    use cellproto::relay::control::ControlPlane;
+    let identity = [0x61; 32];
+    let (current, previous) = ([0x62; 32], [0x63; 32]);
+    let mut plane = ControlPlane::new(identity, Vec::new(), true);
+    let now = std::time::Instant::now();
+    let until = now + std::time::Duration::from_secs(3600);
+    plane.set_onion_keys(vec![OnionSecret::from_bytes(&current), OnionSecret::from_bytes(&previous)], Some(until));
+    let old = RelayKeys { identity, onion_key: *OnionSecret::from_bytes(&previous).public() };
+    let create = |seed: u64| {
+        let req = ClientRequest { hop: 1, offer_aes: true, link_secret: None };
+        let hs = ClientHandshake::start(&old, &req, &mut rng(seed)).unwrap();
+        let mut cell = [0u8; CELL_LEN];
+        cellproto::link::encode_create(&mut cell, 0x4100_0000 + seed as u32, hs.message(), None, None, &mut rng(seed));
+        cell
+    };
+    let mut n = 0u32;
+    let mut alloc = || {
+        n += 1;
+        0x4200_0000 + n
+    };
+    let from = SocketAddr::from(([198, 51, 100, 2], 5000));
+    assert!(plane.handle_create(now, from, &create(1), &mut alloc, &mut rng(1)).is_ok(), "before expiry");
+    let late = plane.handle_create(until, from, &create(2), &mut alloc, &mut rng(2));
+    assert!(late.is_err(), "the previous key still answered after its certificate expired");
+    assert_eq!(plane.onion_key_count(), 1);
+}

@@ -118,7 +118,8 @@ pub struct StunOptions {
     pub alternate_port: Option<u16>,
 }
 
-/// Switches for the `perf` harness. Never set them on a real relay.
+/// Switches for the `perf` harness, accepted only by a relayd built with the `bench` feature
+/// (perf's build); any other build refuses them.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bench {
@@ -262,6 +263,12 @@ impl Config {
         if tracing_subscriber::EnvFilter::try_new(&config.log_level).is_err() {
             return Err(bad("log_level", "is not a log filter (e.g. \"info\" or \"relayd=debug,warn\")"));
         }
+        if config.bench.null_forwarder && !cfg!(feature = "bench") {
+            return Err(bad(
+                "bench.null_forwarder",
+                "exists only in builds for the perf harness (cargo feature `bench`); a relay never forwards cells without cryptography",
+            ));
+        }
         if config.extend.directory.is_some() != config.extend.authority.is_some() {
             return Err(bad("extend.directory", "and extend.authority go together"));
         }
@@ -313,5 +320,21 @@ mod tests {
         let err =
             Config::parse(&format!("{base}[limits]\ncreate_rate = 0\n"), Path::new("x.toml")).unwrap_err().to_string();
         assert!(err.contains("limits.create_rate"), "{err}");
+    }
+
+    /// The null forwarder is refused unless the build is perf's (feature `bench`). `cargo test
+    /// --workspace` builds relayd with perf's features, so the refusal is checked here when
+    /// relayd is tested alone (`cargo test -p relayd`) and on the packaged binary by
+    /// deploy/test-packages.
+    #[test]
+    fn null_forwarder_only_in_bench_builds() {
+        let text = "listen = \"127.0.0.1:9001\"\nkey_dir = \"k\"\nnickname = \"a\"\n[bench]\nnull_forwarder = true\n";
+        let parsed = Config::parse(text, Path::new("x.toml"));
+        if cfg!(feature = "bench") {
+            assert!(parsed.is_ok());
+        } else {
+            let err = parsed.unwrap_err().to_string();
+            assert!(err.contains("bench.null_forwarder"), "{err}");
+        }
     }
 }

@@ -101,8 +101,9 @@ pub struct ControlUpdate {
     pub limits: crate::config::Limits,
     /// The new EXTEND target policy (`[extend]`).
     pub targets: ExtendTargets,
-    /// New onion keys (current first), if they changed on disk (rotation).
-    pub onion: Option<Vec<cellproto::handshake::OnionSecret>>,
+    /// New onion keys (current first), if they changed on disk (rotation), and when the
+    /// previous one stops being accepted.
+    pub onion: Option<(Vec<cellproto::handshake::OnionSecret>, Option<Instant>)>,
 }
 
 /// Whether `ip` is in a range a public relay must not extend into.
@@ -189,9 +190,9 @@ impl Control {
         );
         self.limits.reconfigure(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt);
         self.targets = u.targets;
-        if let Some(keys) = u.onion {
+        if let Some((keys, previous_until)) = u.onion {
             debug!(keys = keys.len(), "reload: onion keys replaced");
-            self.plane.set_onion_keys(keys);
+            self.plane.set_onion_keys(keys, previous_until);
         }
     }
 

@@ -58,6 +58,19 @@ pub struct RelayKeys {
     pub identity: RelayIdentity,
     /// Onion keys, current first, then the previous one if present.
     pub onion: Vec<OnionSecret>,
+    /// Unix time the previous onion key became previous (the rotation: the change time of
+    /// `onion.key.prev`). It is accepted until that plus the descriptor lifetime, when the last
+    /// descriptor that certified it has expired everywhere.
+    pub previous_since: Option<u64>,
+}
+
+impl RelayKeys {
+    /// When a relay whose descriptors live `lifetime_secs` stops accepting the previous onion
+    /// key, as an [`Instant`] for the control plane (`now_unix` is the current unix time).
+    pub fn previous_until(&self, lifetime_secs: u64, now_unix: u64) -> Option<std::time::Instant> {
+        let until = self.previous_since?.saturating_add(lifetime_secs);
+        Some(std::time::Instant::now() + std::time::Duration::from_secs(until.saturating_sub(now_unix)))
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
@@ -90,7 +103,7 @@ pub fn keygen(dir: &Path) -> Result<RelayKeys, KeyError> {
     let onion = OnionSecret::from_bytes(&onion_secret);
     seed.fill(0);
     onion_secret.fill(0);
-    Ok(RelayKeys { identity, onion: vec![onion] })
+    Ok(RelayKeys { identity, onion: vec![onion], previous_since: None })
 }
 
 fn read_key(path: &Path) -> Result<[u8; 32], KeyError> {
@@ -109,16 +122,22 @@ pub fn load(dir: &Path) -> Result<RelayKeys, KeyError> {
     let identity = RelayIdentity::from_seed(&seed);
     seed.fill(0);
     let mut onion = Vec::with_capacity(2);
+    let mut previous_since = None;
     for name in [ONION_FILE, ONION_PREV_FILE] {
         let path = dir.join(name);
-        if name == ONION_PREV_FILE && !path.exists() {
-            break;
+        if name == ONION_PREV_FILE {
+            if !path.exists() {
+                break;
+            }
+            // The rename that made it previous set its change time.
+            let meta = fs::metadata(&path).map_err(io_err(&path))?;
+            previous_since = Some(u64::try_from(std::os::unix::fs::MetadataExt::ctime(&meta)).unwrap_or(0));
         }
         let mut secret = read_key(&path)?;
         onion.push(OnionSecret::from_bytes(&secret));
         secret.fill(0);
     }
-    Ok(RelayKeys { identity, onion })
+    Ok(RelayKeys { identity, onion, previous_since })
 }
 
 /// Onion key rotation: the current `onion.key` becomes `onion.key.prev` (replacing an older
@@ -193,6 +212,18 @@ mod tests {
         let loaded = load(&dir).unwrap();
         assert_eq!(loaded.identity.public(), made.identity.public());
         assert_eq!(loaded.onion.iter().map(|k| *k.public()).collect::<Vec<_>>(), vec![new, first]);
+        // The previous key is accepted for one descriptor lifetime after the rotation.
+        let now = crate::cli::unix_now();
+        let since = loaded.previous_since.expect("rotation time");
+        assert!(since.abs_diff(now) <= 5, "rotation time {since} vs now {now}");
+        let until = loaded.previous_until(86_400, now).unwrap();
+        let left = until.saturating_duration_since(std::time::Instant::now()).as_secs();
+        assert!((86_390..=86_405).contains(&left), "{left}");
+        assert_eq!(
+            load(&dir).map(|k| k.previous_until(60, now + 61)).ok().flatten().map(|t| t <= std::time::Instant::now()),
+            Some(true)
+        );
+        assert_eq!(made.previous_since, None);
         let newer = rotate_onion(&dir).unwrap();
         let loaded = load(&dir).unwrap();
         assert_eq!(loaded.onion.iter().map(|k| *k.public()).collect::<Vec<_>>(), vec![newer, new]);

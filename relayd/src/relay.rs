@@ -114,7 +114,15 @@ pub fn start_with(
         Some(n) => info!(relays = n, "EXTEND limited to the relays of extend.directory"),
         None => warn!("extend.directory is not set: EXTEND may go to any public address a client names"),
     }
-    let plane = ControlPlane::new(keys.identity.public().0, keys.onion, local_aes_hw());
+    let previous_until = keys.previous_until(config.descriptor_lifetime_secs, crate::cli::unix_now());
+    if keys.onion.len() > 1 {
+        info!(
+            secs = previous_until.map(|t| t.saturating_duration_since(std::time::Instant::now()).as_secs()),
+            "the previous onion key is accepted until its last certificate expires"
+        );
+    }
+    let mut plane = ControlPlane::new(keys.identity.public().0, Vec::new(), local_aes_hw());
+    plane.set_onion_keys(keys.onion, previous_until);
     let wakers = paths.iter().map(|dp| dp.waker()).collect();
     let (updates, update_inbox) = crossbeam_channel::unbounded();
     let control =

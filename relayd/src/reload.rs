@@ -105,7 +105,11 @@ impl Reloader {
             warn!("log_level changed, but RUST_LOG is set and wins");
         }
         let targets = crate::extend::ExtendTargets::from_config(&new.extend)?;
-        relay.update(ControlUpdate { limits: new.limits.clone(), targets, onion: rotated.then_some(keys.onion) });
+        // The previous onion key lives as long as the longest-lived descriptor that named it.
+        let lifetime = self.running.descriptor_lifetime_secs.max(new.descriptor_lifetime_secs);
+        let previous_until = keys.previous_until(lifetime, crate::cli::unix_now());
+        let new_keys = rotated.then_some((keys.onion, previous_until));
+        relay.update(ControlUpdate { limits: new.limits.clone(), targets, onion: new_keys });
         if rotated {
             self.onion = onion;
             changes.push(Change { key: "key_dir (onion keys)", effect: Effect::Applied });

@@ -132,6 +132,9 @@ impl Drop for PendingExtend {
 pub struct ControlPlane {
     identity: [u8; 32],
     onion_keys: Vec<OnionSecret>,
+    /// When the previous onion key (the second of `onion_keys`) stops being accepted: the
+    /// last certificate that named it has expired by then.
+    previous_until: Option<Instant>,
     aes_hw: bool,
     /// CREATEs answered, by (creator, reply LCID): the CREATED and when it was sent.
     answered: HashMap<(SocketAddr, u32), Answered>,
@@ -157,6 +160,7 @@ impl ControlPlane {
         Self {
             identity,
             onion_keys,
+            previous_until: None,
             aes_hw,
             answered: HashMap::new(),
             pending: HashMap::new(),
@@ -178,6 +182,10 @@ impl ControlPlane {
         let create = decode_create(cell)?;
         if let Some((reply, _)) = self.answered.get(&(from, create.reply_lcid)) {
             return Ok(Created::Repeat { reply: reply.clone() });
+        }
+        if self.onion_keys.len() > 1 && self.previous_until.is_some_and(|until| now >= until) {
+            self.onion_keys.truncate(1);
+            self.previous_until = None;
         }
         let keys: Vec<&OnionSecret> = self.onion_keys.iter().collect();
         let (handshake, out) = respond(&self.identity, &keys, self.aes_hw, create.message, rng)?;
@@ -328,8 +336,16 @@ impl ControlPlane {
             .collect()
     }
 
-    /// Replaces the onion keys (rotation): current first, then the previous one.
-    pub fn set_onion_keys(&mut self, keys: Vec<OnionSecret>) {
+    /// Replaces the onion keys (rotation): current first, then the previous one, which is
+    /// accepted until `previous_until` (when every certificate naming it has expired; `None`:
+    /// no limit, for tests and relays that never rotated).
+    pub fn set_onion_keys(&mut self, keys: Vec<OnionSecret>, previous_until: Option<Instant>) {
         self.onion_keys = keys;
+        self.previous_until = previous_until;
+    }
+
+    /// Onion keys still accepted (for tests and logs).
+    pub fn onion_key_count(&self) -> usize {
+        self.onion_keys.len()
     }
 }
