@@ -233,6 +233,10 @@ impl Control {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
+            let stats = self.stats();
+            stats.pending_extends.store(self.plane.pending_len() as u64, Ordering::Relaxed);
+            stats.answered_creates.store(self.plane.answered_len() as u64, Ordering::Relaxed);
+            stats.lcids_in_use.store(self.used.len() as u64, Ordering::Relaxed);
             let now = Instant::now();
             if now.duration_since(last_expire) >= Duration::from_secs(1) {
                 last_expire = now;

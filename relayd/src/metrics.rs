@@ -122,6 +122,12 @@ pub struct ControlStats {
     pub extends: AtomicU64,
     /// EXTENDs refused or unanswered.
     pub extends_failed: AtomicU64,
+    /// EXTENDs waiting for the next hop's CREATED (gauge).
+    pub pending_extends: AtomicU64,
+    /// Answered CREATEs remembered for retransmissions (gauge).
+    pub answered_creates: AtomicU64,
+    /// LCIDs allocated, for circuits and pending EXTENDs (gauge).
+    pub lcids_in_use: AtomicU64,
 }
 
 impl ControlStats {
@@ -239,6 +245,15 @@ impl Registry {
         let _ = writeln!(out, "# HELP relayd_extends_total EXTEND requests.\n# TYPE relayd_extends_total counter");
         let _ = writeln!(out, "relayd_extends_total{{result=\"ok\"}} {}", c.extends.load(Ordering::Relaxed));
         let _ = writeln!(out, "relayd_extends_total{{result=\"failed\"}} {}", c.extends_failed.load(Ordering::Relaxed));
+        let gauges: [(&str, &str, &AtomicU64); 3] = [
+            ("relayd_pending_extends", "EXTENDs waiting for the next hop's answer.", &c.pending_extends),
+            ("relayd_answered_creates", "Answered CREATEs kept for retransmissions.", &c.answered_creates),
+            ("relayd_lcids_in_use", "Link circuit ids allocated (circuits and pending EXTENDs).", &c.lcids_in_use),
+        ];
+        for (name, help, value) in gauges {
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Ordering::Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP relayd_config_reloads_total Configuration reloads (SIGHUP): ok, or failed (old configuration kept).\n# TYPE relayd_config_reloads_total counter"
