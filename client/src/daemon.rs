@@ -262,12 +262,8 @@ impl Driver<'_> {
                     warn!(keys = ?restart, "these changes apply at the next start (`meshvpn down` and `up`, or `systemctl restart meshvpn`)");
                 }
                 self.tunnel.set_timers(new.timers);
-                match relays::load_directory(self.config) {
-                    Ok(fresh) if fresh.published < self.tunnel.relays().published => warn!(
-                        published = fresh.published,
-                        in_use = self.tunnel.relays().published,
-                        "keeping the directory already loaded: the file is older than it (a stale or replayed copy)"
-                    ),
+                let fresh = relays::load_directory(self.config).map_err(|e| e.to_string());
+                match fresh.and_then(|f| self.tunnel.relays().check_replacement(&f).map(|()| f)) {
                     Ok(fresh) => {
                         info!(
                             relays = fresh.relays.len(),

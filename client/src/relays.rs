@@ -130,6 +130,19 @@ pub fn from_bytes(bytes: &[u8], path: &Path, authority: &IdentityKey, now: u64) 
 }
 
 impl Relays {
+    /// Whether `fresh` (a directory read on SIGHUP, already verified and unexpired) may
+    /// replace this one: not if it was published before it, which only a stale or replayed
+    /// copy is.
+    pub fn check_replacement(&self, fresh: &Relays) -> Result<(), String> {
+        if fresh.published < self.published {
+            return Err(format!(
+                "the file was published at {} (unix time), before the directory in use ({}): a stale or replayed copy",
+                fresh.published, self.published
+            ));
+        }
+        Ok(())
+    }
+
     /// Every relay as a STUN server (relays answer STUN on their cell port).
     pub fn stun_servers(&self) -> Vec<StunServer> {
         self.relays.iter().map(|r| StunServer { name: r.desc.nickname.clone(), addr: r.hop.addr }).collect()
@@ -410,6 +423,17 @@ mod tests {
             (0..n).filter(|_| relays.pick(|r| !r.desc.is_exit(), &mut rng).map(Relay::id) == Some(liar)).count();
         // Five candidates (relays 1, 2, 3, 5, 6): a fair share is 1/5; allow sampling noise.
         assert!(picked < n * 3 / 10, "the liar was picked {picked} times out of {n}");
+    }
+
+    #[test]
+    fn an_older_directory_does_not_replace_a_newer_one() {
+        let now = Relays { published: 1000, expires: 5000, ..net() };
+        let older = Relays { published: 999, expires: 6000, ..net() };
+        let same = Relays { published: 1000, ..net() };
+        let newer = Relays { published: 2000, ..net() };
+        assert!(now.check_replacement(&older).unwrap_err().contains("stale or replayed"));
+        assert!(now.check_replacement(&same).is_ok());
+        assert!(now.check_replacement(&newer).is_ok());
     }
 
     #[test]
