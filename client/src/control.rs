@@ -63,6 +63,7 @@ pub struct Status {
     pub cells_rejected: u64,
     /// Authentic cells refused: a control answer from a hop that may not send it or that
     /// answers nothing asked, or an exit's unusable ATTACHED (a hostile or broken relay).
+    #[serde(default)] // absent from an older daemon's answer
     pub control_refused: u64,
     /// Cells the kernel refused to send (lost).
     pub send_errors: u64,
@@ -85,12 +86,16 @@ pub struct Status {
     /// Times the exit (and so the inner addresses) changed.
     pub exit_changes: u64,
     /// Times the exit answered a resume with a new session (new inner addresses).
+    #[serde(default)] // absent from an older daemon's answer
     pub session_changes: u64,
     /// When the directory in use expires (unix seconds).
+    #[serde(default)] // absent from an older daemon's answer
     pub directory_expires: u64,
     /// Whether it has: no new circuit is built until a fresh one is loaded.
+    #[serde(default)] // absent from an older daemon's answer
     pub directory_expired: bool,
     /// The kept guards, preferred first (identities, hex).
+    #[serde(default)] // absent from an older daemon's answer
     pub guards: Vec<String>,
     /// Whether the kill switch is installed.
     pub kill_switch: bool,
@@ -154,6 +159,8 @@ impl fmt::Display for Status {
         if let Some(b) = self.circuit_build_ms {
             writeln!(f, "circuit:      built in {b:.1} ms, {} rebuilds", self.rebuilds)?;
         }
+        let guards: Vec<String> = self.guards.iter().map(|g| g.chars().take(16).collect()).collect();
+        writeln!(f, "guards:       {}", if guards.is_empty() { "-".into() } else { guards.join(", ") })?;
         writeln!(f, "uptime:       {} s", self.uptime_secs)?;
         if self.directory_expired {
             writeln!(

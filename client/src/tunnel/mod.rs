@@ -522,6 +522,13 @@ impl Tunnel {
             self.counters.exit_changes += 1;
             req.exit = None;
         }
+        if guards.is_empty() {
+            // No guard in the set: the directory lists none that fits. Let path selection say
+            // whether the exit is the problem too; a path it draws is not used (guards come
+            // only from the set).
+            req.guard = None;
+            return self.relays.select(req, rng).and(Err(PathError::NoGuard));
+        }
         let mut last = Err(PathError::NoGuard);
         for guard in guards {
             req.guard = *guard;
