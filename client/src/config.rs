@@ -40,9 +40,21 @@ pub struct Config {
     /// resolv.conf to point at the tunnel's resolver while up; empty: leave DNS alone.
     #[serde(default = "default_resolv_conf")]
     pub resolv_conf: PathBuf,
-    /// nftables kill switch: while up, nothing leaves but cells to the guard.
+    /// nftables kill switch: while up, nothing leaves but cells to the guard. Once installed,
+    /// only `meshvpn down` removes it (not a crash, an error or a stop).
     #[serde(default = "yes")]
     pub kill_switch: bool,
+    /// Measure the round trip to every relay (one STUN request each, from this machine's own
+    /// address, outside the tunnel) before choosing a path. Off by default: it tells every
+    /// relay in the directory where this client is.
+    #[serde(default)]
+    pub rtt_probes: bool,
+    /// Offer AES-256-GCM as well as ChaCha20-Poly1305 in handshakes (each relay picks by its
+    /// own hardware). On by default, so the offer says nothing about this machine's CPU;
+    /// `false` offers ChaCha20-Poly1305 only (for machines without AES instructions, where
+    /// software AES is slow; the offer then reveals that).
+    #[serde(default = "yes")]
+    pub offer_aes: bool,
     /// Timing of keepalive, failure detection and handshakes.
     #[serde(default)]
     pub timers: Timers,
@@ -149,6 +161,8 @@ impl Config {
         check("tun", self.tun == new.tun);
         check("resolv_conf", self.resolv_conf == new.resolv_conf);
         check("kill_switch", self.kill_switch == new.kill_switch);
+        check("rtt_probes", self.rtt_probes == new.rtt_probes);
+        check("offer_aes", self.offer_aes == new.offer_aes);
         keys
     }
 
@@ -198,6 +212,10 @@ mod tests {
         assert_eq!(c.hops, 3);
         assert_eq!(c.directory, path.parent().unwrap().join("directory.bin"));
         assert!(c.kill_switch);
+        assert!(!c.rtt_probes, "RTT probes tell every relay where the client is: off by default");
+        assert!(c.offer_aes, "offering both suites reveals nothing about the CPU: on by default");
+        let minimal = Config::load(&write(&format!("directory = \"d\"\n{AUTH}"))).unwrap();
+        assert_eq!((minimal.rtt_probes, minimal.offer_aes), (false, true));
     }
 
     #[test]

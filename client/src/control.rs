@@ -61,6 +61,10 @@ pub struct Status {
     pub packets_dropped: u64,
     /// Received datagrams that were not valid cells of the current circuit.
     pub cells_rejected: u64,
+    /// Authentic cells refused: a control answer from a hop that may not send it or that
+    /// answers nothing asked, or an exit's unusable ATTACHED (a hostile or broken relay).
+    #[serde(default)] // absent from an older daemon's answer
+    pub control_refused: u64,
     /// Cells the kernel refused to send (lost).
     pub send_errors: u64,
     /// Packets the TUN device refused (lost).
@@ -81,6 +85,18 @@ pub struct Status {
     pub rebuilds: u64,
     /// Times the exit (and so the inner addresses) changed.
     pub exit_changes: u64,
+    /// Times the exit answered a resume with a new session (new inner addresses).
+    #[serde(default)] // absent from an older daemon's answer
+    pub session_changes: u64,
+    /// When the directory in use expires (unix seconds).
+    #[serde(default)] // absent from an older daemon's answer
+    pub directory_expires: u64,
+    /// Whether it has: no new circuit is built until a fresh one is loaded.
+    #[serde(default)] // absent from an older daemon's answer
+    pub directory_expired: bool,
+    /// The kept guards, preferred first (identities, hex).
+    #[serde(default)] // absent from an older daemon's answer
+    pub guards: Vec<String>,
     /// Whether the kill switch is installed.
     pub kill_switch: bool,
     /// Packets the kill switch dropped.
@@ -127,8 +143,13 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "dropped:      {} while down, {} bad cells, {} send errors, {} TUN write and {} read errors",
-            self.packets_dropped, self.cells_rejected, self.send_errors, self.tun_write_errors, self.tun_read_errors
+            "dropped:      {} while down, {} bad cells, {} refused, {} send errors, {} TUN write and {} read errors",
+            self.packets_dropped,
+            self.cells_rejected,
+            self.control_refused,
+            self.send_errors,
+            self.tun_write_errors,
+            self.tun_read_errors
         )?;
         match self.rtt_ms {
             Some(r) => writeln!(f, "rtt:          {r:.2} ms")?,
@@ -138,7 +159,18 @@ impl fmt::Display for Status {
         if let Some(b) = self.circuit_build_ms {
             writeln!(f, "circuit:      built in {b:.1} ms, {} rebuilds", self.rebuilds)?;
         }
+        let guards: Vec<String> = self.guards.iter().map(|g| g.chars().take(16).collect()).collect();
+        writeln!(f, "guards:       {}", if guards.is_empty() { "-".into() } else { guards.join(", ") })?;
         writeln!(f, "uptime:       {} s", self.uptime_secs)?;
+        if self.directory_expired {
+            writeln!(
+                f,
+                "directory:    EXPIRED (at {}): no new circuit until a fresh one is loaded (SIGHUP)",
+                self.directory_expires
+            )?;
+        } else {
+            writeln!(f, "directory:    valid until {} (unix time)", self.directory_expires)?;
+        }
         let ks = match (self.kill_switch, self.kill_switch_drops) {
             (true, Some(n)) => format!("on ({n} packets stopped)"),
             (true, None) => "on".into(),

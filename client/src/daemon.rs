@@ -2,15 +2,21 @@
 //! the signals, and feeds them to the sans-IO [`Tunnel`]. Also `up` in the background and
 //! `down`.
 //!
+//! Only `meshvpn down` (a `down` request on the control socket) undoes what `up` changed.
+//! SIGTERM, SIGINT and any error stop the client but leave the kill switch, the guard's route
+//! and DNS in place (see [`crate::system`]), so no traffic leaves outside the tunnel between a
+//! stop and the next `up`.
+//!
 //! One thread (a current-thread runtime): the client's work per packet is one seal or open,
 //! far below what one core does, and a single owner of the circuit needs no locks. Each
-//! wake-up drains up to [`BATCH`] datagrams or packets before looking at timers again.
+//! wake-up drains up to `BATCH` datagrams or packets before looking at timers again.
 
 use crate::config::Config;
 use crate::control::{self, Answer, HopStatus, Request, Status};
+use crate::guards::Guards;
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
-use crate::tunnel::{State, Tunnel, TunnelEvent};
+use crate::tunnel::{Options, State, Tunnel, TunnelEvent};
 use crate::udp::CellSocket;
 use anyhow::{Context, Result, bail};
 use cellproto::cell::{CELL_LEN, TUN_MTU};
@@ -43,8 +49,19 @@ const UP_WAIT: Duration = Duration::from_secs(60);
 
 type ControlRequest = (Request, oneshot::Sender<Answer>);
 
-/// `meshvpn up --foreground`: runs until SIGTERM, SIGINT or `meshvpn down`, then undoes every
-/// change it made. SIGHUP re-reads `config_path` (keeping a `--hops` override) and the
+/// Why the driver stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// `meshvpn down`: undo everything.
+    Down,
+    /// A signal: stop, keeping the kill switch.
+    Signal(&'static str),
+}
+
+/// `meshvpn up --foreground`: runs until `meshvpn down`, which undoes every change it made,
+/// or until SIGTERM, SIGINT or an error, which leave the kill switch, the guard's route and DNS
+/// in place (with `kill_switch = false` there is nothing to hold traffic in, and everything is
+/// undone then too). SIGHUP re-reads `config_path` (keeping a `--hops` override) and the
 /// directory file; under systemd it notifies readiness once the tunnel is up.
 pub fn run(config: Config, config_path: &Path, hops: Option<usize>) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -52,17 +69,48 @@ pub fn run(config: Config, config_path: &Path, hops: Option<usize>) -> Result<()
     }
     let mut relays = relays::load_directory(&config)?;
     let mut system = System::begin(&config.state_dir)?;
-    relays.measure_rtts(RTT_PROBE);
+    if config.rtt_probes {
+        relays.measure_rtts(RTT_PROBE);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(drive(&config, (config_path, hops), relays, &mut system));
-    notify(Notify::Stopping, "restoring routes, DNS and nftables");
-    system.finish();
     let _ = std::fs::remove_file(&config.control_socket);
-    match &result {
-        Ok(()) => info!("meshvpn is down"),
-        Err(e) => warn!("meshvpn stopped: {e:#}"),
+    match result {
+        Ok(Stop::Down) => {
+            notify(Notify::Stopping, "restoring routes, DNS and nftables");
+            system.finish();
+            info!("meshvpn is down");
+            Ok(())
+        }
+        Ok(Stop::Signal(signal)) => {
+            stop_keeping(system, &config, signal);
+            Ok(())
+        }
+        Err(e) => {
+            stop_keeping(system, &config, "error");
+            warn!("meshvpn stopped: {e:#}");
+            Err(e.context(if config.kill_switch {
+                "the kill switch stays in place, so nothing leaves outside the tunnel; `meshvpn down --config FILE` removes it"
+            } else {
+                "routes and DNS were restored"
+            }))
+        }
     }
-    result
+}
+
+/// Stops on a signal or an error: the kill switch (and with it the guard's route and DNS)
+/// stays for the next `up` or `down`; without a kill switch everything is put back.
+fn stop_keeping(system: System, config: &Config, why: &str) {
+    if config.kill_switch || system.journal().nft_table.is_some() {
+        notify(Notify::Stopping, "stopping; the kill switch stays until `meshvpn down`");
+        warn!(
+            "stopping ({why}) without `meshvpn down`: the kill switch stays, so nothing leaves outside the tunnel until the next `meshvpn up` or `meshvpn down`"
+        );
+        system.leave();
+    } else {
+        notify(Notify::Stopping, "restoring routes and DNS (no kill switch configured)");
+        system.finish();
+    }
 }
 
 struct Driver<'a> {
@@ -91,21 +139,27 @@ async fn drive(
     (config_path, hops): (&Path, Option<usize>),
     relays: relays::Relays,
     system: &mut System,
-) -> Result<()> {
+) -> Result<Stop> {
     let now = Instant::now();
     let request = PathRequest {
         hops: config.hops,
         exit: config.exit,
-        guard: relays::load_guard(&config.state_dir),
+        guard: None,
         exit_ports: config.exit_ports.clone(),
         avoid: Vec::new(),
+    };
+    let options = Options {
+        timers: config.timers,
+        offer_aes: config.offer_aes,
+        guards: Guards::load(&config.state_dir),
+        unix_now: relayd::cli::unix_now(),
     };
     let socket = CellSocket::bind().await.context("cannot open a UDP socket")?;
     let listener = bind_control(&config.control_socket)?;
     let mut driver = Driver {
         config,
         system,
-        tunnel: Tunnel::new(relays, request, config.timers, now),
+        tunnel: Tunnel::new(relays, request, options, now),
         socket,
         tun: None,
         addresses: None,
@@ -124,12 +178,12 @@ async fn drive(
     let mut hup = signal(SignalKind::hangup())?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(8);
     let mut cell = Box::new([0u8; CELL_LEN]);
-    loop {
+    let stop = loop {
         driver.flush(&mut cell).await?;
         let deadline = driver.tunnel.poll_timeout();
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: going down"); break }
-            _ = int.recv() => { info!("SIGINT: going down"); break }
+            _ = term.recv() => { info!("SIGTERM: stopping"); break Stop::Signal("SIGTERM") }
+            _ = int.recv() => { info!("SIGINT: stopping"); break Stop::Signal("SIGINT") }
             _ = hup.recv() => driver.reload(config_path, hops),
             ready = driver.socket.readable() => {
                 ready?;
@@ -140,7 +194,9 @@ async fn drive(
                 driver.transmit(&mut cell).await;
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
-                driver.tunnel.handle_timeout(Instant::now(), &mut OsRng);
+                let now = Instant::now();
+                driver.tunnel.set_unix_time(now, relayd::cli::unix_now());
+                driver.tunnel.handle_timeout(now, &mut OsRng);
             }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
@@ -149,16 +205,16 @@ async fn drive(
             }
             Some((req, reply)) = ctl_rx.recv() => match req {
                 Request::Status => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
-                Request::Down => { info!("`meshvpn down`: going down"); drop(reply); break }
+                Request::Down => { info!("`meshvpn down`: going down"); drop(reply); break Stop::Down }
             },
         }
-    }
+    };
     if let Some(to) = driver.tunnel.close(&mut cell, &mut OsRng)
         && driver.socket.send(to, &cell).await.is_ok()
     {
         let _ = driver.socket.flush().await;
     }
-    Ok(())
+    Ok(stop)
 }
 
 /// Resolves when the TUN device has packets: at once if the last drain stopped at [`BATCH`]
@@ -206,9 +262,14 @@ impl Driver<'_> {
                     warn!(keys = ?restart, "these changes apply at the next start (`meshvpn down` and `up`, or `systemctl restart meshvpn`)");
                 }
                 self.tunnel.set_timers(new.timers);
-                match relays::load_directory(self.config) {
+                let fresh = relays::load_directory(self.config).map_err(|e| e.to_string());
+                match fresh.and_then(|f| self.tunnel.relays().check_replacement(&f).map(|()| f)) {
                     Ok(fresh) => {
-                        info!(relays = fresh.relays.len(), "configuration and directory reloaded");
+                        info!(
+                            relays = fresh.relays.len(),
+                            expires = fresh.expires,
+                            "configuration and directory reloaded"
+                        );
                         self.tunnel.set_relays(fresh);
                     }
                     Err(e) => warn!("keeping the directory already loaded: {e}"),
@@ -227,17 +288,17 @@ impl Driver<'_> {
                     self.kill_switch = true;
                 }
                 self.system.route_guard(guard)?;
-                if let Some(g) = self.tunnel.path().first()
-                    && self.config.hops > 1
-                    && let Err(e) = relays::save_guard(&self.config.state_dir, &g.id())
-                {
-                    warn!("cannot keep the guard in {}: {e}", self.config.state_dir.display());
-                }
                 info!(%guard, "first hop");
             }
+            TunnelEvent::SaveGuards => {
+                if let Err(e) = self.tunnel.guards().save(&self.config.state_dir) {
+                    warn!("cannot keep the guard set in {}: {e}", self.config.state_dir.display());
+                }
+            }
             TunnelEvent::Up(attached) => {
-                let v4 = Ipv4Net::new(attached.ipv4.0, attached.ipv4.1).context("bad IPv4 prefix from the exit")?;
-                let v6 = Ipv6Net::new(attached.ipv6.0, attached.ipv6.1).context("bad IPv6 prefix from the exit")?;
+                // Checked by the tunnel already (crate::session); a second look costs nothing
+                // and keeps a refused address away from the kernel whatever changes there.
+                let (v4, v6) = crate::session::validate(&attached).context("unusable addresses from the exit")?;
                 if self.tun.is_some() && self.addresses == Some((v4, v6)) {
                     // A resumed session: same addresses, nothing to change on the system.
                     info!("tunnel up again with the same inner addresses");
@@ -375,6 +436,7 @@ impl Driver<'_> {
             packets_received: c.packets_received,
             packets_dropped: c.dropped_no_circuit,
             cells_rejected: c.dropped_bad_cells,
+            control_refused: c.control_refused,
             send_errors: self.send_errors,
             tun_write_errors: self.tun_write_errors,
             tun_read_errors: self.tun_read_errors,
@@ -385,6 +447,10 @@ impl Driver<'_> {
             circuit_build_ms: t.circuit().and_then(|c| c.build_time()).map(|d| d.as_secs_f64() * 1e3),
             rebuilds: c.rebuilds,
             exit_changes: c.exit_changes,
+            session_changes: c.session_changes,
+            directory_expires: t.relays().expires,
+            directory_expired: t.directory_expired(now),
+            guards: t.guards().entries().iter().map(|g| g.id.to_string()).collect(),
             kill_switch: self.kill_switch,
             kill_switch_drops: self.kill_switch.then(|| killswitch::dropped(killswitch::TABLE)).flatten(),
             tun: self.tun.as_ref().map(|_| self.config.tun.clone()),
@@ -513,7 +579,12 @@ pub fn down(socket: &Path, state_dir: Option<&Path>) -> Result<()> {
                 println!("meshvpn was not running; undid the changes a previous run left");
                 return Ok(());
             }
-            Err(e.context("meshvpn is not running"))
+            Err(e.context(match state_dir {
+                Some(dir) => format!("meshvpn is not running, and left nothing to undo in {}", dir.display()),
+                None => "meshvpn is not running; to remove a kill switch a stopped client left, run \
+                         `meshvpn down --config FILE` with its configuration"
+                    .to_owned(),
+            }))
         }
     }
 }

@@ -4,7 +4,9 @@
 //! | --- | --- |
 //! | [`config`] | the TOML configuration (`meshvpn.example.toml`) |
 //! | [`relays`] | loading the signed directory; path selection (guard, middles, exit) |
-//! | [`tunnel`] | sans-IO: the circuit, keepalive, rebuild to the same exit with the session token |
+//! | [`guards`] | the kept guard set: retried with backoff, replaced only after a day of failures |
+//! | [`tunnel`] | sans-IO: the circuit, keepalive, rebuild to the same exit with the session token, who may say what |
+//! | [`session`] | what the exit's ATTACHED may contain before anything is configured |
 //! | [`system`] | what `up` changes on the machine (routes, DNS, kill switch) and its undo journal |
 //! | [`control`] | the control socket: `status` and `down` |
 //! | [`daemon`] | the tokio driver: UDP socket, TUN, timers, control socket, signals |
@@ -14,8 +16,10 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod guards;
 pub mod netcheck;
 pub mod relays;
+pub mod session;
 pub mod system;
 pub mod tunnel;
 pub mod udp;

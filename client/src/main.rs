@@ -14,10 +14,15 @@ struct Cli {
     command: Cmd,
 }
 
+/// The packaged configuration, used by `down` and `status` when neither `--config` nor
+/// `--socket` is given and it exists.
+const DEFAULT_CONFIG: &str = "/etc/meshvpn/meshvpn.toml";
+
 /// Which running client to talk to.
 #[derive(clap::Args, Debug)]
 struct Target {
-    /// Configuration file (its `control_socket` is used).
+    /// Configuration file (its `control_socket` and `state_dir` are used) [default:
+    /// /etc/meshvpn/meshvpn.toml if it exists].
     #[arg(long, conflicts_with = "socket")]
     config: Option<PathBuf>,
     /// The control socket [default: /run/meshvpn/meshvpn.sock].
@@ -26,10 +31,20 @@ struct Target {
 }
 
 impl Target {
+    /// The configuration file: `--config`, else the packaged one if present (not with
+    /// `--socket`).
+    fn config(&self) -> Option<PathBuf> {
+        match (&self.config, &self.socket) {
+            (Some(c), _) => Some(c.clone()),
+            (None, None) => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.is_file()),
+            (None, Some(_)) => None,
+        }
+    }
+
     fn socket(&self) -> Result<PathBuf> {
-        Ok(match (&self.socket, &self.config) {
+        Ok(match (&self.socket, self.config()) {
             (Some(s), _) => s.clone(),
-            (None, Some(c)) => Config::load(c)?.control_socket,
+            (None, Some(c)) => Config::load(&c)?.control_socket,
             (None, None) => PathBuf::from("/run/meshvpn/meshvpn.sock"),
         })
     }
@@ -49,7 +64,9 @@ enum Cmd {
         #[arg(long)]
         hops: Option<usize>,
     },
-    /// Tear the tunnel down and undo every change `up` made (also after a crash).
+    /// Tear the tunnel down and undo every change `up` made: the only way to remove the kill
+    /// switch (a crash, an error or SIGTERM leave it; with no client running, `down` undoes
+    /// what the last one left in `state_dir`).
     Down {
         #[command(flatten)]
         target: Target,
@@ -100,7 +117,7 @@ fn main() -> Result<()> {
         }
         Cmd::Down { target } => {
             let socket = target.socket()?;
-            let state_dir = target.config.as_deref().map(Config::load).transpose()?.map(|c| c.state_dir);
+            let state_dir = target.config().as_deref().map(Config::load).transpose()?.map(|c| c.state_dir);
             meshvpn::daemon::down(&socket, state_dir.as_deref())
         }
         Cmd::Status { target, json } => {

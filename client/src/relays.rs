@@ -1,10 +1,11 @@
 //! Relays: the signed directory (every signature checked) and path selection.
 //!
-//! Path rules, as Tor's: a persistent guard (kept in `state_dir/guard` across runs, so one
-//! observer at the first hop is all a client ever meets), an exit whose flag and policy fit,
-//! middles from the rest; no two relays of a circuit share a /16 (IPv4) or /32 (IPv6), or a
-//! non-empty operator. Choices are random, weighted by advertised bandwidth and by the round
-//! trip time measured to each relay before the circuit is built.
+//! Path rules, as Tor's: a persistent guard (chosen by [`crate::guards`], kept across runs, so
+//! one observer at the first hop is all a client ever meets), an exit whose flag and policy
+//! fit, middles from the rest; no two relays of a circuit share a /16 (IPv4) or /32 (IPv6), or
+//! a non-empty operator. Choices are random, weighted by bandwidth, capped at
+//! [`MAX_UNMEASURED_BANDWIDTH`] because descriptors declare it themselves, and, if the client
+//! measured them (`rtt_probes`, off by default), by round trip time.
 
 use crate::config::Config;
 use crate::netcheck::StunServer;
@@ -77,7 +78,18 @@ impl Relay {
 pub struct Relays {
     /// Usable relays, in directory (identity) order.
     pub relays: Vec<Relay>,
+    /// When the directory was published (unix seconds): a reload must not go back in time.
+    pub published: u64,
+    /// When it stops holding (unix seconds): no circuit is built through it after that.
+    pub expires: u64,
 }
+
+/// The bandwidth weight, in bytes per second, at which a relay's self-declared bandwidth is
+/// capped: 12.5 MB/s (100 Mbit/s, relayd's default). A descriptor's bandwidth is the relay's
+/// own claim and nothing checks it, so claiming more must not buy more circuits (Tor caps
+/// unmeasured relays the same way, at 10 MB/s); declaring less still lowers a slow relay's
+/// share. Measured bandwidths, once the directory carries them, would replace the claim.
+pub const MAX_UNMEASURED_BANDWIDTH: u64 = 12_500_000;
 
 /// Reads and verifies `config.directory` under `config.authority` at the current time.
 pub fn load_directory(config: &Config) -> Result<Relays, LoadError> {
@@ -103,8 +115,8 @@ pub fn from_bytes(bytes: &[u8], path: &Path, authority: &IdentityKey, now: u64) 
         }
         LoadError::Refused { path: path.into(), source }
     })?;
-    let relays: Vec<Relay> = dir
-        .relays
+    let Directory { relays, published, expires } = dir;
+    let relays: Vec<Relay> = relays
         .into_iter()
         .filter_map(|desc| {
             let hop = PathHop::from_descriptor(&desc, now, false)?;
@@ -114,10 +126,23 @@ pub fn from_bytes(bytes: &[u8], path: &Path, authority: &IdentityKey, now: u64) 
     if relays.is_empty() {
         return Err(LoadError::Empty { path: path.into() });
     }
-    Ok(Relays { relays })
+    Ok(Relays { relays, published, expires })
 }
 
 impl Relays {
+    /// Whether `fresh` (a directory read on SIGHUP, already verified and unexpired) may
+    /// replace this one: not if it was published before it, which only a stale or replayed
+    /// copy is.
+    pub fn check_replacement(&self, fresh: &Relays) -> Result<(), String> {
+        if fresh.published < self.published {
+            return Err(format!(
+                "the file was published at {} (unix time), before the directory in use ({}): a stale or replayed copy",
+                fresh.published, self.published
+            ));
+        }
+        Ok(())
+    }
+
     /// Every relay as a STUN server (relays answer STUN on their cell port).
     pub fn stun_servers(&self) -> Vec<StunServer> {
         self.relays.iter().map(|r| StunServer { name: r.desc.nickname.clone(), addr: r.hop.addr }).collect()
@@ -179,7 +204,7 @@ pub struct PathRequest {
     pub hops: usize,
     /// This exit and no other (the session's, or the configured one).
     pub exit: Option<IdentityKey>,
-    /// The guard to keep, if usable.
+    /// The guard: this one or no path ([`PathError::NoGuard`]); `None` draws one by weight.
     pub guard: Option<IdentityKey>,
     /// Ports the exit must allow.
     pub exit_ports: Vec<u16>,
@@ -203,15 +228,16 @@ fn compatible(a: &Relay, b: &Relay) -> bool {
         && (a.desc.operator.is_empty() || a.desc.operator != b.desc.operator)
 }
 
-/// Selection weight: bandwidth discounted by round trip (unmeasured: counted as 50 ms, and a
-/// relay that did not answer the probe at all as 1 s).
+/// Selection weight: bandwidth, capped at [`MAX_UNMEASURED_BANDWIDTH`], discounted by round
+/// trip (unmeasured: counted as 50 ms, and a relay that did not answer the probe at all as 1 s).
 fn weight(r: &Relay, measured: bool) -> u64 {
     let rtt_ms = match (r.rtt, measured) {
         (Some(rtt), _) => rtt.as_secs_f64() * 1000.0,
         (None, true) => 1000.0,
         (None, false) => 50.0,
     };
-    ((r.desc.bandwidth.max(1) as f64) / (rtt_ms + 10.0)).max(1.0) as u64
+    let bandwidth = r.desc.bandwidth.clamp(1, MAX_UNMEASURED_BANDWIDTH);
+    ((bandwidth as f64) / (rtt_ms + 10.0)).max(1.0) as u64
 }
 
 impl Relays {
@@ -223,7 +249,8 @@ impl Relays {
         self.relays.iter().find(|r| r.id() == *id)
     }
 
-    fn pick<'a>(&'a self, ok: impl Fn(&Relay) -> bool, rng: &mut impl RngCore) -> Option<&'a Relay> {
+    /// A relay for which `ok` holds, drawn by weight.
+    pub fn pick<'a>(&'a self, ok: impl Fn(&Relay) -> bool, rng: &mut impl RngCore) -> Option<&'a Relay> {
         let measured = self.measured();
         let cands: Vec<(&Relay, u64)> =
             self.relays.iter().filter(|r| ok(r)).map(|r| (r, weight(r, measured))).collect();
@@ -247,7 +274,8 @@ impl Relays {
             && r.desc.exit_policy.as_ref().is_some_and(|p| req.exit_ports.iter().all(|&port| p.allows_port(port)))
     }
 
-    /// Chooses a path: guard first (the kept one if usable), then the exit, then middles.
+    /// Chooses a path: the guard `req.guard` (none other: the guard set decides guards; only
+    /// without one is a guard drawn by weight), then the exit, then middles.
     pub fn select(&self, req: &PathRequest, rng: &mut impl RngCore) -> Result<Vec<Relay>, PathError> {
         let usable = |r: &Relay| !req.avoid.contains(&r.id());
         let exit_ok = |r: &Relay| usable(r) && Self::exit_fits(r, req) && req.exit.is_none_or(|e| e == r.id());
@@ -258,13 +286,12 @@ impl Relays {
         // The guard must leave room for some exit; a kept guard is used if it does.
         let guard_ok =
             |g: &Relay| usable(g) && g.desc.is_guard() && self.relays.iter().any(|e| exit_ok(e) && compatible(g, e));
-        let guard = match req.guard.and_then(|id| self.by_id(&id)).filter(|g| guard_ok(g)) {
-            Some(g) => g,
-            None => self.pick(guard_ok, rng).ok_or(if self.relays.iter().any(exit_ok) {
-                PathError::NoGuard
-            } else {
-                PathError::NoExit(self.why_no_exit(req))
-            })?,
+        let no_guard = || {
+            if self.relays.iter().any(exit_ok) { PathError::NoGuard } else { PathError::NoExit(self.why_no_exit(req)) }
+        };
+        let guard = match req.guard {
+            Some(id) => self.by_id(&id).filter(|g| guard_ok(g)).ok_or_else(no_guard)?,
+            None => self.pick(guard_ok, rng).ok_or_else(no_guard)?,
         };
         let exit = self
             .pick(|e| exit_ok(e) && compatible(guard, e), rng)
@@ -291,16 +318,6 @@ impl Relays {
             None => format!("no exit allows ports {:?}, or every such exit failed recently", req.exit_ports),
         }
     }
-}
-
-/// The guard kept in `state_dir/guard`, if any.
-pub fn load_guard(state_dir: &Path) -> Option<IdentityKey> {
-    std::fs::read_to_string(state_dir.join("guard")).ok()?.trim().parse().ok()
-}
-
-/// Keeps `guard` for the next runs.
-pub fn save_guard(state_dir: &Path, guard: &IdentityKey) -> std::io::Result<()> {
-    std::fs::write(state_dir.join("guard"), format!("{guard}\n"))
 }
 
 #[cfg(test)]
@@ -332,6 +349,8 @@ mod tests {
 
     fn net() -> Relays {
         Relays {
+            published: 0,
+            expires: u64::MAX,
             relays: vec![
                 relay(1, [10, 1, 0, 1], "a", FLAG_GUARD),
                 relay(2, [10, 2, 0, 1], "b", 0),
@@ -387,6 +406,34 @@ mod tests {
         let mut r = req(3);
         r.exit_ports = vec![25];
         assert!(matches!(relays.select(&r, &mut rng), Err(PathError::NoExit(_))));
+    }
+
+    #[test]
+    fn relay_claiming_huge_bandwidth_is_not_picked_almost_always() {
+        // Five middles declare 12.5 MB/s; one claims u64::MAX bytes per second.
+        let mut relays = net();
+        for r in &mut relays.relays {
+            r.desc.bandwidth = 12_500_000;
+        }
+        relays.relays[2].desc.bandwidth = u64::MAX;
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let liar = IdentityKey([3; 32]);
+        let n = 2000;
+        let picked =
+            (0..n).filter(|_| relays.pick(|r| !r.desc.is_exit(), &mut rng).map(Relay::id) == Some(liar)).count();
+        // Five candidates (relays 1, 2, 3, 5, 6): a fair share is 1/5; allow sampling noise.
+        assert!(picked < n * 3 / 10, "the liar was picked {picked} times out of {n}");
+    }
+
+    #[test]
+    fn an_older_directory_does_not_replace_a_newer_one() {
+        let now = Relays { published: 1000, expires: 5000, ..net() };
+        let older = Relays { published: 999, expires: 6000, ..net() };
+        let same = Relays { published: 1000, ..net() };
+        let newer = Relays { published: 2000, ..net() };
+        assert!(now.check_replacement(&older).unwrap_err().contains("stale or replayed"));
+        assert!(now.check_replacement(&same).is_ok());
+        assert!(now.check_replacement(&newer).is_ok());
     }
 
     #[test]

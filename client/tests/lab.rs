@@ -34,7 +34,8 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("client/ has a parent").to_path_buf()
 }
 
-/// Release binaries: `LAB_BIN`, else `$CARGO_TARGET_DIR/release`, else `<repo>/target/release`.
+/// Release binaries: `LAB_BIN`, else `$CARGO_TARGET_DIR/release`, else `<repo>/target/release`
+/// (the hostile guard in its `examples/`).
 fn bin_dir() -> PathBuf {
     let dir = match std::env::var_os("LAB_BIN") {
         Some(d) => PathBuf::from(d),
@@ -43,11 +44,12 @@ fn bin_dir() -> PathBuf {
             .unwrap_or_else(|| repo().join("target"))
             .join("release"),
     };
-    for b in ["relayd", "exitd", "meshvpn"] {
+    for b in ["relayd", "exitd", "meshvpn", "examples/hostile-guard"] {
         assert!(
             dir.join(b).is_file(),
             "{} not found: the lab tests run the release binaries; run \
-             `cargo build --release -p relayd -p exitd -p meshvpn` first (scripts/test does)",
+             `cargo build --release -p relayd -p exitd -p meshvpn --bin meshvpn --example hostile-guard` \
+             first (scripts/test does)",
             dir.join(b).display()
         );
     }
@@ -330,6 +332,60 @@ fn assert_only_udp_to_guard(lines: &[String]) {
     assert!(udp > 0, "the capture saw no UDP to the guard at all: was the tunnel used? {lines:?}");
 }
 
+/// Exit codes by which a probe says the network refused it (as opposed to the tool failing).
+/// curl: 6 could not resolve, 7 could not connect, 28 timed out; ping: 1 no reply, 2 send
+/// error (the kill switch makes sendmsg fail with EPERM); getent: 2 not found; the Python DNS
+/// probe: 3 (its own code for a timeout or a refused send).
+const CURL_BLOCKED: &[i32] = &[6, 7, 28];
+const PING_BLOCKED: &[i32] = &[1, 2];
+const GETENT_BLOCKED: &[i32] = &[2];
+const PYDNS_BLOCKED: &[i32] = &[3];
+
+/// A DNS query straight to the internet's resolver, bypassing resolv.conf: exit 0 on an
+/// answer, 3 if it cannot be sent or nothing comes back in 2 s.
+const PY_DNS: &str = "import socket, sys\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+s.settimeout(2)\n\
+q = b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x04leak\\x00\\x00\\x01\\x00\\x01'\n\
+try:\n    s.sendto(q, ('172.21.0.1', 53)); s.recvfrom(512)\n\
+except OSError as e:\n    print('blocked:', e); sys.exit(3)\n";
+
+/// A probe run in the client namespace, and the exit codes that mean "blocked".
+struct Probe {
+    argv: Vec<&'static str>,
+    blocked: &'static [i32],
+}
+
+fn probe(argv: &[&'static str], blocked: &'static [i32]) -> Probe {
+    Probe { argv: argv.to_vec(), blocked }
+}
+
+/// Asserts the probe succeeded (its positive control: the tool works and the path is open).
+fn assert_probe_succeeds(lab: &Lab, p: &Probe, when: &str) {
+    let out = lab.exec("client", 15, &p.argv);
+    assert!(
+        out.status.success(),
+        "{when}: {:?} failed, so its failure later would prove nothing:\n{}",
+        p.argv,
+        text(&out)
+    );
+}
+
+/// Asserts the probe was refused by the network, not that the tool failed: an exit code of
+/// `p.blocked` (never 124-127: the `timeout` wrapper fired, or the tool could not run).
+fn assert_probe_blocked(lab: &Lab, p: &Probe, when: &str) {
+    let out = lab.exec("client", 15, &p.argv);
+    let code = out.status.code();
+    assert!(!out.status.success(), "{when}: {:?} succeeded: a leak\n{}", p.argv, text(&out));
+    assert!(
+        code.is_some_and(|c| p.blocked.contains(&c)),
+        "{when}: {:?} failed, but not as a blocked probe does (exit {code:?}, expected one of {:?}): the tool failed\n{}",
+        p.argv,
+        p.blocked,
+        text(&out)
+    );
+}
+
 fn path_nicknames(status: &Value) -> Vec<String> {
     status["path"]
         .as_array()
@@ -341,6 +397,10 @@ fn path_nicknames(status: &Value) -> Vec<String> {
 
 fn exit_identity(status: &Value) -> String {
     status["exit"]["identity"].as_str().unwrap_or_else(|| panic!("status has no exit.identity: {status}")).to_owned()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs()
 }
 
 fn sha256(file: &Path) -> String {
@@ -443,49 +503,66 @@ fn ipv6_through_the_tunnel() {
 fn capture_shows_only_udp_to_the_guard() {
     let lab = Lab::up(5, &[]);
     let cap = Capture::start(&lab);
+    // Each must succeed, or a clean capture could only mean that nothing was sent.
     let (ok, body) = lab.curl("http://internet.lab/", 20);
     assert!(ok && body.contains(PAGE_TEXT), "curl through the tunnel failed: {body}");
-    let _ = lab.curl(&format!("http://[{INET_V6}]/"), 10);
-    let _ = lab.exec("client", 15, &["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", INET_V4]);
-    let _ = lab.exec("client", 15, &["ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", INET_V6]);
-    let _ = lab.exec("client", 15, &["getent", "ahosts", "internet.lab"]);
+    let (ok, body) = lab.curl(&format!("http://[{INET_V6}]/"), 20);
+    assert!(ok && body.contains(PAGE_TEXT), "curl over IPv6 through the tunnel failed: {body}");
+    for argv in [
+        &["ping", "-n", "-c", "3", "-i", "0.2", "-W", "2", INET_V4][..],
+        &["ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", INET_V6],
+    ] {
+        let out = lab.exec("client", 15, argv);
+        assert!(out.status.success(), "{argv:?} through the tunnel failed:\n{}", text(&out));
+    }
+    let out = lab.exec("client", 15, &["getent", "ahosts", "internet.lab"]);
+    assert!(
+        out.status.success() && stdout(&out).contains(INET_V4) && stdout(&out).contains(INET_V6),
+        "getent ahosts internet.lab did not resolve both addresses:\n{}",
+        text(&out)
+    );
     let lines = cap.stop();
     assert_only_udp_to_guard(&lines);
 }
 
 /// With the exit dead, nothing leaves the client outside the tunnel (DNS, IPv4, IPv6, the LAN
-/// router itself), and `meshvpn status` says the tunnel is down because of the exit.
+/// router itself), and `meshvpn status` says the tunnel is down because of the exit. Each probe
+/// first succeeds where it should (the LAN router before `up`, everything else through the
+/// tunnel), so its failure afterwards is the kill switch's doing, and a failure must have a
+/// "blocked" exit code, not a tool's.
 #[test]
 fn kill_switch_when_the_exit_dies() {
-    let lab = Lab::up(6, &[]);
-    let (ok, body) = lab.curl(&format!("http://{INET_V4}/"), 20);
-    assert!(ok, "tunnel not working before the test: {body}");
+    let lab = Lab::up(6, &["--no-client"]);
+    let router = probe(&["ping", "-n", "-c", "2", "-W", "1", NAT_LAN_V4], PING_BLOCKED);
+    assert_probe_succeeds(&lab, &router, "before up");
+    lab.client_up();
+    let through_tunnel = [
+        probe(&["curl", "-sS", "--max-time", "3", "http://172.21.0.1/"], CURL_BLOCKED),
+        probe(&["curl", "-sS", "--max-time", "3", "http://internet.lab/"], CURL_BLOCKED),
+        probe(&["curl", "-sS", "-g", "--max-time", "3", "http://[2001:db8:21::1]/"], CURL_BLOCKED),
+        probe(&["ping", "-n", "-c", "2", "-W", "1", INET_V4], PING_BLOCKED),
+        probe(&["ping", "-6", "-n", "-c", "2", "-W", "1", INET_V6], PING_BLOCKED),
+        // One second per resolver and attempt, so that a blocked lookup ends well within the
+        // wrapper's timeout (glibc's default would take 20 s).
+        probe(
+            &["env", "RES_OPTIONS=timeout:1 attempts:1", "getent", "ahosts", "leak-check.internet.lab"],
+            GETENT_BLOCKED,
+        ),
+        probe(&["python3", "-c", PY_DNS], PYDNS_BLOCKED),
+    ];
+    for p in &through_tunnel {
+        assert_probe_succeeds(&lab, p, "tunnel up");
+    }
+    // The LAN is outside the tunnel: the kill switch refuses it even while up.
+    assert_probe_blocked(&lab, &router, "tunnel up");
     let cap = Capture::start(&lab);
     let out = lab.lab(10, &["kill", "exit"]);
     assert!(out.status.success(), "kill exitd: {}", text(&out));
     wait_until(30, "meshvpn status to leave state \"up\" after the exit died", || {
         lab.state().is_some_and(|s| s != "up")
     });
-    let attempts: [&[&str]; 8] = [
-        &["curl", "-sS", "--max-time", "3", "http://172.21.0.1/"],
-        &["curl", "-sS", "--max-time", "3", "http://internet.lab/"],
-        &["curl", "-sS", "-g", "--max-time", "3", "http://[2001:db8:21::1]/"],
-        &["ping", "-n", "-c", "2", "-W", "1", INET_V4],
-        &["ping", "-6", "-n", "-c", "2", "-W", "1", INET_V6],
-        &["ping", "-n", "-c", "2", "-W", "1", NAT_LAN_V4],
-        &["getent", "ahosts", "leak-check.internet.lab"],
-        // A DNS query straight to the internet's resolver, bypassing resolv.conf.
-        &[
-            "python3",
-            "-c",
-            "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); \
-             q = b'\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x04leak\\x00\\x00\\x01\\x00\\x01'; \
-             s.sendto(q, ('172.21.0.1', 53)); s.recvfrom(512)",
-        ],
-    ];
-    for argv in attempts {
-        let out = lab.exec("client", 10, argv);
-        assert!(!out.status.success(), "{argv:?} succeeded with the exit dead: a leak?\n{}", text(&out));
+    for p in through_tunnel.iter().chain([&router]) {
+        assert_probe_blocked(&lab, p, "exit dead");
     }
     let status = lab.status();
     let lines = cap.stop();
@@ -522,10 +599,12 @@ fn middle_dies_during_download_and_the_client_rebuilds_to_the_same_exit() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("cannot start curl");
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(curl.try_wait().expect("curl").is_none(), "the download ended before the middle was killed");
-    let got = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-    assert!(got > 0, "nothing downloaded in 1.5 s: {}", lab.logs());
+    // Kill the middle once 5 MiB have arrived (half a second at the rate limit): the transfer
+    // is then surely under way and, at 10 MiB/s for 100 MiB, far from its end.
+    wait_until(30, "the first 5 MiB of the download", || {
+        assert!(curl.try_wait().expect("curl").is_none(), "curl ended before the middle was killed: {}", lab.logs());
+        std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) >= 5 << 20
+    });
     let out = lab.lab(10, &["kill", &middle]);
     assert!(out.status.success(), "kill {middle}: {}", text(&out));
     let done = curl.wait_with_output().expect("curl");
@@ -584,43 +663,50 @@ fn down_restores_routes_dns_and_nftables() {
     }
 }
 
-/// SIGTERM (what systemd sends) undoes everything at once. After `kill -9`, what the client
-/// changed stays (the kill switch keeps holding traffic in); the next `up` undoes it from the
-/// journal before starting, and `down --config` with no client running undoes it too.
+/// Only `meshvpn down` gives the machine back. SIGTERM (what `systemctl stop` and `restart`
+/// send) and `kill -9` leave the kill switch, the guard's route and resolv.conf in force, so
+/// nothing leaves while no client runs; the next `up` takes them over, and `down --config`
+/// with no client running removes them.
 #[test]
-fn sigterm_and_crashes_are_cleaned_up() {
+fn only_down_removes_the_kill_switch_after_sigterm_or_a_crash() {
+    use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
     let lab = Lab::up(10, &["--no-client"]);
     let before = snapshot(&lab);
-    lab.client_up();
-    assert_eq!(lab.signal_client(nix::sys::signal::Signal::SIGTERM), 1, "one meshvpn in the client namespace");
-    lab.wait_client_gone("the client to stop on SIGTERM");
-    for ((what, b), (_, a)) in before.iter().zip(&snapshot(&lab)) {
-        assert_eq!(b, a, "`{what}` differs after SIGTERM");
-    }
-    for cleaner in ["up", "down"] {
+    let direct = probe(&["curl", "-sS", "--max-time", "3", "http://172.21.0.1/"], CURL_BLOCKED);
+    assert_probe_succeeds(&lab, &direct, "before up (no tunnel, through the NAT)");
+    let config = lab.client_config();
+    let config = config.to_str().expect("utf-8 path");
+    for (signal, cleaner) in [(SIGTERM, "down"), (SIGKILL, "down"), (SIGKILL, "up")] {
         lab.client_up();
-        assert_eq!(lab.signal_client(nix::sys::signal::Signal::SIGKILL), 1, "one meshvpn to kill");
-        lab.wait_client_gone("the killed client to be gone");
+        let tunnel_dns =
+            std::fs::read_to_string(format!("/etc/netns/{}/resolv.conf", lab.ns("client"))).unwrap_or_default();
+        assert_eq!(lab.signal_client(signal), 1, "one meshvpn in the client namespace");
+        lab.wait_client_gone(&format!("the client to stop on {signal}"));
         let left = snapshot(&lab);
         let nft = &left.iter().find(|(k, _)| k == "nft list ruleset").expect("nft").1;
-        assert!(nft.contains("meshvpn_client"), "the kill switch should outlive a crash:\n{nft}");
-        let config = lab.client_config();
-        let config = config.to_str().expect("utf-8 path");
+        assert!(nft.contains("meshvpn_client"), "{signal} removed the kill switch:\n{nft}");
+        let resolv = &left.iter().find(|(k, _)| k == "cat /etc/resolv.conf").expect("resolv").1;
+        assert!(
+            resolv.contains("written by meshvpn"),
+            "{signal} restored DNS (tunnel's was {tunnel_dns:?}):\n{resolv}"
+        );
+        assert_probe_blocked(&lab, &direct, &format!("after {signal}, no client running"));
         if cleaner == "up" {
             lab.client_up();
-            let journal = lab.read("client/state/meshvpn.log");
-            assert!(journal.contains("did not stop cleanly"), "up did not say it cleaned up:\n{journal}");
+            let log = lab.read("client/state/meshvpn.log");
+            assert!(log.contains("taking over its kill switch"), "up did not say it took over:\n{log}");
         }
         let out = lab.exec("client", 30, &[&lab.meshvpn(), "down", "--config", config]);
-        assert!(out.status.success(), "meshvpn down after {cleaner} failed:\n{}", text(&out));
+        assert!(out.status.success(), "meshvpn down after {signal} ({cleaner}) failed:\n{}", text(&out));
         if cleaner == "down" {
             assert!(stdout(&out).contains("was not running"), "{}", text(&out));
         }
         lab.wait_client_gone("the meshvpn daemon to exit");
         let after = snapshot(&lab);
         for ((what, b), (_, a)) in before.iter().zip(&after) {
-            assert_eq!(b, a, "`{what}` differs after a crash cleaned up by `{cleaner}`");
+            assert_eq!(b, a, "`{what}` differs after {signal} and `down` ({cleaner})");
         }
+        assert_probe_succeeds(&lab, &direct, &format!("after down ({signal}, {cleaner})"));
     }
 }
 
@@ -657,7 +743,11 @@ fn bad_directory_is_refused() {
     argv.extend(descs.iter().map(String::as_str));
     let out = run(30, &argv, &[]);
     assert!(out.status.success(), "relayd authority sign: {}", text(&out));
-    std::thread::sleep(Duration::from_millis(2200));
+    // Wait for the clock to pass the directory's expiry (its header: magic, version,
+    // published and expires as big-endian u64s).
+    let bytes = std::fs::read(&expired).expect("expired.bin");
+    let expires = u64::from_be_bytes(bytes[10..18].try_into().expect("8 bytes"));
+    wait_until(10, "the one-second directory to expire", || unix_now() >= expires);
 
     let cases: [(&str, Vec<u8>, &[&str]); 4] = [
         ("bad-signature", flipped, &["signature"]),
@@ -682,5 +772,103 @@ fn bad_directory_is_refused() {
         assert!(!link.status.success(), "{name}: {TUN} left behind");
         let nft = lab.exec("client", 10, &["nft", "list", "tables"]);
         assert!(!stdout(&nft).contains("meshvpn"), "{name}: nftables left behind: {}", stdout(&nft));
+    }
+}
+
+/// A child process killed and reaped when the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What a forged ATTACHED would change on the client, as text: routes, addresses, links,
+/// the nftables ruleset without its counters, resolv.conf.
+fn live_snapshot(lab: &Lab) -> Vec<(String, String)> {
+    let mut s = Vec::new();
+    for argv in [
+        &["ip", "-4", "route", "show", "table", "all"][..],
+        &["ip", "-6", "route", "show", "table", "all"],
+        &["ip", "-o", "link"],
+        &["ip", "-o", "addr"],
+        &["nft", "-s", "list", "ruleset"],
+        &["cat", "/etc/resolv.conf"],
+    ] {
+        let out = lab.exec("client", 15, argv);
+        assert!(out.status.success(), "{argv:?}: {}", text(&out));
+        s.push((argv.join(" "), stdout(&out)));
+    }
+    s
+}
+
+/// A guard that relays honestly (cellproto's relay code and the lab guard's own keys, the
+/// `hostile-guard` example) injects forged ATTACHED cells into a live client's circuit: first
+/// addresses that pass every address check with the guard itself as DNS resolver, then an
+/// IPv6 multicast address the kernel would refuse. The client refuses both (counted in
+/// `status`) and nothing changes: routes, addresses, nftables, resolv.conf, inner addresses,
+/// and traffic still flows.
+#[test]
+fn forged_attached_from_the_guard_changes_nothing() {
+    let lab = Lab::up(11, &["--no-client"]);
+    let out = lab.lab(10, &["kill", "guard"]);
+    assert!(out.status.success(), "kill the guard's relayd: {}", text(&out));
+    wait_until(10, "the guard's port to be free", || {
+        stdout(&lab.exec("guard", 10, &["ss", "-Hlnu", &format!("sport = :{GUARD_PORT}")])).trim().is_empty()
+    });
+    let log = lab.dir.join("logs/hostile-guard.log");
+    let trigger = lab.dir.join("inject");
+    let hostile = lab.bin.join("examples/hostile-guard");
+    let _guard = Reaped(
+        Command::new("timeout")
+            .args(["-k", "5", "600", "ip", "netns", "exec", &lab.ns("guard")])
+            .arg(&hostile)
+            .arg("--keys")
+            .arg(lab.dir.join("guard/keys"))
+            .args(["--listen", &format!("{GUARD}:{GUARD_PORT}"), "--trigger"])
+            .arg(&trigger)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("hostile guard log"))
+            .stderr(std::fs::File::create(lab.dir.join("logs/hostile-guard.err")).expect("hostile guard stderr"))
+            .spawn()
+            .expect("cannot start the hostile guard"),
+    );
+    wait_until(10, "the hostile guard to listen", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("listening")
+    });
+    lab.client_up();
+    let (ok, body) = lab.curl("http://internet.lab/", 20);
+    assert!(
+        ok && body.contains(PAGE_TEXT),
+        "no traffic through the hostile guard before the attack: {body}\n{}",
+        lab.logs()
+    );
+    let before = live_snapshot(&lab);
+    let status = lab.status();
+    let session = |s: &Value| (s["inner_ipv4"].clone(), s["inner_ipv6"].clone(), s["dns"].clone());
+    let refused = |s: &Value| s["control_refused"].as_u64().unwrap_or(0);
+    assert_eq!(refused(&status), 0, "{status}");
+    for (n, kind) in ["plausible", "multicast"].into_iter().enumerate() {
+        std::fs::write(&trigger, kind).expect("trigger");
+        wait_until(15, &format!("the hostile guard to inject ({kind})"), || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("injected {kind} ATTACHED into 1 circuits"))
+        });
+        // Until the client counts the refusal, or something changes (the bug this guards against).
+        wait_until(15, &format!("the client to refuse the forged ATTACHED ({kind})"), || {
+            refused(&lab.status()) > n as u64 || live_snapshot(&lab) != before
+        });
+        for ((what, b), (_, a)) in before.iter().zip(&live_snapshot(&lab)) {
+            assert_eq!(b, a, "`{what}` changed after the guard forged ATTACHED ({kind})");
+        }
+        let now = lab.status();
+        assert_eq!(now["state"], "up", "{now}");
+        assert_eq!(session(&now), session(&status), "the inner addresses or DNS changed ({kind})");
+        assert_eq!(refused(&now), n as u64 + 1, "{now}");
+        let (ok, body) = lab.curl("http://internet.lab/", 20);
+        assert!(ok && body.contains(PAGE_TEXT), "traffic stopped after the forgery ({kind}): {body}");
     }
 }

@@ -1,6 +1,11 @@
 //! `meshvpn netcheck` against fake relays on loopback: real sockets, answers made by
 //! `relayd::stun::reply` exactly as a relay makes them. A NAT cannot be built on loopback, so
 //! the fakes simulate one where needed by reporting a rewritten reflexive address.
+//!
+//! Timing is not asserted here beyond loose bounds: the retransmission schedule and the end of
+//! a phase are tested with made-up instants in `netcheck::exchange`. A phase ends as soon as
+//! every request is answered, so the generous timeout below costs only the tests in which a
+//! relay stays silent, and an answer delayed by a loaded machine does not change a result.
 
 use meshvpn::netcheck::{Filtering, Mapping, Options, ProbeResult, StunServer, Test, run};
 use std::net::{SocketAddr, UdpSocket};
@@ -136,9 +141,13 @@ fn garbage() -> Vec<Vec<u8>> {
     ]
 }
 
+/// Per phase. Answers on loopback come in microseconds; this leaves room for a loaded machine.
 fn fast() -> Options {
-    Options { timeout: Duration::from_millis(400), ..Options::default() }
+    Options { timeout: Duration::from_secs(2), ..Options::default() }
 }
+
+/// Slack for the loose upper bounds on a run's duration (the exact schedule is a unit test).
+const SLACK: Duration = Duration::from_secs(10);
 
 #[test]
 fn loopback_has_no_nat_and_open_filtering() {
@@ -199,8 +208,8 @@ fn simulated_address_and_port_dependent_mapping_and_filtering() {
     assert_eq!(report.mapping, Mapping::AddressAndPortDependent, "{report}");
     assert_eq!(report.filtering, Filtering::AddressAndPortDependent, "{report}");
     assert_eq!(report.probes[1].result, ProbeResult::Timeout);
-    // Three phases at most, one of them a full timeout.
-    assert!(started.elapsed() < options.timeout * 3 + Duration::from_millis(600), "{:?}", started.elapsed());
+    // Three phases at most (a loose bound: the exact schedule is tested in netcheck::exchange).
+    assert!(started.elapsed() < options.timeout * 3 + SLACK, "{:?}", started.elapsed());
 }
 
 #[test]
@@ -243,7 +252,8 @@ fn silent_relays_fail_within_the_bound() {
     let started = Instant::now();
     let err = run(&[a.server("quiet-a"), b.server("quiet-b")], &options).unwrap_err().to_string();
     let elapsed = started.elapsed();
-    assert!(elapsed >= options.timeout && elapsed < options.timeout + Duration::from_millis(700), "{elapsed:?}");
+    // It waited the whole phase (nothing can answer sooner), and gave up (a loose bound).
+    assert!(elapsed >= options.timeout && elapsed < options.timeout + SLACK, "{elapsed:?}");
     assert!(err.contains("unreachable") && err.contains("quiet-a") && err.contains("quiet-b"), "{err}");
     assert!(err.contains(&a.addr.to_string()) && err.contains("timeout"), "{err}");
 }

@@ -2,163 +2,12 @@
 //! up, carries packets, rebuilds around a dead middle to the same exit with the same inner
 //! addresses, switches exits only when the exit is dead, and says why when it cannot.
 
-use cellproto::cell::CELL_LEN;
-use cellproto::descriptor::{ExitPolicySummary, FLAG_EXIT, FLAG_GUARD, RelayDescriptor};
-use cellproto::identity::IdentityKey;
-use cellproto::onion::{payload, payload_mut};
-use cellproto::sim::{TestRelay, rng};
-use meshvpn::config::Timers;
-use meshvpn::relays::{PathRequest, Relay, Relays};
-use meshvpn::tunnel::{State, Tunnel, TunnelEvent};
-use rand_chacha::ChaCha20Rng;
-use std::collections::{HashSet, VecDeque};
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+mod common;
 
-const CLIENT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 168, 1, 2)), 40000);
-
-struct Lab {
-    relays: Vec<TestRelay>,
-    dead: HashSet<usize>,
-    tunnel: Tunnel,
-    now: Instant,
-    rng: ChaCha20Rng,
-    events: Vec<TunnelEvent>,
-    to_tun: Vec<Vec<u8>>,
-}
-
-/// Relay `i` (1-based) at 10.i.0.1:9001, so every relay is in its own /16.
-fn relay_addr(i: usize) -> SocketAddr {
-    SocketAddr::from(([10, i as u8, 0, 1], 9001))
-}
-
-impl Lab {
-    /// `roles[i]`: the flags of relay i + 1 (GUARD, EXIT or 0 for a middle).
-    fn new(roles: &[u32]) -> Self {
-        let now = Instant::now();
-        let mut relays = Vec::new();
-        let mut listed = Vec::new();
-        for (i, &flags) in roles.iter().enumerate() {
-            let mut relay = TestRelay::new(i + 1, true, 100 + i as u64);
-            relay.addr = relay_addr(i + 1);
-            let desc = RelayDescriptor {
-                identity: IdentityKey(relay.keys.identity),
-                onion_keys: vec![],
-                addresses: vec![relay.addr],
-                nickname: format!("r{}", i + 1),
-                operator: format!("op{}", i + 1),
-                bandwidth: 1_000_000,
-                flags,
-                exit_policy: (flags & FLAG_EXIT != 0)
-                    .then(|| ExitPolicySummary { accept: false, ports: vec![(25, 25)] }),
-                protocol_versions: vec![1],
-                published: 0,
-                expires: 1,
-            };
-            listed.push(Relay { desc, hop: relay.path_hop(), rtt: None });
-            relays.push(relay);
-        }
-        let timers =
-            Timers { keepalive_ms: 500, dead_after_ms: 2000, handshake_timeout_ms: 300, handshake_attempts: 3 };
-        let request = PathRequest { hops: 3, exit_ports: vec![80, 443], ..Default::default() };
-        let tunnel = Tunnel::new(Relays { relays: listed }, request, timers, now);
-        Self { relays, dead: HashSet::new(), tunnel, now, rng: rng(1), events: Vec::new(), to_tun: Vec::new() }
-    }
-
-    /// Delivers every datagram until the network is quiet.
-    fn pump(&mut self) {
-        let mut queue: VecDeque<(SocketAddr, SocketAddr, [u8; CELL_LEN])> = VecDeque::new();
-        for _ in 0..10_000 {
-            while let Some(e) = self.tunnel.poll_event() {
-                self.events.push(e);
-            }
-            let mut cell = [0u8; CELL_LEN];
-            while let Some(to) = self.tunnel.poll_transmit(self.now, &mut cell, &mut self.rng) {
-                queue.push_back((CLIENT, to, cell));
-            }
-            let Some((from, to, mut cell)) = queue.pop_front() else { return };
-            if to == CLIENT {
-                if let Some(len) = self.tunnel.handle_cell(self.now, from, &mut cell, &mut self.rng) {
-                    self.to_tun.push(payload(&cell, len).to_vec());
-                }
-                continue;
-            }
-            let Some(i) = self.relays.iter().position(|r| r.addr == to) else { continue };
-            if self.dead.contains(&i) {
-                continue;
-            }
-            let addr = self.relays[i].addr;
-            for (next, out) in self.relays[i].handle(self.now, from, &mut cell) {
-                queue.push_back((addr, next, out));
-            }
-        }
-        panic!("the network never went quiet");
-    }
-
-    /// Lets `d` pass in 10 ms steps, running timers and delivering everything.
-    fn advance(&mut self, d: Duration) {
-        let end = self.now + d;
-        while self.now < end {
-            self.now += Duration::from_millis(10);
-            if self.now >= self.tunnel.poll_timeout() {
-                self.tunnel.handle_timeout(self.now, &mut self.rng);
-            }
-            self.pump();
-        }
-    }
-
-    /// Lets `d` pass jumping from timer to timer, as the driver sleeps; returns how many
-    /// timers ran (a spinning driver would run millions).
-    fn advance_by_timers(&mut self, d: Duration) -> usize {
-        let end = self.now + d;
-        let mut runs = 0;
-        while self.now < end {
-            let next = self.tunnel.poll_timeout();
-            assert!(next > self.now || runs == 0, "poll_timeout in the past: the driver would spin");
-            self.now = next.min(end);
-            self.tunnel.handle_timeout(self.now, &mut self.rng);
-            self.pump();
-            runs += 1;
-        }
-        runs
-    }
-
-    fn send(&mut self, data: &[u8]) -> bool {
-        let mut cell = [0u8; CELL_LEN];
-        payload_mut(&mut cell)[..data.len()].copy_from_slice(data);
-        let Some(to) = self.tunnel.seal_packet(data.len(), &mut cell) else { return false };
-        assert_eq!(Some(to), self.tunnel.guard());
-        let guard = self.relays.iter().position(|r| r.addr == to).unwrap();
-        let addr = self.relays[guard].addr;
-        let mut queue: VecDeque<_> =
-            self.relays[guard].handle(self.now, CLIENT, &mut cell).into_iter().map(|(t, c)| (addr, t, c)).collect();
-        while let Some((from, to, mut cell)) = queue.pop_front() {
-            if to == CLIENT {
-                if let Some(len) = self.tunnel.handle_cell(self.now, from, &mut cell, &mut self.rng) {
-                    self.to_tun.push(payload(&cell, len).to_vec());
-                }
-                continue;
-            }
-            let i = self.relays.iter().position(|r| r.addr == to).unwrap();
-            if self.dead.contains(&i) {
-                continue;
-            }
-            let a = self.relays[i].addr;
-            queue.extend(self.relays[i].handle(self.now, from, &mut cell).into_iter().map(|(t, c)| (a, t, c)));
-        }
-        true
-    }
-
-    fn path_ids(&self) -> Vec<IdentityKey> {
-        self.tunnel.path().iter().map(Relay::id).collect()
-    }
-
-    fn index_of(&self, id: IdentityKey) -> usize {
-        self.relays.iter().position(|r| IdentityKey(r.keys.identity) == id).unwrap()
-    }
-}
-
-const MIDDLE: u32 = 0;
+use cellproto::descriptor::{FLAG_EXIT, FLAG_GUARD};
+use common::{Lab, MIDDLE, START_UNIX, relay_addr};
+use meshvpn::tunnel::{State, TunnelEvent};
+use std::time::Duration;
 
 #[test]
 fn comes_up_after_guard_set_up_and_carries_packets() {
@@ -243,4 +92,64 @@ fn old_circuits_are_replaced_in_time_and_timers_never_spin() {
     let runs = lab.advance_by_timers(Duration::from_secs(60));
     assert!(runs < 1_000, "{runs} timer runs in 60 s while the exit is dead");
     assert_eq!(lab.tunnel.state(), State::Rebuilding);
+}
+
+#[test]
+fn expired_directory_keeps_the_circuit_but_builds_no_new_one() {
+    let mut lab = Lab::new(&[FLAG_GUARD, MIDDLE, MIDDLE, FLAG_EXIT]);
+    lab.advance(Duration::from_millis(50));
+    let expires = lab.tunnel.relays().expires;
+    assert!(!lab.tunnel.directory_expired(lab.now));
+    // The directory expires while the tunnel is up: traffic goes on.
+    lab.tunnel.set_unix_time(lab.now, expires);
+    assert!(lab.tunnel.directory_expired(lab.now));
+    lab.advance(Duration::from_secs(1));
+    assert_eq!(lab.tunnel.state(), State::Up);
+    assert!(lab.send(b"still up"));
+    // A relay dies: no circuit is built through the expired directory.
+    let middle = lab.index_of(lab.path_ids()[1]);
+    lab.dead.insert(middle);
+    lab.advance(Duration::from_secs(5));
+    assert_eq!(lab.tunnel.state(), State::Rebuilding);
+    let reason = lab.tunnel.reason().unwrap_or_default().to_owned();
+    assert!(reason.contains("directory expired"), "{reason}");
+    assert!(!lab.send(b"held"));
+    // A fresh directory (SIGHUP) lets it rebuild.
+    let mut fresh = lab.tunnel.relays().clone();
+    fresh.published = expires;
+    fresh.expires = expires + 86_400;
+    lab.tunnel.set_relays(fresh);
+    lab.advance(Duration::from_secs(3));
+    assert_eq!(lab.tunnel.state(), State::Up, "{:?}", lab.tunnel.reason());
+}
+
+#[test]
+fn restarted_exit_gives_a_new_session_explicitly() {
+    let mut lab = Lab::new(&[FLAG_GUARD, MIDDLE, MIDDLE, FLAG_EXIT]);
+    lab.advance(Duration::from_millis(50));
+    let first = *lab.tunnel.session().unwrap();
+    // The exit forgets its sessions (a restart); the middle dies, so the client resumes.
+    let exit = lab.index_of(lab.path_ids()[2]);
+    lab.relays[exit].sessions.clear();
+    let middle = lab.index_of(lab.path_ids()[1]);
+    lab.dead.insert(middle);
+    lab.advance(Duration::from_secs(5));
+    assert_eq!(lab.tunnel.state(), State::Up, "{:?}", lab.tunnel.reason());
+    let now = *lab.tunnel.session().unwrap();
+    assert_ne!(now.token, first.token);
+    assert_eq!(lab.tunnel.counters().session_changes, 1);
+    assert_eq!(lab.tunnel.counters().exit_changes, 0);
+    let Some(TunnelEvent::Up(last)) = lab.events.last().cloned() else { panic!("{:?}", lab.events) };
+    assert_eq!(last, now);
+}
+
+#[test]
+fn the_guard_set_is_drawn_once_and_saved() {
+    let mut lab = Lab::new(&[FLAG_GUARD, FLAG_GUARD, MIDDLE, MIDDLE, FLAG_EXIT]);
+    lab.advance(Duration::from_millis(50));
+    let guards = lab.tunnel.guards().entries();
+    assert_eq!(guards.len(), 2, "every guard-flagged relay, up to three");
+    assert!(guards.iter().all(|g| g.added == START_UNIX && g.failures == 0));
+    assert_eq!(lab.path_ids()[0], guards[0].id);
+    assert!(lab.saves >= 1);
 }

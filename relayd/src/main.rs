@@ -1,6 +1,6 @@
 //! `relayd`: the meshvpn relay server.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{CommandFactory, Parser, Subcommand};
 use relayd::cli::{LogControl, Notify, notify};
@@ -73,6 +73,7 @@ enum AuthorityCmd {
         dir: PathBuf,
     },
     /// Sign a directory from descriptor files (each as `relayd descriptor` prints it: base64).
+    /// A descriptor declaring more than 12500000000 bytes/s (100 Gbit/s) is refused.
     Sign {
         /// Directory holding authority.key.
         #[arg(long)]
@@ -89,6 +90,29 @@ enum AuthorityCmd {
     },
 }
 
+/// The most bandwidth, in bytes per second, a descriptor may declare: 100 Gbit/s, the fastest
+/// NIC a single relay process is commonly given. A relay's bandwidth is self-declared, and
+/// clients weight path selection by it, so an absurd claim (u64::MAX) would attract almost
+/// every circuit; clients cap the weight of unmeasured claims far lower still (see the
+/// client's README).
+const MAX_DECLARED_BANDWIDTH: u64 = 12_500_000_000;
+
+/// Refuses a descriptor whose declared bandwidth exceeds [`MAX_DECLARED_BANDWIDTH`]. Other
+/// problems are left to `Directory::sign`, which reports them with the descriptor's position.
+fn check_bandwidth(signed: &[u8], now: u64) -> Result<()> {
+    let Ok(desc) = cellproto::descriptor::RelayDescriptor::decode_and_verify(signed, now) else { return Ok(()) };
+    if desc.bandwidth > MAX_DECLARED_BANDWIDTH {
+        bail!(
+            "relay {} ({}) declares a bandwidth of {} bytes/s, more than the {MAX_DECLARED_BANDWIDTH} bytes/s \
+             (100 Gbit/s) one relay can carry; ask its operator to set `bandwidth` to what the link really does",
+            desc.nickname,
+            desc.identity,
+            desc.bandwidth
+        );
+    }
+    Ok(())
+}
+
 fn authority(cmd: AuthorityCmd) -> Result<()> {
     match cmd {
         AuthorityCmd::Keygen { dir } => {
@@ -98,14 +122,15 @@ fn authority(cmd: AuthorityCmd) -> Result<()> {
         AuthorityCmd::Sign { dir, out, lifetime_secs, descriptors } => {
             let id = relayd::keys::load_authority(&dir)?;
             let mut signed = Vec::with_capacity(descriptors.len());
+            let now = relayd::cli::unix_now();
             for path in &descriptors {
                 let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(text.trim())
                     .with_context(|| format!("{} is not base64 (as `relayd descriptor` prints)", path.display()))?;
+                check_bandwidth(&bytes, now).with_context(|| format!("refusing {}", path.display()))?;
                 signed.push(bytes);
             }
-            let now = relayd::cli::unix_now();
             let directory = cellproto::directory::Directory::sign(&signed, now, now + lifetime_secs, &id)
                 .context("cannot sign the directory (descriptor numbers count from 0 in the order given)")?;
             std::fs::write(&out, &directory).with_context(|| format!("cannot write {}", out.display()))?;

@@ -1,10 +1,14 @@
 //! What `meshvpn up` changes on the machine, and how every change is undone.
 //!
 //! Each change is recorded in the undo journal (`state_dir/undo.json`) *before* it is made, so
-//! that `down`, SIGTERM, or — after a crash or `kill -9` — the next `up` or `down` can put the
-//! machine back as it was: the guard's host route, the nftables kill switch, resolv.conf. The
-//! TUN device and the routes through it need no entry: the device is not persistent, so the
-//! kernel deletes it, and its routes, when the process holding it ends.
+//! that `meshvpn down` can put the machine back as it was: the guard's host route, the
+//! nftables kill switch, resolv.conf. **Only `down` undoes them.** A crash, `kill -9`, an
+//! error, SIGTERM (`systemctl stop` or `restart`) leave them in place, so the kill switch keeps
+//! holding traffic in while no client runs; the next `up` takes the journal over (keeping the
+//! kill switch until it replaces it, and resolv.conf as it was before the first `up`), and
+//! `down --config` with no client running undoes it. The TUN device and the routes through it
+//! need no entry: the device is not persistent, so the kernel deletes it, and its routes, when
+//! the process holding it ends (traffic then meets the kill switch).
 //!
 //! Changes are made with the system's own tools (`ip`, `nft`), as `wg-quick` does: one-time
 //! set-up, never on a packet path, and the commands in the log are the ones an operator would
@@ -45,8 +49,9 @@ pub struct System {
 }
 
 impl System {
-    /// Takes charge of `state_dir`: refuses if another meshvpn is running there, first undoes
-    /// what a crashed one left, then starts an empty journal for this process.
+    /// Takes charge of `state_dir`: refuses if another meshvpn is running there; takes over
+    /// what a stopped or crashed one left (its kill switch stays in force until this run
+    /// replaces it), or starts an empty journal.
     pub fn begin(state_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
@@ -59,12 +64,22 @@ impl System {
                     state_dir.display()
                 );
             }
-            warn!(pid = old.pid, "a previous meshvpn did not stop cleanly; undoing what it changed");
-            undo(&old);
+            warn!(
+                pid = old.pid,
+                "a previous meshvpn stopped without `meshvpn down`: taking over its kill switch, routes and DNS (they stay in force)"
+            );
+            let mut system = Self { path, journal: Journal { pid: std::process::id(), ..old } };
+            system.save()?;
+            return Ok(system);
         }
         let mut system = Self { path, journal: Journal { pid: std::process::id(), ..Journal::default() } };
         system.save()?;
         Ok(system)
+    }
+
+    /// What the journal records now.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     fn save(&mut self) -> Result<()> {
@@ -103,7 +118,16 @@ impl System {
         dns::write(path, servers)
     }
 
-    /// Undoes everything and removes the journal.
+    /// Stops without undoing anything (a signal or an error, not `down`): the kill switch,
+    /// the guard's route and DNS stay, recorded in the journal for the next `up` or `down`.
+    pub fn leave(self) {
+        info!(
+            journal = %self.path.display(),
+            "leaving the kill switch, the guard's route and DNS in place; `meshvpn down` removes them"
+        );
+    }
+
+    /// Undoes everything and removes the journal (`meshvpn down`).
     pub fn finish(self) {
         undo(&self.journal);
         if let Err(e) = std::fs::remove_file(&self.path) {

@@ -2,23 +2,37 @@
 //! rebuild policy. The daemon feeds it received cells, packets from the TUN device and the
 //! time; it returns cells to send, packets for the TUN device and events.
 //!
+//! **Who may say what.** Only the exit (the last hop) configures the client, and only by
+//! answering an ATTACH the client sent: an ATTACHED from another hop, or one nobody asked for,
+//! is refused and counted, as is a PONG that answers no PING of ours or comes from another hop
+//! than the exit, and DATA from anyone but the exit. The exit's answer itself must hold usable
+//! addresses ([`crate::session::validate`]); a resumed session must keep its addresses, and a
+//! new token is a new session, logged as such. See `receive.rs`.
+//!
 //! **Rebuild.** A circuit that closes, fails to build, or is silent for `dead_after` is
 //! replaced by a new path to the **same exit**, which gets ATTACH with the session token and
-//! hands back the same inner addresses, so open TCP connections survive a relay's death. A
-//! relay whose handshake timed out is avoided for [`AVOID_FOR`]. After silence on an open
-//! circuit nobody knows which hop died, so its middles are only suspected: the next path
-//! avoids them if it can (the guard and exit are kept: if they are the dead ones, that build
-//! times out at their hop and says so). Only when the exit itself does not answer is another
-//! exit chosen, with a fresh session and a log line, since the inner addresses then change;
-//! with no other exit, the client keeps trying the same one and `status` says why.
+//! hands back the same inner addresses, so open TCP connections survive a relay's death. Who
+//! is blamed for a failure is decided in `failure.rs`, so that no hop can steer the client: the
+//! guard is kept by [`crate::guards`] (a failing guard is retried, never swapped on one
+//! failure), a hop's DESTROY says nothing about the hops after it, and the exit is given up
+//! only on evidence a single middle cannot forge. With no usable exit the client keeps trying
+//! and `status` says why; the kill switch holds meanwhile.
+//!
+//! **Directory.** A circuit is built only through an unexpired directory: once it expires the
+//! current circuit keeps carrying traffic, but nothing new is built until a fresh one is
+//! loaded, and [`Tunnel::directory_expired`] says so.
+
+mod failure;
+mod receive;
 
 use crate::config::Timers;
+use crate::guards::Guards;
 use crate::relays::{PathError, PathRequest, Relay, Relays};
 use cellproto::cell::{CELL_LEN, Command};
-use cellproto::client::{Circuit, CircuitConfig, CloseReason, Event};
-use cellproto::command::{Attach, Attached, decode_ping};
+use cellproto::client::{Circuit, CircuitConfig};
+use cellproto::command::{Attach, Attached};
 use cellproto::identity::IdentityKey;
-use cellproto::onion::{payload, payload_mut};
+use cellproto::onion::payload_mut;
 use rand_core::{CryptoRngCore, RngCore};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -37,10 +51,12 @@ pub enum TunnelEvent {
     /// outside the tunnel. Comes before any cell to it.
     Guard(SocketAddr),
     /// The exit attached the circuit: configure the TUN device with these addresses (they
-    /// are the previous ones when the session was resumed).
+    /// are the previous ones when the session was resumed). Already validated.
     Up(Attached),
-    /// Traffic stopped: the reason is in [`Tunnel::status`].
+    /// Traffic stopped: the reason is in [`Tunnel::reason`].
     Down,
+    /// The guard set changed: save [`Tunnel::guards`].
+    SaveGuards,
 }
 
 /// Where the tunnel is.
@@ -70,15 +86,42 @@ pub struct Counters {
     pub dropped_no_circuit: u64,
     /// Received datagrams that were not valid cells of the current circuit.
     pub dropped_bad_cells: u64,
+    /// Authentic cells refused: a control answer from a hop that may not send it, or that
+    /// answers nothing the client asked, or an exit's unusable ATTACHED.
+    pub control_refused: u64,
     /// Circuits built after the first.
     pub rebuilds: u64,
     /// Times the exit changed.
     pub exit_changes: u64,
+    /// Times the exit answered a resume with a new session (new inner addresses).
+    pub session_changes: u64,
+    /// Circuits closed because their cells showed tampering on the path.
+    pub tampered: u64,
+}
+
+/// What the tunnel is configured with besides the directory and the path request.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Keepalive, silence and handshake timing.
+    pub timers: Timers,
+    /// Offer AES-256-GCM besides ChaCha20-Poly1305 in handshakes.
+    pub offer_aes: bool,
+    /// The guard set as saved (empty at first).
+    pub guards: Guards,
+    /// The wall clock (unix seconds) at the `now` given to [`Tunnel::new`].
+    pub unix_now: u64,
 }
 
 struct Avoid {
     id: IdentityKey,
     until: Instant,
+}
+
+/// An ATTACH sent and not yet answered.
+#[derive(Debug, Clone, Copy)]
+struct PendingAttach {
+    sent: Instant,
+    resume: Option<[u8; 32]>,
 }
 
 /// The tunnel state machine.
@@ -87,6 +130,9 @@ pub struct Tunnel {
     request: PathRequest,
     timers: Timers,
     circuit_config: CircuitConfig,
+    guards: Guards,
+    /// An instant and the unix time it was, for the guard set and the directory's expiry.
+    clock: (Instant, u64),
     circuit: Option<Circuit>,
     path: Vec<Relay>,
     pending_path: Option<Vec<Relay>>,
@@ -95,10 +141,14 @@ pub struct Tunnel {
     session_exit: Option<IdentityKey>,
     state: State,
     reason: Option<String>,
-    attach_sent: Option<Instant>,
+    attach: Option<PendingAttach>,
     attached: bool,
     avoid: Vec<Avoid>,
     suspects: Vec<IdentityKey>,
+    /// Tampered circuits by guard, for path-bias accounting (see `failure::tampered`).
+    tamper_log: Vec<(IdentityKey, Instant)>,
+    /// Failures of exits: (exit, the hop before it, or `None` for the exit's own doing).
+    exit_strikes: Vec<(IdentityKey, Strike)>,
     retry_at: Option<Instant>,
     last_rx: Instant,
     /// Last run of [`Tunnel::handle_timeout`]: it runs at least every keepalive interval, also
@@ -107,24 +157,39 @@ pub struct Tunnel {
     ping: Option<(u64, Instant)>,
     rtt: Option<Duration>,
     up_since: Option<Instant>,
+    directory_warned: bool,
     queued: VecDeque<(SocketAddr, Box<[u8; CELL_LEN]>)>,
     events: VecDeque<TunnelEvent>,
     counters: Counters,
 }
 
+/// One failure charged to an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Strike {
+    /// It did not answer (handshake or ATTACH) with this hop in front of it (`None`: the
+    /// client talks to it directly).
+    Unreached(Option<IdentityKey>),
+    /// It answered, wrongly: a DESTROY of its own, an unusable or changed ATTACHED.
+    Refused,
+}
+
 impl Tunnel {
-    /// A tunnel over `relays`, asking paths of `request` (its `guard`: the kept one, if any).
-    pub fn new(relays: Relays, request: PathRequest, timers: Timers, now: Instant) -> Self {
+    /// A tunnel over `relays`, asking paths of `request` (its `guard` is ignored: the guard
+    /// set in `options` decides).
+    pub fn new(relays: Relays, request: PathRequest, options: Options, now: Instant) -> Self {
+        let timers = options.timers;
         let circuit_config = CircuitConfig {
             handshake_timeout: Duration::from_millis(timers.handshake_timeout_ms),
             handshake_attempts: timers.handshake_attempts,
-            ..CircuitConfig::default()
+            offer_aes: options.offer_aes,
         };
         Self {
             relays,
             request,
             timers,
             circuit_config,
+            guards: options.guards,
+            clock: (now, options.unix_now),
             circuit: None,
             path: Vec::new(),
             pending_path: None,
@@ -133,16 +198,19 @@ impl Tunnel {
             session_exit: None,
             state: State::Connecting,
             reason: None,
-            attach_sent: None,
+            attach: None,
             attached: false,
             avoid: Vec::new(),
             suspects: Vec::new(),
+            tamper_log: Vec::new(),
+            exit_strikes: Vec::new(),
             retry_at: Some(now),
             last_rx: now,
             checked: now,
             ping: None,
             rtt: None,
             up_since: None,
+            directory_warned: false,
             queued: VecDeque::new(),
             events: VecDeque::new(),
             counters: Counters::default(),
@@ -159,6 +227,28 @@ impl Tunnel {
     /// A fresh directory (SIGHUP): new paths are chosen from it; the current circuit stays.
     pub fn set_relays(&mut self, relays: Relays) {
         self.relays = relays;
+        self.directory_warned = false;
+    }
+
+    /// The directory in use.
+    pub fn relays(&self) -> &Relays {
+        &self.relays
+    }
+
+    /// Resets the wall clock: `now` is `unix` seconds (the driver calls it on each wake-up, so
+    /// that a suspended laptop sees the directory's expiry when it resumes).
+    pub fn set_unix_time(&mut self, now: Instant, unix: u64) {
+        self.clock = (now, unix);
+    }
+
+    fn unix(&self, now: Instant) -> u64 {
+        self.clock.1 + now.saturating_duration_since(self.clock.0).as_secs()
+    }
+
+    /// Whether the directory has expired at `now`: no new circuit is built until a fresh one
+    /// is loaded.
+    pub fn directory_expired(&self, now: Instant) -> bool {
+        self.unix(now) >= self.relays.expires
     }
 
     /// Where packets flow.
@@ -191,6 +281,11 @@ impl Tunnel {
         self.guard
     }
 
+    /// The guard set (save it on [`TunnelEvent::SaveGuards`]).
+    pub fn guards(&self) -> &Guards {
+        &self.guards
+    }
+
     /// The last measured round trip to the exit (PING/PONG).
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt
@@ -208,6 +303,9 @@ impl Tunnel {
 
     /// The next event for the driver.
     pub fn poll_event(&mut self) -> Option<TunnelEvent> {
+        if self.request.hops > 1 && self.guards.take_dirty() {
+            self.events.push_back(TunnelEvent::SaveGuards);
+        }
         self.events.pop_front()
     }
 
@@ -237,8 +335,8 @@ impl Tunnel {
         if let Some(t) = self.circuit.as_ref().and_then(Circuit::poll_timeout) {
             earliest(t);
         }
-        if let Some(t) = self.attach_sent {
-            earliest(t + self.timers.dead_after());
+        if let Some(a) = self.attach {
+            earliest(a.sent + self.timers.dead_after());
         }
         if self.state == State::Up {
             earliest(self.last_rx + self.timers.dead_after());
@@ -253,6 +351,13 @@ impl Tunnel {
     /// Advances timers: retries, handshake timeouts, keepalive, silence.
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
         self.checked = now;
+        if self.directory_expired(now) && !self.directory_warned {
+            self.directory_warned = true;
+            warn!(
+                expires = self.relays.expires,
+                "the directory has expired: the current circuit goes on, but no new one is built until a fresh directory is loaded (SIGHUP)"
+            );
+        }
         if self.state == State::Up && self.circuit.as_ref().is_some_and(|c| c.needs_rebuild(now)) {
             info!("the circuit is near its key-usage or age limit: replacing it (same exit, same session)");
             self.reason = Some("circuit replaced at its key-usage or age limit".into());
@@ -264,23 +369,21 @@ impl Tunnel {
             self.build(now, rng);
         }
         if let Some(circ) = self.circuit.as_mut()
-            && let Some(Event::Closed(why)) = circ.handle_timeout(now)
+            && let Some(cellproto::client::Event::Closed(why)) = circ.handle_timeout(now)
         {
             self.circuit_failed(now, why, rng);
             return;
         }
-        if self.attach_sent.is_some_and(|t| now >= t + self.timers.dead_after()) {
-            self.hop_failed(now, self.path.len(), "did not answer ATTACH", rng);
+        if self.attach.is_some_and(|a| now >= a.sent + self.timers.dead_after()) {
+            self.exit_unreached(now, "did not answer ATTACH", rng);
             return;
         }
         if self.state == State::Up {
             let silent = now.saturating_duration_since(self.last_rx);
             if silent >= self.timers.dead_after() {
-                let middles: Vec<IdentityKey> =
-                    self.path.iter().skip(1).take(self.path.len().saturating_sub(2)).map(Relay::id).collect();
-                let why = format!("no cell from the circuit for {} ms", silent.as_millis());
+                let why = format!("no cell from the exit for {} ms", silent.as_millis());
                 warn!("{why}: rebuilding through a new path to the same exit");
-                self.suspects = middles;
+                self.suspects = self.middles();
                 self.reason = Some(why);
                 self.rebuild(now, rng);
             } else {
@@ -299,54 +402,29 @@ impl Tunnel {
         }
     }
 
+    /// The middles of the current path.
+    fn middles(&self) -> Vec<IdentityKey> {
+        self.path.iter().skip(1).take(self.path.len().saturating_sub(2)).map(Relay::id).collect()
+    }
+
     fn avoid_relay(&mut self, id: IdentityKey, now: Instant) {
         self.avoid.retain(|a| a.id != id && a.until > now);
         self.avoid.push(Avoid { id, until: now + AVOID_FOR });
     }
 
-    /// A hop (1-based) of the current path failed: avoid it and rebuild.
-    fn hop_failed(&mut self, now: Instant, hop: usize, what: &str, rng: &mut impl CryptoRngCore) {
-        let Some(relay) = self.path.get(hop.saturating_sub(1)) else { return self.rebuild(now, rng) };
-        let (id, name) = (relay.id(), relay.desc.nickname.clone());
-        let role = if hop == self.path.len() {
-            "exit"
-        } else if hop == 1 {
-            "guard"
-        } else {
-            "middle"
-        };
-        let why = format!("{role} {name} ({id}) {what}");
-        warn!("{why}");
-        self.avoid_relay(id, now);
-        self.reason = Some(why);
-        self.rebuild(now, rng);
-    }
-
-    fn circuit_failed(&mut self, now: Instant, why: CloseReason, rng: &mut impl CryptoRngCore) {
-        match why {
-            CloseReason::HandshakeTimeout { hop } => self.hop_failed(now, hop, "did not answer the handshake", rng),
-            // The hop after `hop` could not be reached (or hop `hop` gave up on the circuit).
-            CloseReason::Destroyed { hop, reason } => {
-                let failed = if reason == cellproto::command::reason::CONNECT_FAILED { hop + 1 } else { hop };
-                self.hop_failed(now, failed, &format!("closed the circuit (reason {reason})"), rng)
-            }
-            CloseReason::LinkDestroyed { reason } => {
-                self.hop_failed(now, 1, &format!("closed the circuit (reason {reason})"), rng)
-            }
-            // Evidence that something up to `hop` drops or alters cells; no single relay is to
-            // blame, so none is avoided for it: the path is rebuilt.
-            CloseReason::Tampered { hop } => {
-                let why = format!("the circuit showed tampering up to hop {hop}; rebuilding");
-                warn!("{why}");
-                self.reason = Some(why);
-                self.rebuild(now, rng)
-            }
-            CloseReason::Local => self.rebuild(now, rng),
-        }
-    }
-
-    /// Drops the current circuit (telling the guard) and builds another.
+    /// Drops the current circuit (telling the guard) and builds another at once.
     fn rebuild(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
+        self.drop_circuit(rng);
+        self.build(now, rng);
+    }
+
+    /// Drops the current circuit (telling the guard) and builds another at `at`.
+    fn rebuild_at(&mut self, at: Instant, rng: &mut impl CryptoRngCore) {
+        self.drop_circuit(rng);
+        self.retry_at = Some(at);
+    }
+
+    fn drop_circuit(&mut self, rng: &mut impl CryptoRngCore) {
         if let Some(mut old) = self.circuit.take() {
             let mut cell = Box::new([0u8; CELL_LEN]);
             if let Some(to) = old.close(&mut cell, rng) {
@@ -359,44 +437,31 @@ impl Tunnel {
         if self.state != State::Connecting {
             self.state = State::Rebuilding;
         }
-        self.attach_sent = None;
+        self.attach = None;
         self.attached = false;
         self.ping = None;
-        self.build(now, rng);
     }
 
     fn build(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
+        if self.directory_expired(now) {
+            let ago = self.unix(now).saturating_sub(self.relays.expires);
+            return self.no_path(now, format!(
+                "the directory expired {ago} s ago: no new circuit until a fresh one is loaded (fetch it from your authority, then SIGHUP or `systemctl reload meshvpn`)"
+            ));
+        }
         self.avoid.retain(|a| a.until > now);
         let failed: Vec<IdentityKey> = self.avoid.iter().map(|a| a.id).collect();
         let mut req = self.request.clone();
-        req.guard = self.path.first().map(Relay::id).or(req.guard);
         req.avoid = failed.clone();
         req.exit = self.request.exit.or(self.session_exit);
-        if let Some(exit) = self.session_exit
-            && self.request.exit.is_none()
-            && failed.contains(&exit)
-            && self.relays.select(&PathRequest { exit: None, ..req.clone() }, rng).is_ok()
-        {
-            let name = self.path.last().map(|r| r.desc.nickname.clone()).unwrap_or_default();
-            warn!(
-                "exit {name} ({exit}) does not answer: switching to another exit; inner addresses change and open connections break"
-            );
-            self.session_exit = None;
-            self.session = None;
-            self.counters.exit_changes += 1;
-            req.exit = None;
-        }
+        let guards = self.guard_candidates(now, rng);
         let path = match self.pending_path.take() {
             Some(p) => Ok(p),
-            None => {
-                // Suspects are avoided if the network allows; failed relays always are.
-                let wary = PathRequest { avoid: [failed, self.suspects.clone()].concat(), ..req.clone() };
-                self.relays.select(&wary, rng).or_else(|_| self.relays.select(&req, rng))
-            }
+            None => self.choose_path(&mut req, &guards, &failed, rng),
         };
         let path = match path {
             Ok(p) => p,
-            Err(e) => return self.no_path(now, e),
+            Err(e) => return self.no_path(now, e.to_string()),
         };
         let guard = path[0].hop.addr;
         if self.guard != Some(guard) {
@@ -412,7 +477,11 @@ impl Tunnel {
         let hops = path.iter().map(|r| r.hop).collect();
         match Circuit::new(hops, lcid, self.circuit_config, now, rng) {
             Ok(c) => self.circuit = Some(c),
-            Err(e) => return self.no_path(now, PathError::NoExit(e.to_string())),
+            Err(e) => return self.no_path(now, PathError::NoExit(e.to_string()).to_string()),
+        }
+        if self.request.hops > 1 {
+            let unix = self.unix(now);
+            self.guards.tried(&path[0].id(), unix);
         }
         info!(
             path = %path.iter().map(|r| r.desc.nickname.as_str()).collect::<Vec<_>>().join(" -> "),
@@ -421,8 +490,64 @@ impl Tunnel {
         self.path = path;
     }
 
-    fn no_path(&mut self, now: Instant, e: PathError) {
-        let why = e.to_string();
+    /// The guards to try, best first (none for one-hop circuits, whose only relay is the exit).
+    fn guard_candidates(&mut self, now: Instant, rng: &mut impl RngCore) -> Vec<Option<IdentityKey>> {
+        if self.request.hops <= 1 {
+            return vec![None];
+        }
+        let unix = self.unix(now);
+        for id in self.guards.refresh(&self.relays, unix, rng) {
+            warn!(guard = %id, "guard left the set: no longer listed as a guard, or unreachable for a day while others worked");
+        }
+        self.guards.candidates(unix).into_iter().map(Some).collect()
+    }
+
+    /// A path through the first guard that gives one; the session's exit is given up here if it
+    /// was declared dead and another exit fits.
+    fn choose_path(
+        &mut self,
+        req: &mut PathRequest,
+        guards: &[Option<IdentityKey>],
+        failed: &[IdentityKey],
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Vec<Relay>, PathError> {
+        if let Some(exit) = self.session_exit
+            && self.request.exit.is_none()
+            && failed.contains(&exit)
+            && guards
+                .iter()
+                .any(|g| self.relays.select(&PathRequest { exit: None, guard: *g, ..req.clone() }, rng).is_ok())
+        {
+            let name = self.path.last().map(|r| r.desc.nickname.clone()).unwrap_or_default();
+            warn!(
+                "exit {name} ({exit}) does not answer: switching to another exit; inner addresses change and open connections break"
+            );
+            self.session_exit = None;
+            self.session = None;
+            self.counters.exit_changes += 1;
+            req.exit = None;
+        }
+        if guards.is_empty() {
+            // No guard in the set: the directory lists none that fits. Let path selection say
+            // whether the exit is the problem too; a path it draws is not used (guards come
+            // only from the set).
+            req.guard = None;
+            return self.relays.select(req, rng).and(Err(PathError::NoGuard));
+        }
+        let mut last = Err(PathError::NoGuard);
+        for guard in guards {
+            req.guard = *guard;
+            // Suspects are avoided if the network allows; failed relays always are.
+            let wary = PathRequest { avoid: [failed, &self.suspects[..]].concat(), ..req.clone() };
+            last = self.relays.select(&wary, rng).or_else(|_| self.relays.select(req, rng));
+            if last.is_ok() {
+                break;
+            }
+        }
+        last
+    }
+
+    fn no_path(&mut self, now: Instant, why: String) {
         if self.reason.as_deref() != Some(why.as_str()) {
             warn!("{why}; retrying every {} s", RETRY_PAUSE.as_secs());
         }
@@ -445,97 +570,15 @@ impl Tunnel {
 
     fn send_attach(&mut self, now: Instant) {
         let Some(circ) = self.circuit.as_mut() else { return };
-        let attach = Attach { resume: self.session.map(|s| s.token) };
+        let resume = self.session.map(|s| s.token);
+        let attach = Attach { resume };
         let mut cell = Box::new([0u8; CELL_LEN]);
         let Ok(len) = attach.encode(payload_mut(&mut cell)) else { return };
         let exit = circ.path().len();
         if let Ok(to) = circ.seal(exit, Command::Attach, len, &mut cell) {
             self.queued.push_back((to, cell));
-            self.attach_sent = Some(now);
+            self.attach = Some(PendingAttach { sent: now, resume });
         }
-    }
-
-    /// A datagram from `from`. Returns the length of an IP packet for the TUN device, which is
-    /// then at `payload(cell, len)`.
-    pub fn handle_cell(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        cell: &mut [u8; CELL_LEN],
-        rng: &mut impl CryptoRngCore,
-    ) -> Option<usize> {
-        let Some(circ) = self.circuit.as_mut().filter(|_| Some(from) == self.guard) else {
-            self.counters.dropped_bad_cells += 1;
-            return None;
-        };
-        if cellproto::cell::lcid(cell) != circ.lcid_in() {
-            self.counters.dropped_bad_cells += 1;
-            return None;
-        }
-        let event = match circ.handle_cell(now, cell, rng) {
-            Ok(e) => e,
-            Err(_) => {
-                self.counters.dropped_bad_cells += 1;
-                return None;
-            }
-        };
-        self.last_rx = now;
-        match event? {
-            Event::Established => {
-                if let Some(t) = circ.build_time() {
-                    info!(ms = t.as_secs_f64() * 1e3, "circuit built");
-                }
-                self.send_attach(now);
-                None
-            }
-            Event::Delivered { cmd: Command::Data, len, hop } if hop == self.path.len() && self.attached => {
-                self.counters.packets_received += 1;
-                self.counters.bytes_received += len as u64;
-                Some(len)
-            }
-            Event::Delivered { cmd: Command::Attached, len, .. } => {
-                self.on_attached(now, payload(cell, len));
-                None
-            }
-            Event::Delivered { cmd: Command::Pong, len, .. } => {
-                if let (Ok(id), Some((sent, at))) = (decode_ping(payload(cell, len)), self.ping)
-                    && id == sent
-                {
-                    self.rtt = Some(now.saturating_duration_since(at));
-                    self.ping = None;
-                }
-                None
-            }
-            Event::Delivered { .. } => None,
-            Event::Closed(why) => {
-                self.circuit_failed(now, why, rng);
-                None
-            }
-        }
-    }
-
-    fn on_attached(&mut self, now: Instant, body: &[u8]) {
-        let Ok(attached) = Attached::decode(body) else {
-            self.counters.dropped_bad_cells += 1;
-            return;
-        };
-        if let Some(old) = self.session
-            && (old.ipv4 != attached.ipv4 || old.ipv6 != attached.ipv6)
-        {
-            warn!("the exit gave new inner addresses: open connections break");
-        }
-        if self.up_since.is_some() {
-            self.counters.rebuilds += 1;
-        }
-        self.session = Some(attached);
-        self.session_exit = self.path.last().map(Relay::id);
-        self.suspects.clear();
-        self.attach_sent = None;
-        self.attached = true;
-        self.state = State::Up;
-        self.reason = None;
-        self.up_since = Some(now);
-        self.events.push_back(TunnelEvent::Up(attached));
     }
 
     /// Seals the IP packet of `len` bytes already at `payload_mut(cell)` for the exit.

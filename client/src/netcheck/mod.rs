@@ -18,8 +18,11 @@
 //! I/O ([`run`]) is separate from the judgement ([`classify`]), a pure function over the
 //! [`Probe`] results, so every classification can be tested without a NAT.
 
+mod exchange;
+
 use anyhow::{Context, bail};
-use cellproto::stun::{self, Attribute, Class, METHOD_BINDING, Message};
+use cellproto::stun::{Attribute, Class, Message};
+use exchange::{Exchange, Outcome};
 use rand_core::{OsRng, RngCore};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -28,16 +31,11 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-/// Retransmissions of a request after the first send (RFC 8489 §6.2.1 allows fewer than its
-/// default of 6 when the caller knows its network; a CLI user should not wait long).
-const RETRANSMISSIONS: u32 = 3;
 /// Largest datagram we read; STUN answers from relays are a few hundred bytes, and anything
 /// longer is not a relay's answer anyway (it is read truncated and then ignored).
 const MAX_DATAGRAM: usize = 1500;
 /// Longest a phase may wait, whatever [`Options::timeout`] says.
 const MAX_TIMEOUT: Duration = Duration::from_secs(60);
-/// Room for an encoded request: header, CHANGE-REQUEST and FINGERPRINT.
-const MAX_REQUEST: usize = 64;
 
 /// A STUN server to probe: a relay's nickname and its UDP address (relays answer STUN on
 /// their cell port; some also on an alternate port announced as OTHER-ADDRESS).
@@ -534,16 +532,6 @@ struct Prober {
     ignored: u64,
 }
 
-/// A request in flight, `probe` its index in the probe list.
-struct Pending {
-    probe: usize,
-    id: [u8; 12],
-    request: Vec<u8>,
-    first_sent: Option<Instant>,
-    sends: u32,
-    done: bool,
-}
-
 impl Prober {
     /// A fresh random transaction id (RFC 8489 §6: uniformly random, so answers cannot be
     /// forged blind).
@@ -574,53 +562,32 @@ impl Prober {
     }
 
     /// Sends `requests` (probe index, message), retransmits, and fills in the probes' results
-    /// from the answers, all within `self.timeout`. Unanswered probes keep their `Timeout`.
+    /// from the answers, all within `self.timeout`: the I/O around one [`Exchange`], which
+    /// decides what is sent when and what each answer means. Unanswered probes keep their
+    /// `Timeout`.
     fn exchange(&mut self, probes: &mut [Probe], requests: Vec<(usize, Message)>) -> anyhow::Result<()> {
-        let mut pending = Vec::with_capacity(requests.len());
-        for (probe, m) in requests {
-            let mut buf = [0u8; MAX_REQUEST];
-            let n = m.encode(&mut buf, true).context("netcheck: encoding a Binding request")?;
-            pending.push(Pending {
-                probe,
-                id: m.transaction_id,
-                request: buf[..n].to_vec(),
-                first_sent: None,
-                sends: 0,
-                done: false,
-            });
-        }
-        // Capped so that no caller's choice overflows an Instant.
-        let timeout = self.timeout.min(MAX_TIMEOUT);
-        let start = Instant::now();
-        let deadline = start + timeout;
-        let rto = timeout / 10;
-        // Send k (0-based) is due at (2^k - 1) * rto: 0, 1, 3, 7 tenths of the timeout.
-        let due = |sends: u32| start + rto * ((1u32 << sends) - 1);
+        let requests = requests.into_iter().map(|(i, m)| (i, probes[i].addr, m)).collect();
+        let mut phase = Exchange::new(requests, Instant::now(), self.timeout.min(MAX_TIMEOUT))
+            .context("netcheck: encoding a Binding request")?;
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
             let now = Instant::now();
-            for p in pending.iter_mut().filter(|p| !p.done && p.sends <= RETRANSMISSIONS && due(p.sends) <= now) {
-                p.sends += 1;
-                p.first_sent.get_or_insert(now);
-                let to = probes[p.probe].addr;
-                if let Err(e) = self.socket.send_to(&p.request, to) {
-                    p.done = true;
-                    probes[p.probe].result = ProbeResult::Error { code: None, reason: format!("send to {to}: {e}") };
+            while let Some((i, to, request)) = phase.poll_transmit(now) {
+                if let Err(e) = self.socket.send_to(request, to) {
+                    let probe = phase.send_failed(i);
+                    probes[probe].result = ProbeResult::Error { code: None, reason: format!("send to {to}: {e}") };
                 }
             }
-            if now >= deadline || pending.iter().all(|p| p.done) {
-                return Ok(());
-            }
-            let wake = pending
-                .iter()
-                .filter(|p| !p.done && p.sends <= RETRANSMISSIONS)
-                .map(|p| due(p.sends))
-                .fold(deadline, Instant::min);
+            let Some(wake) = phase.poll_timeout(now) else { return Ok(()) };
             // A zero read timeout is an error for std, hence the floor.
             let wait = wake.saturating_duration_since(now).max(Duration::from_millis(1));
             self.socket.set_read_timeout(Some(wait)).context("netcheck: socket read timeout")?;
             match self.socket.recv_from(&mut buf) {
-                Ok((n, from)) => self.answer(&buf[..n], from, probes, &mut pending),
+                Ok((n, from)) => match phase.handle(Instant::now(), &buf[..n], from, &self.issued) {
+                    Outcome::Answer { probe, result } => probes[probe].result = result,
+                    Outcome::Ignored => self.ignored += 1,
+                    Outcome::Expected => {}
+                },
                 // Timeouts, and ICMP errors some kernels report on unconnected sockets: the
                 // deadline decides when to stop, not these.
                 Err(e)
@@ -636,40 +603,10 @@ impl Prober {
             }
         }
     }
-
-    /// Handles one received datagram: the answer to a pending request, or something ignored.
-    fn answer(&mut self, datagram: &[u8], from: SocketAddr, probes: &mut [Probe], pending: &mut [Pending]) {
-        let message = match stun::is_stun(datagram).then(|| stun::decode(datagram)) {
-            Some(Ok(m))
-                if m.method == METHOD_BINDING && matches!(m.class, Class::SuccessResponse | Class::ErrorResponse) =>
-            {
-                m
-            }
-            _ => {
-                self.ignored += 1;
-                return;
-            }
-        };
-        let Some(p) = pending.iter_mut().find(|p| p.id == message.transaction_id) else {
-            // An answer to an earlier phase's retransmission is expected noise, not foreign.
-            if !self.issued.contains(&message.transaction_id) {
-                self.ignored += 1;
-            }
-            return;
-        };
-        if p.done {
-            return;
-        }
-        p.done = true;
-        // From the first transmission: an upper bound when a retransmission was answered
-        // (which one was is unknowable, RFC 6298's Karn problem). Microsecond precision.
-        let rtt_ms = p.first_sent.map_or(0.0, |t| (t.elapsed().as_secs_f64() * 1e6).round() / 1e3);
-        probes[p.probe].result = result_of(&message, from, rtt_ms);
-    }
 }
 
 /// The probe result a decoded Binding response stands for.
-fn result_of(message: &Message, from: SocketAddr, rtt_ms: f64) -> ProbeResult {
+pub(crate) fn result_of(message: &Message, from: SocketAddr, rtt_ms: f64) -> ProbeResult {
     let unknown = message.unknown_required();
     if !unknown.is_empty() {
         // RFC 8489 §6.3.3/§6.3.4: a response with unknown comprehension-required attributes
