@@ -328,3 +328,21 @@ fn previous_onion_key_expires_with_its_certificate() {
     assert!(late.is_err(), "the previous key still answered after its certificate expired");
     assert_eq!(plane.onion_key_count(), 1);
 }
+
+/// A guard that alters the EXTENDED it relays keeps the circuit from being built; the client
+/// says the path was tampered with instead of blaming the hop it was extending to.
+#[test]
+fn tampering_during_a_build_is_not_blamed_on_the_next_hop() {
+    let mut net = Net::new(3, 113, |_| true);
+    net.relays[0].hostile = Some(Box::new(|cell: &mut Cell| cell[HEADER_LEN + 7] ^= 0x80));
+    net.run(vec![], &mut |_, _, _| true);
+    for _ in 0..10 {
+        net.now += std::time::Duration::from_secs(16);
+        if let Some(ev) = net.circuit.handle_timeout(net.now) {
+            assert_eq!(ev, Event::Closed(CloseReason::Tampered { hop: 2 }));
+            return;
+        }
+        net.run(vec![], &mut |_, _, _| true);
+    }
+    panic!("the circuit neither opened nor closed");
+}

@@ -233,3 +233,36 @@ fn blocking_one_guard_for_minutes_moves_the_client_only_to_a_kept_guard() {
     assert_eq!(after, kept);
     assert!(lab.saves >= 1, "the guard set was never saved");
 }
+
+/// A guard that alters what it relays (after its own checks, under a valid outer layer) makes
+/// every circuit through it close as tampered. The client blames no middle for it and keeps
+/// the guard at first, but three such circuits within the hour count as a failure of the guard
+/// in the guard set (path-bias accounting).
+#[test]
+fn tampering_guard_is_counted_against_the_guard_not_a_middle() {
+    let (mut lab, _session) = up(&[FLAG_GUARD, MIDDLE, MIDDLE, FLAG_EXIT]);
+    let guard = lab.path_ids()[0];
+    let g = lab.index_of(guard);
+    assert_eq!(lab.tunnel.guards().failures(&guard), 0);
+    lab.relays[g].hostile =
+        Some(Box::new(|cell: &mut [u8; cellproto::cell::CELL_LEN]| cell[cellproto::cell::HEADER_LEN + 40] ^= 1));
+    let mut guards_seen = std::collections::HashSet::new();
+    for _ in 0..200 {
+        lab.send(b"to be tampered with");
+        lab.advance(Duration::from_millis(100));
+        if let Some(first) = lab.path_ids().first() {
+            guards_seen.insert(*first);
+        }
+        if lab.tunnel.counters().tampered >= 3 {
+            break;
+        }
+    }
+    assert!(lab.tunnel.counters().tampered >= 3, "circuits through the guard never closed as tampered");
+    assert_eq!(guards_seen.len(), 1, "one tampered circuit moved the client off its guard");
+    assert!(lab.tunnel.guards().failures(&guard) >= 1, "repeated tampering did not count against the guard");
+    assert!(
+        lab.tunnel.reason().is_some_and(|r| r.contains("tampering")),
+        "status does not say why: {:?}",
+        lab.tunnel.reason()
+    );
+}

@@ -344,15 +344,20 @@ impl Circuit {
         }
     }
 
-    /// Advances timers: closes the circuit when a hop used up its handshake attempts.
+    /// Advances timers: closes the circuit when a hop used up its handshake attempts (as
+    /// [`CloseReason::Tampered`] if replies arrived altered meanwhile).
     pub fn handle_timeout(&mut self, now: Instant) -> Option<Event> {
         if let Phase::Building(p) = &self.phase
             && p.attempts >= self.config.handshake_attempts
             && now >= p.send_at
         {
-            let reason = CloseReason::HandshakeTimeout { hop: p.hop };
-            self.phase = Phase::Closed(reason);
-            return Some(Event::Closed(reason));
+            // Replies that arrived altered (evidence at some hop) mean the path is meddling,
+            // not that the hop being built is silent: say so rather than blame that hop.
+            let reason = match self.evidence.violations.iter().position(|&v| v > 0) {
+                Some(i) => CloseReason::Tampered { hop: i + 1 },
+                None => CloseReason::HandshakeTimeout { hop: p.hop },
+            };
+            return Some(self.close_with(reason));
         }
         None
     }
