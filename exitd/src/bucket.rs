@@ -1,4 +1,5 @@
-//! Token buckets for per-circuit and per-exit bandwidth limits (bytes per second and burst).
+//! Token buckets for per-circuit and per-exit bandwidth limits (bytes per second and burst) and
+//! for ATTACH limits (requests). Time is an argument: tests drive them with an injected clock.
 
 use std::time::Instant;
 
@@ -17,17 +18,38 @@ impl TokenBucket {
         Self { rate: rate as f64, burst: burst as f64, tokens: burst as f64, last: now }
     }
 
-    /// Takes `bytes` if available now; otherwise leaves the bucket as it was.
-    pub fn take(&mut self, bytes: usize, now: Instant) -> bool {
+    /// A bucket of `rate` tokens per second (fractions allowed), holding at most `burst`; starts full.
+    pub fn with_rate(rate: f64, burst: f64, now: Instant) -> Self {
+        Self { rate, burst, tokens: burst, last: now }
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = now;
+        self.last = self.last.max(now);
+    }
+
+    /// Takes `bytes` if available now; otherwise leaves the bucket as it was.
+    pub fn take(&mut self, bytes: usize, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= bytes as f64 {
             self.tokens -= bytes as f64;
             true
         } else {
             false
         }
+    }
+
+    /// Whether `bytes` could be taken now (takes nothing).
+    pub fn peek(mut self, bytes: usize, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= bytes as f64
+    }
+
+    /// Whether the bucket has refilled to its burst by `now`.
+    pub fn is_full(mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
     }
 }
 

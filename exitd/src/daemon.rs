@@ -3,7 +3,7 @@
 use crate::config::ExitConfig;
 use crate::exit::{ExitShared, ExitTerminal};
 use crate::policy::ExitPolicy;
-use crate::pool::AddressPool;
+use crate::pool::{AddressPool, AttachError, Outcome, PoolLimits};
 use anyhow::{Context, Result, bail};
 use relayd::cli::{LogControl, Notify, notify};
 use relayd::relay::RelayHandle;
@@ -66,9 +66,15 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     let exit = &config.exit;
     forwarding(exit.enable_forwarding)?;
     let workers = config.relay.worker_count();
-    let mut pool = AddressPool::new(exit.pool_v4, exit.pool_v6, Duration::from_secs(exit.session_grace_secs));
+    let limits = PoolLimits {
+        grace: Duration::from_secs(exit.session_grace_secs),
+        sessions_per_source: exit.sessions_per_source,
+        attach_rate: exit.attach_rate,
+        attach_burst: f64::from(exit.attach_burst),
+    };
+    let pool = AddressPool::new(exit.pool_v4, exit.pool_v6, limits);
     let (gw4, gw6) = pool.gateway();
-    pool.expire(Instant::now());
+    let table = pool.table();
     let tun = tundev::Tun::create_with(&exit.tun, workers, true)
         .with_context(|| format!("cannot create TUN {} (exit.tun)", exit.tun))?;
     // TCP from the internet then reaches the workers as super-packets, segmented in userspace.
@@ -101,6 +107,7 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     }
     let shared = Arc::new(ExitShared {
         pool: Mutex::new(pool),
+        table,
         policy: policy.clone(),
         pools: (exit.pool_v4, exit.pool_v6),
         circuit_limit: (exit.circuit_rate, exit.circuit_burst),
@@ -183,7 +190,28 @@ fn render(shared: &ExitShared) -> String {
     }
     if let Ok(pool) = shared.pool.lock() {
         let _ = writeln!(out, "# HELP exitd_sessions Sessions holding inner addresses.\n# TYPE exitd_sessions gauge");
-        let _ = writeln!(out, "exitd_sessions {}", pool.sessions());
+        let detached = pool.detached_sessions();
+        let _ = writeln!(out, "exitd_sessions{{state=\"attached\"}} {}", pool.sessions() - detached);
+        let _ = writeln!(out, "exitd_sessions{{state=\"detached\"}} {detached}");
+        let stats = pool.stats();
+        let _ = writeln!(
+            out,
+            "# HELP exitd_attach_total ATTACH requests: served (new, resumed, same) or refused (why).\n# TYPE exitd_attach_total counter"
+        );
+        for (outcome, n) in [Outcome::New, Outcome::Resumed, Outcome::Same].iter().zip(stats.served) {
+            let _ = writeln!(out, "exitd_attach_total{{result=\"{}\"}} {n}", outcome.label());
+        }
+        let refusals =
+            [AttachError::Exhausted, AttachError::SourceCap, AttachError::CircuitRate, AttachError::SourceRate];
+        for (e, n) in refusals.iter().zip(stats.refused) {
+            let _ = writeln!(out, "exitd_attach_total{{result=\"{}\"}} {n}", e.label());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP exitd_sessions_ended_total Sessions whose addresses returned to the pool: grace over, or reclaimed early for a new session (pool full).\n# TYPE exitd_sessions_ended_total counter"
+        );
+        let _ = writeln!(out, "exitd_sessions_ended_total{{why=\"expired\"}} {}", stats.expired);
+        let _ = writeln!(out, "exitd_sessions_ended_total{{why=\"reclaimed\"}} {}", stats.reclaimed);
     }
     out
 }

@@ -4,7 +4,9 @@
 //! | --- | --- |
 //! | [`packet`] | looking inside IP packets (pnet): source, destination, protocol, port |
 //! | [`policy`] | the exit policy: default-denied classes, configured prefixes and ports |
-//! | [`pool`] | inner IPv4/IPv6 addresses and resumable sessions |
+//! | [`pool`] | inner IPv4/IPv6 addresses and resumable sessions; the only writer of the table |
+//! | [`table`] | inner address → circuit, the one map every worker reads |
+//! | [`limits`] | ATTACH rate limits per circuit and per source |
 //! | [`bucket`] | token buckets for per-circuit and per-exit limits |
 //! | [`daemon`] | `exitd run`: everything above wired into the relay engine |
 //! | [`config`] | exitd's TOML: relayd's options plus `[exit]` and `[policy]` |
@@ -15,7 +17,9 @@ pub mod bucket;
 pub mod config;
 pub mod daemon;
 pub mod exit;
+pub mod limits;
 pub mod nft;
 pub mod packet;
 pub mod policy;
 pub mod pool;
+pub mod table;

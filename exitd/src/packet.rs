@@ -71,6 +71,16 @@ pub fn inspect(packet: &[u8]) -> Result<PacketInfo, PacketError> {
     }
 }
 
+/// Only the destination address of an IPv4 or IPv6 packet (the backward path routes by it and
+/// needs nothing else); `None` if the packet is too short or not IP.
+pub fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => <[u8; 4]>::try_from(packet.get(16..20)?).ok().map(IpAddr::from),
+        6 => <[u8; 16]>::try_from(packet.get(24..40)?).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
 fn ports(protocol: u8, transport: &[u8]) -> Option<u16> {
     let has_ports = protocol == Proto::Tcp.0 || protocol == Proto::Udp.0 || protocol == 132; // SCTP
     if has_ports && transport.len() >= 4 { Some(u16::from_be_bytes([transport[2], transport[3]])) } else { None }
@@ -202,10 +212,22 @@ mod tests {
         assert_eq!(inspect(&v6), Err(PacketError::Truncated));
     }
 
+    #[test]
+    fn destination_only() {
+        let v4 = udp4([10, 8, 0, 2], [192, 0, 2, 1], 53, b"q");
+        assert_eq!(destination(&v4), Some([192, 0, 2, 1].into()));
+        assert_eq!(destination(&tcp6(80, true)), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(destination(&v4[..19]), None);
+        assert_eq!(destination(&tcp6(80, false)[..39]), None);
+        assert_eq!(destination(&[0x55; 40]), None);
+        assert_eq!(destination(&[]), None);
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
             let _ = inspect(&bytes);
+            let _ = destination(&bytes);
         }
     }
 }
