@@ -82,7 +82,7 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
     tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;
-    let policy = ExitPolicy::new(&config.policy);
+    let policy = ExitPolicy::new(&config.policy).with_exit_host(host_addresses()?);
     let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.name().to_string(), exit.pool_v4, exit.pool_v6);
     nat.table = exit.nft_table.clone();
     nat.deny_tcp_ports = config.policy.deny_ports.clone();
@@ -149,6 +149,25 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     crate::nft::remove(&nat.table).context("cannot remove the nftables table")?;
     info!("stopped; nftables table removed");
     Ok(())
+}
+
+/// The exit host's own addresses (every interface, the TUN's included; loopback is a class of
+/// its own): circuits may not reach them. Read once at start; nftables' input chain covers
+/// addresses added later.
+fn host_addresses() -> Result<Vec<std::net::IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("cannot list the host's addresses")?;
+    let mut out: Vec<std::net::IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| std::net::IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| s.ip().into()))
+        })
+        .filter(|a: &std::net::IpAddr| !a.is_loopback())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 /// SIGHUP: a new configuration that does not load is logged and the running one kept.

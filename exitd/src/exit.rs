@@ -10,8 +10,9 @@
 //! per ATTACH, never per packet), which rate-limits it and updates the table.
 
 use crate::bucket::TokenBucket;
+use crate::filter::{Filter, Verdict};
 use crate::packet::{destination, inspect};
-use crate::policy::{Decision, ExitPolicy};
+use crate::policy::ExitPolicy;
 use crate::pool::{AddressPool, Outcome};
 use crate::table::AddressTable;
 use cellproto::cell::{CELL_LEN, Command, payload_capacity};
@@ -25,7 +26,6 @@ use rand_core::OsRng;
 use relayd::datapath::Outgoing;
 use relayd::terminal::Terminal;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -69,6 +69,8 @@ pub struct ExitTerminal {
     shared: Arc<ExitShared>,
     tun: TunQueue,
     inbox: Receiver<Vec<u8>>,
+    /// DNS, the policy and fragments (per worker: both ends of a datagram's fragments are here).
+    filter: Filter,
     /// This worker's circuits that ATTACHed (to tell "not attached" from "spoofed").
     attached: HashSet<u32>,
     buckets: HashMap<u32, TokenBucket>,
@@ -95,11 +97,13 @@ impl ExitTerminal {
     pub fn new(index: usize, shared: Arc<ExitShared>, tun: TunQueue, inbox: Receiver<Vec<u8>>, now: Instant) -> Self {
         let workers = shared.handoff.len().max(1) as u64;
         let total = TokenBucket::new(shared.exit_limit.0 / workers, shared.exit_limit.1 / workers, now);
+        let filter = Filter::new(shared.dns);
         Self {
             index,
             shared,
             tun,
             inbox,
+            filter,
             attached: HashSet::new(),
             buckets: HashMap::new(),
             total,
@@ -127,12 +131,10 @@ impl ExitTerminal {
         if self.shared.table.circuit_of(info.src) != Some(lcid) {
             return self.count(if self.attached.contains(&lcid) { "spoofed_source" } else { "not_attached" });
         }
-        let (dns4, dns6) = self.shared.dns;
-        let is_dns = info.dst_port == Some(53) && (info.dst == IpAddr::V4(dns4) || info.dst == IpAddr::V6(dns6));
-        if is_dns {
-            self.count("dns");
-        } else if let Decision::Deny(rule) = self.shared.policy.check(&info) {
-            return self.count(rule);
+        match self.filter.check(&self.shared.policy, &info, now) {
+            Verdict::Forward => {}
+            Verdict::Dns => self.count("dns"),
+            Verdict::Deny(rule) => return self.count(rule),
         }
         let (rate, burst) = self.shared.circuit_limit;
         let bucket = self.buckets.entry(lcid).or_insert_with(|| TokenBucket::new(rate, burst, now));

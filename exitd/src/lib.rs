@@ -3,7 +3,8 @@
 //! | module | concern |
 //! | --- | --- |
 //! | [`packet`] | looking inside IP packets (pnet): source, destination, protocol, port |
-//! | [`policy`] | the exit policy: default-denied classes, configured prefixes and ports |
+//! | [`policy`] | the exit policy: default-denied classes, the exit host, protocols, configured prefixes and ports |
+//! | [`filter`] | per worker: DNS to the tunnel resolver, the policy, later fragments only behind an allowed first one |
 //! | [`pool`] | inner IPv4/IPv6 addresses and resumable sessions; the only writer of the table |
 //! | [`table`] | inner address → circuit, the one map every worker reads |
 //! | [`limits`] | ATTACH rate limits per circuit and per source |
@@ -17,6 +18,7 @@ pub mod bucket;
 pub mod config;
 pub mod daemon;
 pub mod exit;
+pub mod filter;
 pub mod limits;
 pub mod nft;
 pub mod packet;

@@ -146,6 +146,14 @@ fn exit_end_to_end() {
             c.send(Command::Data, &udp6(v6, dst.parse().unwrap(), 7, b"nope"));
         }
         c.send(Command::Data, &udp4(v4, [169, 254, 1, 1].into(), 7, b"nope"));
+        // Translated and reserved destinations; the IPv4-mapped form of the internet host.
+        c.send(Command::Data, &udp4(v4, [198, 18, 0, 5].into(), 7, b"nope"));
+        c.send(Command::Data, &udp6(v6, "64:ff9b::c633:6402".parse().unwrap(), 7, b"nope"));
+        c.send(Command::Data, &udp6(v6, "::ffff:198.51.100.2".parse().unwrap(), 7, b"nope"));
+        // The exit host itself: its metrics port on the client side, its WAN addresses.
+        c.send(Command::Data, &tcp_syn4(v4, Ipv4Addr::new(203, 0, 113, 1), 40003, 9101));
+        c.send(Command::Data, &tcp_syn4(v4, WAN4, 40004, 9101));
+        c.send(Command::Data, &tcp_syn6(v6, WAN6, 40005, 9101));
         c.send(Command::Data, &udp4(v4, internet4, 25, b"smtp"));
         c.send(Command::Data, &udp4(Ipv4Addr::new(10, 8, 9, 9), internet4, 7, b"spoof"));
         let good = udp4(v4, internet4, 7, b"x");
@@ -190,6 +198,10 @@ fn exit_end_to_end() {
         ("link_local", 2.0),
         ("cgnat", 1.0),
         ("multicast", 2.0),
+        ("benchmarking", 1.0),
+        ("nat64", 1.0),
+        ("ipv4_in_ipv6", 1.0),
+        ("exit_host", 3.0),
         ("denied_port", 1.0),
         ("spoofed_source", 1.0),
         ("truncated", 1.0),

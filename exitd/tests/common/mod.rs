@@ -478,3 +478,15 @@ pub fn ip4(src: Ipv4Addr, dst: Ipv4Addr, proto: pnet_packet::ip::IpNextHeaderPro
     ip.set_checksum(c);
     buf
 }
+
+/// UDP/IPv6 from port 40000 behind `headers` destination-options headers (8 bytes each, PadN).
+pub fn udp6_behind_options(src: Ipv6Addr, dst: Ipv6Addr, headers: usize, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for i in 0..headers {
+        let next = if i + 1 == headers { 17 } else { 60 };
+        body.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    body.extend_from_slice(&udp(40000, dport, data, |u| udp::ipv6_checksum(u, &src, &dst)));
+    let next = if headers == 0 { 17 } else { 60 };
+    ip6(src, dst, pnet_packet::ip::IpNextHeaderProtocol(next), &body)
+}
