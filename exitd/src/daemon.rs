@@ -83,14 +83,7 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
     tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;
     let policy = ExitPolicy::new(&config.policy).with_exit_host(host_addresses()?);
-    let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.name().to_string(), exit.pool_v4, exit.pool_v6);
-    nat.table = exit.nft_table.clone();
-    nat.deny_tcp_ports = config.policy.deny_ports.clone();
-    nat.deny_udp_ports = config.policy.deny_ports.clone();
-    nat.dns = vec![
-        crate::nft::DnsRedirect { gateway: gw4.into(), upstream: exit.dns_upstream_v4.into() },
-        crate::nft::DnsRedirect { gateway: gw6.into(), upstream: exit.dns_upstream_v6.into() },
-    ];
+    let nat = nat_config(&config, tun.name(), &policy);
     crate::nft::install(&nat).context("cannot install the nftables table")?;
     info!(table = %nat.table, wan = %exit.wan, tun = %tun.name(), "NAT installed");
 
@@ -149,6 +142,32 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     crate::nft::remove(&nat.table).context("cannot remove the nftables table")?;
     info!("stopped; nftables table removed");
     Ok(())
+}
+
+/// The nftables table `exitd run` installs for `config`, its TUN device `tun` and `policy`.
+pub fn nat_config(config: &ExitConfig, tun: &str, policy: &ExitPolicy) -> crate::nft::NatConfig {
+    let exit = &config.exit;
+    // The first hosts of the pools: the exit's own addresses inside the tunnel (AddressPool::gateway).
+    let gw4 = std::net::Ipv4Addr::from(u32::from(exit.pool_v4.network()).wrapping_add(1));
+    let gw6 = std::net::Ipv6Addr::from(u128::from(exit.pool_v6.network()).wrapping_add(1));
+    let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.to_string(), exit.pool_v4, exit.pool_v6);
+    nat.table = exit.nft_table.clone();
+    // The exit host's addresses are the input chain's (whichever they are when a packet comes).
+    nat.deny = policy
+        .denied_prefixes()
+        .into_iter()
+        .filter(|d| d.rule != "exit_host")
+        .map(|d| crate::nft::Deny { net: d.net, except: d.except })
+        .collect();
+    nat.deny_ports = policy.deny_ports().to_vec();
+    nat.allow_ports = policy.allow_ports().to_vec();
+    nat.protocols_v4 = crate::policy::PROTOCOLS_V4.to_vec();
+    nat.protocols_v6 = crate::policy::PROTOCOLS_V6.to_vec();
+    nat.dns = vec![
+        crate::nft::DnsRedirect { gateway: gw4.into(), upstream: exit.dns_upstream_v4.into() },
+        crate::nft::DnsRedirect { gateway: gw6.into(), upstream: exit.dns_upstream_v6.into() },
+    ];
+    nat
 }
 
 /// The exit host's own addresses (every interface, the TUN's included; loopback is a class of

@@ -395,4 +395,51 @@ mod tests {
             assert_ne!(p.check(&to(dst, Some(443))), Decision::Allow, "{dst}");
         }
     }
+
+    /// The nftables mirror refuses exactly the destinations the policy refuses.
+    fn mirror_refuses(p: &ExitPolicy, dst: IpAddr) -> bool {
+        p.denied_prefixes().iter().any(|d| d.net.contains(&dst) && !d.except.iter().any(|e| e.contains(&dst)))
+    }
+
+    fn exceptions() -> ExitPolicy {
+        let config = PolicyConfig {
+            allow: ["10.99.0.0/16", "10.100.0.0/16", "169.254.0.0/16", "fd00:1::/32", "100.64.0.0/10"]
+                .map(|n| n.parse().unwrap())
+                .into(),
+            deny: ["198.51.100.0/24", "10.99.1.0/24"].map(|n| n.parse().unwrap()).into(),
+            ..PolicyConfig::default()
+        };
+        ExitPolicy::new(&config).with_exit_host(["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()])
+    }
+
+    #[test]
+    fn the_mirror_has_the_policys_prefixes_and_exceptions() {
+        let p = exceptions();
+        let d = p.denied_prefixes();
+        let ten = d.iter().find(|d| d.net.to_string() == "10.0.0.0/8").unwrap();
+        assert_eq!(ten.except.iter().map(|e| e.to_string()).collect::<Vec<_>>(), ["10.99.0.0/16", "10.100.0.0/16"]);
+        assert!(d.iter().all(|d| d.net.to_string() != "100.64.0.0/10"), "a class entirely allowed is left out");
+        let metadata = d.iter().find(|d| d.rule == "cloud_metadata").unwrap();
+        assert!(metadata.except.is_empty());
+        assert!(d.iter().any(|d| d.rule == "exit_host" && d.net.to_string() == "192.0.2.7/32"));
+        for dst in
+            ["10.99.1.5", "10.99.2.5", "10.98.0.1", "169.254.169.254", "169.254.1.1", "192.0.2.7", "198.51.100.9"]
+        {
+            let dst: IpAddr = dst.parse().unwrap();
+            assert_eq!(p.check_destination(dst).is_some(), mirror_refuses(&p, dst), "{dst}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_mirror_agrees_with_the_policy_on_every_address(v4 in proptest::prelude::any::<u32>(), v6 in proptest::prelude::any::<u128>(), pick in 0usize..6) {
+            let p = exceptions();
+            // Addresses near the interesting prefixes, and anywhere.
+            let v6_bases = [0u128, 0xfd00_0001u128 << 96, 0x0064_ff9b_u128 << 96, 0xfe80u128 << 112, 0xffff_0000_0000u128, 0x2001_0db8u128 << 96];
+            let v6 = v6_bases[pick] | (v6 & ((1u128 << 80) - 1));
+            for dst in [IpAddr::V4(v4.into()), IpAddr::V4((0x0a00_0000 | (v4 & 0x00ff_ffff)).into()), IpAddr::V6(v6.into())] {
+                proptest::prop_assert_eq!(p.check_destination(dst).is_some(), mirror_refuses(&p, dst), "{}", dst);
+            }
+        }
+    }
 }

@@ -10,6 +10,8 @@
 //! binary (threads) and different binaries (processes) never share one. Every wait is bounded.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod netns;
+
 use cellproto::cell::{CELL_LEN, Command, lcid};
 use cellproto::client::{Circuit, CircuitConfig, Event, PathHop};
 use cellproto::command::{Attach, Attached};
