@@ -9,7 +9,7 @@
 //! worker keeps a copy that could go stale. ATTACH goes to the shared pool (a mutex taken once
 //! per ATTACH, never per packet), which rate-limits it and updates the table.
 
-use crate::bucket::TokenBucket;
+use crate::bucket::RateLimits;
 use crate::filter::{Filter, Verdict};
 use crate::packet::{destination, inspect};
 use crate::policy::ExitPolicy;
@@ -25,7 +25,7 @@ use nix::sys::eventfd::EventFd;
 use rand_core::OsRng;
 use relayd::datapath::Outgoing;
 use relayd::terminal::Terminal;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -73,8 +73,8 @@ pub struct ExitTerminal {
     filter: Filter,
     /// This worker's circuits that ATTACHed (to tell "not attached" from "spoofed").
     attached: HashSet<u32>,
-    buckets: HashMap<u32, TokenBucket>,
-    total: TokenBucket,
+    /// Per-circuit buckets and this worker's share of the exit's limit.
+    limits: RateLimits,
     counts: BTreeMap<&'static str, u64>,
     last_publish: Instant,
     /// Packets to the TUN device, TCP runs joined into GSO super-packets (written at `flush`).
@@ -96,7 +96,8 @@ impl ExitTerminal {
     /// Worker `index`'s terminal with its TUN queue and handoff inbox.
     pub fn new(index: usize, shared: Arc<ExitShared>, tun: TunQueue, inbox: Receiver<Vec<u8>>, now: Instant) -> Self {
         let workers = shared.handoff.len().max(1) as u64;
-        let total = TokenBucket::new(shared.exit_limit.0 / workers, shared.exit_limit.1 / workers, now);
+        let share = (shared.exit_limit.0 / workers, shared.exit_limit.1 / workers);
+        let limits = RateLimits::new(shared.circuit_limit, share, now);
         let filter = Filter::new(shared.dns);
         Self {
             index,
@@ -105,8 +106,7 @@ impl ExitTerminal {
             inbox,
             filter,
             attached: HashSet::new(),
-            buckets: HashMap::new(),
-            total,
+            limits,
             counts: BTreeMap::new(),
             last_publish: now,
             gro: Gro::default(),
@@ -136,9 +136,7 @@ impl ExitTerminal {
             Verdict::Dns => self.count("dns"),
             Verdict::Deny(rule) => return self.count(rule),
         }
-        let (rate, burst) = self.shared.circuit_limit;
-        let bucket = self.buckets.entry(lcid).or_insert_with(|| TokenBucket::new(rate, burst, now));
-        if !bucket.take(packet.len(), now) || !self.total.take(packet.len(), now) {
+        if !self.limits.admit(lcid, packet.len(), now) {
             self.count_n("rate_limited_bytes", packet.len() as u64);
             return self.count("rate_limited");
         }
@@ -299,7 +297,7 @@ impl Terminal for ExitTerminal {
 
     fn closed(&mut self, lcid: u32) {
         self.attached.remove(&lcid);
-        self.buckets.remove(&lcid);
+        self.limits.forget(lcid);
         // Before the relay frees the LCID: once it can be reused, no address routes to it.
         if let Ok(mut pool) = self.shared.pool.lock() {
             pool.detach(lcid, Instant::now());

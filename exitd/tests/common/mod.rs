@@ -181,6 +181,19 @@ impl Lab {
     pub fn metrics(&self) -> HashMap<String, f64> {
         Lab::run_in(&self.client, || metrics(METRICS_ADDR)).join().unwrap()
     }
+
+    /// The exit's metrics once `ready` holds for them, polled every 50 ms, or the last ones
+    /// read when [`WAIT`] has passed (the caller's assertions then say what is missing).
+    pub fn metrics_when(&self, ready: impl Fn(&HashMap<String, f64>) -> bool) -> HashMap<String, f64> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let m = self.metrics();
+            if ready(&m) || Instant::now() >= deadline {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for Lab {
