@@ -10,6 +10,7 @@
 //! per ATTACH, never per packet), which rate-limits it and updates the table.
 
 use crate::bucket::RateLimits;
+use crate::counts::{Counts, DropLog, slot};
 use crate::filter::{Filter, Verdict};
 use crate::packet::{destination, inspect};
 use crate::policy::ExitPolicy;
@@ -25,7 +26,7 @@ use nix::sys::eventfd::EventFd;
 use rand_core::OsRng;
 use relayd::datapath::Outgoing;
 use relayd::terminal::Terminal;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -59,8 +60,8 @@ pub struct ExitShared {
     pub handoff: Vec<Sender<Vec<u8>>>,
     /// Per worker: signalled after a handoff, so that the (watched) worker wakes to take it.
     pub handoff_ready: Vec<EventFd>,
-    /// Drop counters by reason, summed from the workers' published copies.
-    pub stats: Vec<Mutex<BTreeMap<&'static str, u64>>>,
+    /// Each worker's counters, published every 100 ms.
+    pub stats: Vec<Mutex<Counts>>,
 }
 
 /// One worker's exit state.
@@ -75,7 +76,8 @@ pub struct ExitTerminal {
     attached: HashSet<u32>,
     /// Per-circuit buckets and this worker's share of the exit's limit.
     limits: RateLimits,
-    counts: BTreeMap<&'static str, u64>,
+    counts: Counts,
+    drop_log: DropLog,
     last_publish: Instant,
     /// Packets to the TUN device, TCP runs joined into GSO super-packets (written at `flush`).
     gro: Gro,
@@ -86,9 +88,9 @@ pub struct ExitTerminal {
 }
 
 /// Writes one packet (virtio header first) into the TUN queue; a refusal loses it, counted.
-fn write_tun(tun: &mut TunQueue, counts: &mut BTreeMap<&'static str, u64>, packet: &[u8]) {
+fn write_tun(tun: &mut TunQueue, counts: &mut Counts, packet: &[u8]) {
     if tun.write(packet).is_err() {
-        *counts.entry("tun_write_error").or_insert(0) += 1;
+        counts.drop("tun_write_error");
     }
 }
 
@@ -107,7 +109,8 @@ impl ExitTerminal {
             filter,
             attached: HashSet::new(),
             limits,
-            counts: BTreeMap::new(),
+            counts: Counts::default(),
+            drop_log: DropLog::default(),
             last_publish: now,
             gro: Gro::default(),
             rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
@@ -115,12 +118,9 @@ impl ExitTerminal {
         }
     }
 
+    /// Counts a refusal (or another rare outcome) by its label.
     fn count(&mut self, what: &'static str) {
-        self.count_n(what, 1);
-    }
-
-    fn count_n(&mut self, what: &'static str, n: u64) {
-        *self.counts.entry(what).or_insert(0) += n;
+        self.counts.drop(what);
     }
 
     fn forward(&mut self, now: Instant, lcid: u32, packet: &[u8]) {
@@ -133,14 +133,14 @@ impl ExitTerminal {
         }
         match self.filter.check(&self.shared.policy, &info, now) {
             Verdict::Forward => {}
-            Verdict::Dns => self.count("dns"),
+            Verdict::Dns => self.counts.add(slot::DNS, 1),
             Verdict::Deny(rule) => return self.count(rule),
         }
         if !self.limits.admit(lcid, packet.len(), now) {
-            self.count_n("rate_limited_bytes", packet.len() as u64);
+            self.counts.add(slot::RATE_LIMITED_BYTES, packet.len() as u64);
             return self.count("rate_limited");
         }
-        self.count("to_tun");
+        self.counts.add(slot::TO_TUN, 1);
         let (tun, counts) = (&mut self.tun, &mut self.counts);
         self.gro.push(packet, &mut |p| write_tun(tun, counts, p));
     }
@@ -210,7 +210,7 @@ impl ExitTerminal {
             if let Some(ready) = self.shared.handoff_ready.get(owner) {
                 let _ = ready.write(1);
             }
-            return self.count("handed_off");
+            return self.counts.add(slot::HANDED_OFF, 1);
         }
         let Some(circ) = circuits.get_mut(lcid) else { return self.count("no_circuit") };
         if packet.len() > payload_capacity(circ.hop()) {
@@ -220,7 +220,7 @@ impl ExitTerminal {
         payload_mut(&mut cell)[..packet.len()].copy_from_slice(packet);
         match circ.seal_backward(now, Command::Data, packet.len(), &mut cell) {
             Ok(to) => {
-                self.count("from_tun");
+                self.counts.add(slot::FROM_TUN, 1);
                 out.push(Outgoing { to, data: cell.to_vec() });
             }
             Err(_) => self.count("seal_failed"),
@@ -279,8 +279,9 @@ impl Terminal for ExitTerminal {
             if let Some(slot) = self.shared.stats.get(self.index)
                 && let Ok(mut s) = slot.lock()
             {
-                s.clone_from(&self.counts);
+                *s = self.counts;
             }
+            self.drop_log.log(self.index, &self.counts, now);
         }
         more
     }

@@ -8,6 +8,7 @@
 //! | [`pool`] | inner IPv4/IPv6 addresses and resumable sessions; the only writer of the table |
 //! | [`table`] | inner address → circuit, the one map every worker reads |
 //! | [`limits`] | ATTACH rate limits per circuit and per source |
+//! | [`counts`] | a worker's packet counters (fixed slots) and its rate-limited drop log |
 //! | [`bucket`] | token buckets for per-circuit and per-exit limits |
 //! | [`daemon`] | `exitd run`: everything above wired into the relay engine |
 //! | [`config`] | exitd's TOML: relayd's options plus `[exit]` and `[policy]` |
@@ -16,6 +17,7 @@
 
 pub mod bucket;
 pub mod config;
+pub mod counts;
 pub mod daemon;
 pub mod exit;
 pub mod filter;
