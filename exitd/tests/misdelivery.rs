@@ -14,6 +14,7 @@
 
 mod common;
 
+use cellproto::cell::Command;
 use common::*;
 use pnet_packet::Packet;
 use pnet_packet::ipv4::Ipv4Packet;
@@ -69,15 +70,24 @@ fn reattach_then_reuse_never_sends_a_victims_packets_to_the_attacker() {
         // Its earlier sessions (if it got any) expire after the grace period.
         wait_for("sessions to expire", || sessions(&metrics(METRICS_ADDR)) <= 1.0);
 
-        // The victim: the next CREATE goes to the other worker.
-        let mut victim = Client::connect(hop, 0x6111_0002);
+        // The victim, on the other worker (CREATEs are spread over the workers; a PADDING cell
+        // shows which LCID, so which worker, the exit gave a circuit).
+        let worker = |c: &mut Client| {
+            c.send(Command::Padding, &[]);
+            c.exit_lcid.unwrap() % 2
+        };
+        let attacker_worker = worker(&mut attacker);
+        let mut victims = Vec::new();
+        let mut victim = loop {
+            let mut c = Client::connect(hop, 0x6111_0002 + victims.len() as u32);
+            if worker(&mut c) != attacker_worker {
+                break c;
+            }
+            assert!(victims.len() < 8, "no circuit landed on the other worker");
+            victims.push(c);
+        };
         let victim_addr = victim.attach(None, WAIT).expect("the victim's ATTACH is answered").ipv4.0;
         assert_ne!(victim_addr, attacker_addr);
-        assert_ne!(
-            attacker.exit_lcid.unwrap() % 2,
-            victim.exit_lcid.unwrap() % 2,
-            "the attacker and the victim must be on different workers for this test"
-        );
 
         to_sender.send((victim_addr, "victim")).unwrap();
         to_sender.send((attacker_addr, "attacker")).unwrap();
@@ -104,7 +114,7 @@ fn reattach_then_reuse_never_sends_a_victims_packets_to_the_attacker() {
     sender.join().unwrap();
     let (leased, victim_addr, victim_got, attacker_own, stolen) = outcome;
     eprintln!("attacker leased {leased:?}; victim {victim_addr}: victim got {victim_got}, attacker stole {stolen}");
-    assert_eq!(attacker_own, FLOWS, "the attacker's own packets (positive control)");
     assert_eq!(stolen, 0, "{stolen} of {FLOWS} packets for the victim {victim_addr} were sealed to the attacker");
+    assert_eq!(attacker_own, FLOWS, "the attacker's own packets (positive control)");
     assert_eq!(victim_got, FLOWS, "the victim received {victim_got} of its {FLOWS} packets");
 }
