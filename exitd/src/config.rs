@@ -25,6 +25,16 @@ pub struct ExitOptions {
     /// How long a detached session keeps its addresses for a reconnecting client.
     #[serde(default = "default_grace")]
     pub session_grace_secs: u64,
+    /// Sessions (attached or within their grace period) one source may hold: the previous
+    /// hop's address, i.e. the client on a 1-hop circuit or the middle relay; IPv6 per /64.
+    #[serde(default = "default_sessions_per_source")]
+    pub sessions_per_source: usize,
+    /// ATTACHes per second one source may send (after `attach_burst`).
+    #[serde(default = "default_attach_rate")]
+    pub attach_rate: f64,
+    /// ATTACHes one source may send at once.
+    #[serde(default = "default_attach_burst")]
+    pub attach_burst: u32,
     /// Per-circuit limit, bytes per second.
     #[serde(default = "default_circuit_rate")]
     pub circuit_rate: u64,
@@ -75,6 +85,15 @@ fn default_pool_v6() -> Ipv6Net {
 }
 fn default_grace() -> u64 {
     600
+}
+fn default_sessions_per_source() -> usize {
+    1024
+}
+fn default_attach_rate() -> f64 {
+    20.0
+}
+fn default_attach_burst() -> u32 {
+    200
 }
 fn default_circuit_rate() -> u64 {
     12_500_000
@@ -130,14 +149,20 @@ impl ExitConfig {
         let rest = toml::to_string(&table).map_err(|e| parse_err(e.to_string()))?;
         let relay = RelayConfig::parse(&rest, path)?;
         let bad = |key, problem: &str| ConfigError::Value { path: path.into(), key, problem: problem.into() };
-        if exit.pool_v4.prefix_len() > 29 {
-            return Err(bad("exit.pool_v4", "must be a /29 or larger"));
+        if exit.pool_v4.prefix_len() > 29 || exit.pool_v4.prefix_len() < crate::table::MIN_POOL_V4_PREFIX {
+            return Err(bad("exit.pool_v4", "must be a /12 to a /29"));
         }
         if exit.pool_v6.prefix_len() > 64 {
             return Err(bad("exit.pool_v6", "must be a /64 or larger"));
         }
         if exit.circuit_rate == 0 || exit.exit_rate == 0 {
             return Err(bad("exit.circuit_rate", "rates must be positive"));
+        }
+        if !(exit.attach_rate.is_finite() && exit.attach_rate > 0.0) || exit.attach_burst == 0 {
+            return Err(bad("exit.attach_rate", "attach_rate and attach_burst must be positive"));
+        }
+        if exit.sessions_per_source == 0 {
+            return Err(bad("exit.sessions_per_source", "must be at least 1"));
         }
         Ok(Self { relay, exit, policy })
     }
@@ -166,5 +191,18 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("policy"), "{err}");
+        for (extra, key) in [
+            ("pool_v4 = \"10.0.0.0/8\"", "exit.pool_v4"),
+            ("pool_v4 = \"10.0.0.0/30\"", "exit.pool_v4"),
+            ("attach_rate = 0.0", "exit.attach_rate"),
+            ("attach_burst = 0", "exit.attach_rate"),
+            ("sessions_per_source = 0", "exit.sessions_per_source"),
+        ] {
+            let err = ExitConfig::parse(&format!("{base}[exit]\nwan = \"eth0\"\n{extra}\n"), Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        assert_eq!((c.exit.sessions_per_source, c.exit.attach_rate, c.exit.attach_burst), (1024, 20.0, 200));
     }
 }

@@ -3,7 +3,7 @@
 use crate::config::ExitConfig;
 use crate::exit::{ExitShared, ExitTerminal};
 use crate::policy::ExitPolicy;
-use crate::pool::AddressPool;
+use crate::pool::{AddressPool, AttachError, Outcome, PoolLimits};
 use anyhow::{Context, Result, bail};
 use relayd::cli::{LogControl, Notify, notify};
 use relayd::relay::RelayHandle;
@@ -66,9 +66,15 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     let exit = &config.exit;
     forwarding(exit.enable_forwarding)?;
     let workers = config.relay.worker_count();
-    let mut pool = AddressPool::new(exit.pool_v4, exit.pool_v6, Duration::from_secs(exit.session_grace_secs));
+    let limits = PoolLimits {
+        grace: Duration::from_secs(exit.session_grace_secs),
+        sessions_per_source: exit.sessions_per_source,
+        attach_rate: exit.attach_rate,
+        attach_burst: f64::from(exit.attach_burst),
+    };
+    let pool = AddressPool::new(exit.pool_v4, exit.pool_v6, limits);
     let (gw4, gw6) = pool.gateway();
-    pool.expire(Instant::now());
+    let table = pool.table();
     let tun = tundev::Tun::create_with(&exit.tun, workers, true)
         .with_context(|| format!("cannot create TUN {} (exit.tun)", exit.tun))?;
     // TCP from the internet then reaches the workers as super-packets, segmented in userspace.
@@ -76,15 +82,8 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
     tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;
-    let policy = ExitPolicy::new(&config.policy);
-    let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.name().to_string(), exit.pool_v4, exit.pool_v6);
-    nat.table = exit.nft_table.clone();
-    nat.deny_tcp_ports = config.policy.deny_ports.clone();
-    nat.deny_udp_ports = config.policy.deny_ports.clone();
-    nat.dns = vec![
-        crate::nft::DnsRedirect { gateway: gw4.into(), upstream: exit.dns_upstream_v4.into() },
-        crate::nft::DnsRedirect { gateway: gw6.into(), upstream: exit.dns_upstream_v6.into() },
-    ];
+    let policy = ExitPolicy::new(&config.policy).with_exit_host(host_addresses()?);
+    let nat = nat_config(&config, tun.name(), &policy);
     crate::nft::install(&nat).context("cannot install the nftables table")?;
     info!(table = %nat.table, wan = %exit.wan, tun = %tun.name(), "NAT installed");
 
@@ -101,6 +100,7 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     }
     let shared = Arc::new(ExitShared {
         pool: Mutex::new(pool),
+        table,
         policy: policy.clone(),
         pools: (exit.pool_v4, exit.pool_v6),
         circuit_limit: (exit.circuit_rate, exit.circuit_burst),
@@ -144,6 +144,51 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     Ok(())
 }
 
+/// The nftables table `exitd run` installs for `config`, its TUN device `tun` and `policy`.
+pub fn nat_config(config: &ExitConfig, tun: &str, policy: &ExitPolicy) -> crate::nft::NatConfig {
+    let exit = &config.exit;
+    // The first hosts of the pools: the exit's own addresses inside the tunnel (AddressPool::gateway).
+    let gw4 = std::net::Ipv4Addr::from(u32::from(exit.pool_v4.network()).wrapping_add(1));
+    let gw6 = std::net::Ipv6Addr::from(u128::from(exit.pool_v6.network()).wrapping_add(1));
+    let mut nat = crate::nft::NatConfig::new(exit.wan.clone(), tun.to_string(), exit.pool_v4, exit.pool_v6);
+    nat.table = exit.nft_table.clone();
+    // The exit host's addresses are the input chain's (whichever they are when a packet comes).
+    nat.deny = policy
+        .denied_prefixes()
+        .into_iter()
+        .filter(|d| d.rule != "exit_host")
+        .map(|d| crate::nft::Deny { net: d.net, except: d.except })
+        .collect();
+    nat.deny_ports = policy.deny_ports().to_vec();
+    nat.allow_ports = policy.allow_ports().to_vec();
+    nat.protocols_v4 = crate::policy::PROTOCOLS_V4.to_vec();
+    nat.protocols_v6 = crate::policy::PROTOCOLS_V6.to_vec();
+    nat.dns = vec![
+        crate::nft::DnsRedirect { gateway: gw4.into(), upstream: exit.dns_upstream_v4.into() },
+        crate::nft::DnsRedirect { gateway: gw6.into(), upstream: exit.dns_upstream_v6.into() },
+    ];
+    nat
+}
+
+/// The exit host's own addresses (every interface, the TUN's included; loopback is a class of
+/// its own): circuits may not reach them. Read once at start; nftables' input chain covers
+/// addresses added later.
+fn host_addresses() -> Result<Vec<std::net::IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("cannot list the host's addresses")?;
+    let mut out: Vec<std::net::IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| std::net::IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| s.ip().into()))
+        })
+        .filter(|a: &std::net::IpAddr| !a.is_loopback())
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
 /// SIGHUP: a new configuration that does not load is logged and the running one kept.
 fn reload_config(path: &Path, running: &ExitConfig, reloader: &mut Reloader, relay: &RelayHandle, status: &str) {
     notify(Notify::Reloading, "reloading the configuration");
@@ -183,7 +228,28 @@ fn render(shared: &ExitShared) -> String {
     }
     if let Ok(pool) = shared.pool.lock() {
         let _ = writeln!(out, "# HELP exitd_sessions Sessions holding inner addresses.\n# TYPE exitd_sessions gauge");
-        let _ = writeln!(out, "exitd_sessions {}", pool.sessions());
+        let detached = pool.detached_sessions();
+        let _ = writeln!(out, "exitd_sessions{{state=\"attached\"}} {}", pool.sessions() - detached);
+        let _ = writeln!(out, "exitd_sessions{{state=\"detached\"}} {detached}");
+        let stats = pool.stats();
+        let _ = writeln!(
+            out,
+            "# HELP exitd_attach_total ATTACH requests: served (new, resumed, same) or refused (why).\n# TYPE exitd_attach_total counter"
+        );
+        for (outcome, n) in [Outcome::New, Outcome::Resumed, Outcome::Same].iter().zip(stats.served) {
+            let _ = writeln!(out, "exitd_attach_total{{result=\"{}\"}} {n}", outcome.label());
+        }
+        let refusals =
+            [AttachError::Exhausted, AttachError::SourceCap, AttachError::CircuitRate, AttachError::SourceRate];
+        for (e, n) in refusals.iter().zip(stats.refused) {
+            let _ = writeln!(out, "exitd_attach_total{{result=\"{}\"}} {n}", e.label());
+        }
+        let _ = writeln!(
+            out,
+            "# HELP exitd_sessions_ended_total Sessions whose addresses returned to the pool: grace over, or reclaimed early for a new session (pool full).\n# TYPE exitd_sessions_ended_total counter"
+        );
+        let _ = writeln!(out, "exitd_sessions_ended_total{{why=\"expired\"}} {}", stats.expired);
+        let _ = writeln!(out, "exitd_sessions_ended_total{{why=\"reclaimed\"}} {}", stats.reclaimed);
     }
     out
 }

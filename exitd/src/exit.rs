@@ -1,16 +1,21 @@
 //! The exit's [`Terminal`]: one per relay worker, owning that worker's TUN queue.
 //!
-//! Forward (DATA from a circuit): inspect → anti-spoofing (the source must be the circuit's
-//! own inner address) → exit policy → per-circuit and per-exit rate limits → TUN. Backward:
-//! packets read from the TUN queue are sealed as DATA on the circuit that owns their
-//! destination; a packet for another worker's circuit is handed to that worker (the kernel
-//! picks a TUN queue by flow hash, not by circuit). ATTACH leases inner addresses from the
-//! shared pool (a mutex taken once per circuit, never per packet).
+//! Forward (DATA from a circuit): inspect → anti-spoofing (the source must be an address the
+//! [`AddressTable`] gives to this circuit) → exit policy → per-circuit and per-exit rate
+//! limits → TUN. Backward: packets read from the TUN queue are sealed as DATA on the circuit
+//! the table gives their destination to; a packet for another worker's circuit is handed to
+//! that worker (the kernel picks a TUN queue by flow hash, not by circuit), which looks the
+//! table up again before sealing. The table is the only map from address to circuit: no
+//! worker keeps a copy that could go stale. ATTACH goes to the shared pool (a mutex taken once
+//! per ATTACH, never per packet), which rate-limits it and updates the table.
 
-use crate::bucket::TokenBucket;
-use crate::packet::inspect;
-use crate::policy::{Decision, ExitPolicy};
-use crate::pool::{AddressPool, Lease};
+use crate::bucket::RateLimits;
+use crate::counts::{Counts, DropLog, slot};
+use crate::filter::{Filter, Verdict};
+use crate::packet::{destination, inspect};
+use crate::policy::ExitPolicy;
+use crate::pool::{AddressPool, Outcome};
+use crate::table::AddressTable;
 use cellproto::cell::{CELL_LEN, Command, payload_capacity};
 use cellproto::command::{Attach, Attached};
 use cellproto::onion::payload_mut;
@@ -21,12 +26,11 @@ use nix::sys::eventfd::EventFd;
 use rand_core::OsRng;
 use relayd::datapath::Outgoing;
 use relayd::terminal::Terminal;
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tracing::info;
+use tracing::{debug, info};
 use tundev::gro::Gro;
 use tundev::tso;
 use tundev::{TunQueue, VNET_HDR_LEN};
@@ -39,6 +43,8 @@ const TUN_BATCH: usize = 64;
 pub struct ExitShared {
     /// The inner-address pools and sessions.
     pub pool: Mutex<AddressPool>,
+    /// Inner address → circuit: the pool's table, read by every worker on every packet.
+    pub table: Arc<AddressTable>,
     /// The exit policy.
     pub policy: ExitPolicy,
     /// The pools (for prefix lengths in ATTACHED) and the gateway/resolver addresses.
@@ -54,8 +60,8 @@ pub struct ExitShared {
     pub handoff: Vec<Sender<Vec<u8>>>,
     /// Per worker: signalled after a handoff, so that the (watched) worker wakes to take it.
     pub handoff_ready: Vec<EventFd>,
-    /// Drop counters by reason, summed from the workers' published copies.
-    pub stats: Vec<Mutex<BTreeMap<&'static str, u64>>>,
+    /// Each worker's counters, published every 100 ms.
+    pub stats: Vec<Mutex<Counts>>,
 }
 
 /// One worker's exit state.
@@ -64,11 +70,14 @@ pub struct ExitTerminal {
     shared: Arc<ExitShared>,
     tun: TunQueue,
     inbox: Receiver<Vec<u8>>,
-    leases: HashMap<u32, Lease>,
-    by_addr: HashMap<IpAddr, u32>,
-    buckets: HashMap<u32, TokenBucket>,
-    total: TokenBucket,
-    counts: BTreeMap<&'static str, u64>,
+    /// DNS, the policy and fragments (per worker: both ends of a datagram's fragments are here).
+    filter: Filter,
+    /// This worker's circuits that ATTACHed (to tell "not attached" from "spoofed").
+    attached: HashSet<u32>,
+    /// Per-circuit buckets and this worker's share of the exit's limit.
+    limits: RateLimits,
+    counts: Counts,
+    drop_log: DropLog,
     last_publish: Instant,
     /// Packets to the TUN device, TCP runs joined into GSO super-packets (written at `flush`).
     gro: Gro,
@@ -79,9 +88,9 @@ pub struct ExitTerminal {
 }
 
 /// Writes one packet (virtio header first) into the TUN queue; a refusal loses it, counted.
-fn write_tun(tun: &mut TunQueue, counts: &mut BTreeMap<&'static str, u64>, packet: &[u8]) {
+fn write_tun(tun: &mut TunQueue, counts: &mut Counts, packet: &[u8]) {
     if tun.write(packet).is_err() {
-        *counts.entry("tun_write_error").or_insert(0) += 1;
+        counts.drop("tun_write_error");
     }
 }
 
@@ -89,17 +98,19 @@ impl ExitTerminal {
     /// Worker `index`'s terminal with its TUN queue and handoff inbox.
     pub fn new(index: usize, shared: Arc<ExitShared>, tun: TunQueue, inbox: Receiver<Vec<u8>>, now: Instant) -> Self {
         let workers = shared.handoff.len().max(1) as u64;
-        let total = TokenBucket::new(shared.exit_limit.0 / workers, shared.exit_limit.1 / workers, now);
+        let share = (shared.exit_limit.0 / workers, shared.exit_limit.1 / workers);
+        let limits = RateLimits::new(shared.circuit_limit, share, now);
+        let filter = Filter::new(shared.dns);
         Self {
             index,
             shared,
             tun,
             inbox,
-            leases: HashMap::new(),
-            by_addr: HashMap::new(),
-            buckets: HashMap::new(),
-            total,
-            counts: BTreeMap::new(),
+            filter,
+            attached: HashSet::new(),
+            limits,
+            counts: Counts::default(),
+            drop_log: DropLog::default(),
             last_publish: now,
             gro: Gro::default(),
             rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
@@ -107,12 +118,9 @@ impl ExitTerminal {
         }
     }
 
+    /// Counts a refusal (or another rare outcome) by its label.
     fn count(&mut self, what: &'static str) {
-        self.count_n(what, 1);
-    }
-
-    fn count_n(&mut self, what: &'static str, n: u64) {
-        *self.counts.entry(what).or_insert(0) += n;
+        self.counts.drop(what);
     }
 
     fn forward(&mut self, now: Instant, lcid: u32, packet: &[u8]) {
@@ -120,44 +128,48 @@ impl ExitTerminal {
             Ok(i) => i,
             Err(e) => return self.count(e.label()),
         };
-        let Some(lease) = self.leases.get(&lcid) else { return self.count("not_attached") };
-        if info.src != IpAddr::V4(lease.v4) && info.src != IpAddr::V6(lease.v6) {
-            return self.count("spoofed_source");
+        if self.shared.table.circuit_of(info.src) != Some(lcid) {
+            return self.count(if self.attached.contains(&lcid) { "spoofed_source" } else { "not_attached" });
         }
-        let (dns4, dns6) = self.shared.dns;
-        let is_dns = info.dst_port == Some(53) && (info.dst == IpAddr::V4(dns4) || info.dst == IpAddr::V6(dns6));
-        if is_dns {
-            self.count("dns");
-        } else if let Decision::Deny(rule) = self.shared.policy.check(&info) {
-            return self.count(rule);
+        match self.filter.check(&self.shared.policy, &info, now) {
+            Verdict::Forward => {}
+            Verdict::Dns => self.counts.add(slot::DNS, 1),
+            Verdict::Deny(rule) => return self.count(rule),
         }
-        let (rate, burst) = self.shared.circuit_limit;
-        let bucket = self.buckets.entry(lcid).or_insert_with(|| TokenBucket::new(rate, burst, now));
-        if !bucket.take(packet.len(), now) || !self.total.take(packet.len(), now) {
-            self.count_n("rate_limited_bytes", packet.len() as u64);
+        if !self.limits.admit(lcid, packet.len(), now) {
+            self.counts.add(slot::RATE_LIMITED_BYTES, packet.len() as u64);
             return self.count("rate_limited");
         }
-        self.count("to_tun");
+        self.counts.add(slot::TO_TUN, 1);
         let (tun, counts) = (&mut self.tun, &mut self.counts);
         self.gro.push(packet, &mut |p| write_tun(tun, counts, p));
     }
 
     fn attach(&mut self, now: Instant, lcid: u32, circ: &mut HopCircuit, body: &[u8], out: &mut Vec<Outgoing>) {
         let Ok(request) = Attach::decode(body) else { return self.count("bad_attach") };
+        let source = circ.prev().peer.ip();
         let attached = self
             .shared
             .pool
             .lock()
             .ok()
-            .map(|mut pool| (pool.attach(lcid, request.resume, &mut OsRng), pool.gateway()));
-        let Some((lease, gateway)) = attached else { return self.count("pool_poisoned") };
-        let Ok(lease) = lease else { return self.count("pool_exhausted") };
-        if request.resume == Some(lease.token) {
-            info!(worker = self.index, "session resumed on a new circuit");
-        }
-        self.leases.insert(lcid, lease);
-        self.by_addr.insert(IpAddr::V4(lease.v4), lcid);
-        self.by_addr.insert(IpAddr::V6(lease.v6), lcid);
+            .map(|mut pool| (pool.attach(lcid, source, request.resume, now, &mut OsRng), pool.gateway()));
+        let Some((result, gateway)) = attached else { return self.count("pool_poisoned") };
+        let lease = match result {
+            Ok((lease, outcome)) => {
+                if outcome == Outcome::Resumed {
+                    info!(worker = self.index, "session resumed on a new circuit");
+                }
+                lease
+            }
+            // Also counted by the pool (exitd_attach_total by reason). No answer: the client
+            // times out and rebuilds elsewhere.
+            Err(e) => {
+                debug!(worker = self.index, refused = e.label(), "ATTACH refused");
+                return self.count("attach_refused");
+            }
+        };
+        self.attached.insert(lcid);
         let (v4net, v6net) = self.shared.pools;
         let reply = Attached {
             token: lease.token,
@@ -172,26 +184,34 @@ impl ExitTerminal {
         }
     }
 
-    /// A packet from the internet for one of our inner addresses.
-    fn backward(&mut self, now: Instant, circuits: &mut CircuitMap, packet: &[u8], out: &mut Vec<Outgoing>) {
-        let Ok(info) = inspect(packet) else { return self.count("bad_tun_packet") };
-        let Some(&lcid) = self.by_addr.get(&info.dst) else {
-            // Not ours: the circuit lives on another worker, or the session is gone.
-            let owner = self.shared.pool.lock().ok().and_then(|p| p.circuit_of(info.dst));
-            let workers = self.shared.handoff.len();
-            match owner {
-                Some(lcid) if lcid as usize % workers != self.index => {
-                    let owner = lcid as usize % workers;
-                    let _ = self.shared.handoff[owner].try_send(packet.to_vec());
-                    if let Some(ready) = self.shared.handoff_ready.get(owner) {
-                        let _ = ready.write(1);
-                    }
-                    self.count("handed_off");
-                }
-                _ => self.count("no_circuit"),
+    /// A packet from the internet for one of our inner addresses (`handed`: another worker
+    /// read it and handed it over).
+    fn backward(
+        &mut self,
+        now: Instant,
+        circuits: &mut CircuitMap,
+        packet: &[u8],
+        out: &mut Vec<Outgoing>,
+        handed: bool,
+    ) {
+        let Some(dst) = destination(packet) else { return self.count("bad_tun_packet") };
+        // The one source of truth, read now, on the thread that owns the circuit it names.
+        let Some(lcid) = self.shared.table.circuit_of(dst) else { return self.count("no_circuit") };
+        let workers = self.shared.handoff.len().max(1);
+        let owner = lcid as usize % workers;
+        if owner != self.index {
+            if handed {
+                // The address moved between the two lookups; never bounce packets around.
+                return self.count("no_circuit");
             }
-            return;
-        };
+            if self.shared.handoff[owner].try_send(packet.to_vec()).is_err() {
+                return self.count("handoff_full");
+            }
+            if let Some(ready) = self.shared.handoff_ready.get(owner) {
+                let _ = ready.write(1);
+            }
+            return self.counts.add(slot::HANDED_OFF, 1);
+        }
         let Some(circ) = circuits.get_mut(lcid) else { return self.count("no_circuit") };
         if packet.len() > payload_capacity(circ.hop()) {
             return self.count("too_big");
@@ -200,7 +220,7 @@ impl ExitTerminal {
         payload_mut(&mut cell)[..packet.len()].copy_from_slice(packet);
         match circ.seal_backward(now, Command::Data, packet.len(), &mut cell) {
             Ok(to) => {
-                self.count("from_tun");
+                self.counts.add(slot::FROM_TUN, 1);
                 out.push(Outgoing { to, data: cell.to_vec() });
             }
             Err(_) => self.count("seal_failed"),
@@ -231,7 +251,7 @@ impl Terminal for ExitTerminal {
             let _ = ready.read();
         }
         while let Ok(packet) = self.inbox.try_recv() {
-            self.backward(now, circuits, &packet, out);
+            self.backward(now, circuits, &packet, out, true);
         }
         // Taken out of `self` while `backward` (which needs `self`) runs on each segment.
         let mut rx = std::mem::take(&mut self.rx);
@@ -240,7 +260,8 @@ impl Terminal for ExitTerminal {
         for _ in 0..TUN_BATCH {
             match self.tun.read(&mut rx) {
                 Ok(n) => {
-                    let segmented = tso::segment(&rx[..n], &mut scratch, &mut |p| self.backward(now, circuits, p, out));
+                    let segmented =
+                        tso::segment(&rx[..n], &mut scratch, &mut |p| self.backward(now, circuits, p, out, false));
                     if segmented.is_err() {
                         self.count("bad_tun_packet");
                     }
@@ -258,8 +279,9 @@ impl Terminal for ExitTerminal {
             if let Some(slot) = self.shared.stats.get(self.index)
                 && let Ok(mut s) = slot.lock()
             {
-                s.clone_from(&self.counts);
+                *s = self.counts;
             }
+            self.drop_log.log(self.index, &self.counts, now);
         }
         more
     }
@@ -275,13 +297,11 @@ impl Terminal for ExitTerminal {
     }
 
     fn closed(&mut self, lcid: u32) {
-        if let Some(lease) = self.leases.remove(&lcid) {
-            self.by_addr.remove(&IpAddr::V4(lease.v4));
-            self.by_addr.remove(&IpAddr::V6(lease.v6));
-        }
-        self.buckets.remove(&lcid);
+        self.attached.remove(&lcid);
+        self.limits.forget(lcid);
+        // Before the relay frees the LCID: once it can be reused, no address routes to it.
         if let Ok(mut pool) = self.shared.pool.lock() {
-            pool.detach(lcid, Some(Instant::now()));
+            pool.detach(lcid, Instant::now());
         }
     }
 }

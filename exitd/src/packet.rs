@@ -1,17 +1,28 @@
 //! Looking inside the IP packets circuits carry, with `pnet`: enough to route, police and
-//! anti-spoof them (source, destination, protocol, destination port), with every malformed
-//! packet an error — truncated headers, wrong versions, lengths that do not match the bytes.
+//! anti-spoof them (source, destination, transport protocol, destination port, fragment), with
+//! every malformed packet an error — truncated headers, wrong versions, lengths that do not
+//! match the bytes, and transport headers cut short.
+//!
+//! IPv6: the whole extension header chain is walked (RFC 8200 §4; RFC 7045): hop-by-hop
+//! (first only), routing, fragment, destination options, and the other headers in the same
+//! generic format (mobility, HIP, shim6, the experimental 253 and 254). The walk is bounded by
+//! the packet (every header is at least 8 bytes), not by a count: a port behind any number of
+//! headers is found. AH and ESP end the walk (the exit refuses AH, which masquerading breaks,
+//! and cannot look inside ESP); so does any other number, which the policy then judges as the
+//! protocol. A later fragment carries no transport header: it is reported as such, never as a
+//! packet "without ports".
 
 use pnet_packet::Packet;
-use pnet_packet::ip::IpNextHeaderProtocols as Proto;
 use pnet_packet::ipv4::Ipv4Packet;
 use pnet_packet::ipv6::Ipv6Packet;
 use std::net::IpAddr;
 use thiserror::Error;
 
-/// IPv6 extension headers walked to find the transport header (RFC 8200 §4): hop-by-hop,
-/// routing, fragment, destination options. At most this many, so a chain cannot loop us.
-const MAX_EXTENSION_HEADERS: usize = 8;
+/// IPv6 extension headers in the generic format (next header, length in 8-octet units − 1):
+/// hop-by-hop, routing, destination options, mobility, HIP, shim6, experimental.
+const GENERIC_EXTENSIONS: [u8; 8] = [0, 43, 60, 135, 139, 140, 253, 254];
+/// IPv6 fragment header.
+const FRAGMENT: u8 = 44;
 
 /// Why a packet was refused (each is a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
@@ -22,7 +33,7 @@ pub enum PacketError {
     /// The version nibble is neither 4 nor 6.
     #[error("IP version {0} is not 4 or 6")]
     BadVersion(u8),
-    /// Shorter than its own header.
+    /// Shorter than its own header, or an extension header longer than the packet.
     #[error("truncated header")]
     Truncated,
     /// The header's length fields disagree with the packet's size.
@@ -33,6 +44,13 @@ pub enum PacketError {
         /// What arrived.
         actual: usize,
     },
+    /// A TCP, UDP, SCTP, DCCP or UDP-Lite header shorter than its minimum in an unfragmented
+    /// packet or a first fragment: its port would be hidden (RFC 7112 for first fragments).
+    #[error("transport header cut short")]
+    TruncatedTransport,
+    /// An IPv6 header chain no host would accept: hop-by-hop not first, two fragment headers.
+    #[error("invalid IPv6 extension header chain")]
+    BadExtensions,
 }
 
 impl PacketError {
@@ -43,8 +61,21 @@ impl PacketError {
             PacketError::BadVersion(_) => "bad_version",
             PacketError::Truncated => "truncated",
             PacketError::BadLength { .. } => "bad_length",
+            PacketError::TruncatedTransport => "truncated_transport",
+            PacketError::BadExtensions => "bad_extensions",
         }
     }
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// Not fragmented (or an IPv6 atomic fragment: offset 0, no more fragments).
+    Whole,
+    /// The first fragment (offset 0, more to come), with the datagram's identification.
+    First(u32),
+    /// A later fragment (offset > 0): no transport header in it.
+    Later(u32),
 }
 
 /// What the exit needs to know about a packet.
@@ -54,11 +85,14 @@ pub struct PacketInfo {
     pub src: IpAddr,
     /// Destination address.
     pub dst: IpAddr,
-    /// Transport protocol number (after IPv6 extension headers).
+    /// Transport protocol number (after IPv6 extension headers; for a later IPv6 fragment,
+    /// the fragment header's next header).
     pub protocol: u8,
-    /// Destination port for TCP, UDP and SCTP, when the header is present (not for later
-    /// fragments).
+    /// Destination port for TCP, UDP, SCTP, DCCP and UDP-Lite: always present for those
+    /// protocols, except in a later fragment.
     pub dst_port: Option<u16>,
+    /// Fragmentation.
+    pub fragment: Fragment,
 }
 
 /// Parses and validates an IPv4 or IPv6 packet.
@@ -71,9 +105,34 @@ pub fn inspect(packet: &[u8]) -> Result<PacketInfo, PacketError> {
     }
 }
 
-fn ports(protocol: u8, transport: &[u8]) -> Option<u16> {
-    let has_ports = protocol == Proto::Tcp.0 || protocol == Proto::Udp.0 || protocol == 132; // SCTP
-    if has_ports && transport.len() >= 4 { Some(u16::from_be_bytes([transport[2], transport[3]])) } else { None }
+/// Only the destination address of an IPv4 or IPv6 packet (the backward path routes by it and
+/// needs nothing else); `None` if the packet is too short or not IP.
+pub fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 => <[u8; 4]>::try_from(packet.get(16..20)?).ok().map(IpAddr::from),
+        6 => <[u8; 16]>::try_from(packet.get(24..40)?).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+/// The shortest header of the transport protocols with ports (destination port at bytes 2–3).
+pub const fn port_header_len(protocol: u8) -> Option<usize> {
+    match protocol {
+        6 => Some(20),        // TCP
+        17 | 136 => Some(8),  // UDP, UDP-Lite
+        33 | 132 => Some(12), // DCCP (generic header), SCTP (common header)
+        _ => None,
+    }
+}
+
+/// The destination port of `transport`, or an error if the protocol has ports and the header
+/// is cut short.
+fn ports(protocol: u8, transport: &[u8]) -> Result<Option<u16>, PacketError> {
+    let Some(min) = port_header_len(protocol) else { return Ok(None) };
+    if transport.len() < min {
+        return Err(PacketError::TruncatedTransport);
+    }
+    Ok(Some(u16::from_be_bytes([transport[2], transport[3]])))
 }
 
 fn inspect_v4(packet: &[u8]) -> Result<PacketInfo, PacketError> {
@@ -87,9 +146,18 @@ fn inspect_v4(packet: &[u8]) -> Result<PacketInfo, PacketError> {
         return Err(PacketError::BadLength { claimed: total, actual: packet.len() });
     }
     let protocol = ip.get_next_level_protocol().0;
-    let first_fragment = ip.get_fragment_offset() == 0;
-    let dst_port = if first_fragment { ports(protocol, &packet[header..]) } else { None };
-    Ok(PacketInfo { src: ip.get_source().into(), dst: ip.get_destination().into(), protocol, dst_port })
+    let id = u32::from(ip.get_identification());
+    let more = ip.get_flags() & 1 != 0;
+    let fragment = match (ip.get_fragment_offset(), more) {
+        (0, false) => Fragment::Whole,
+        (0, true) => Fragment::First(id),
+        _ => Fragment::Later(id),
+    };
+    let dst_port = match fragment {
+        Fragment::Later(_) => None,
+        _ => ports(protocol, &packet[header..])?,
+    };
+    Ok(PacketInfo { src: ip.get_source().into(), dst: ip.get_destination().into(), protocol, dst_port, fragment })
 }
 
 fn inspect_v6(packet: &[u8]) -> Result<PacketInfo, PacketError> {
@@ -98,114 +166,46 @@ fn inspect_v6(packet: &[u8]) -> Result<PacketInfo, PacketError> {
     if total != packet.len() {
         return Err(PacketError::BadLength { claimed: total, actual: packet.len() });
     }
+    let (src, dst) = (ip.get_source().into(), ip.get_destination().into());
     let mut protocol = ip.get_next_header().0;
     let mut rest = ip.payload();
-    let mut first_fragment = true;
-    for _ in 0..MAX_EXTENSION_HEADERS {
-        match protocol {
-            0 | 43 | 60 => {
-                // Hop-by-hop, routing, destination options: length in 8-octet units, plus 8.
-                let [next, units, ..] = rest else { return Err(PacketError::Truncated) };
-                let len = (usize::from(*units) + 1) * 8;
-                protocol = *next;
-                rest = rest.get(len..).ok_or(PacketError::Truncated)?;
+    let mut fragment = Fragment::Whole;
+    let mut seen_fragment = false;
+    let mut first_header = true;
+    // Terminates: every step consumes at least 8 bytes of `rest` or returns.
+    loop {
+        if GENERIC_EXTENSIONS.contains(&protocol) {
+            if protocol == 0 && !first_header {
+                return Err(PacketError::BadExtensions);
             }
-            44 => {
-                let [next, _, hi, lo, ..] = rest else { return Err(PacketError::Truncated) };
-                first_fragment = (u16::from_be_bytes([*hi, *lo]) >> 3) == 0;
-                protocol = *next;
-                rest = rest.get(8..).ok_or(PacketError::Truncated)?;
+            let [next, units, ..] = rest else { return Err(PacketError::Truncated) };
+            let len = (usize::from(*units) + 1) * 8;
+            protocol = *next;
+            rest = rest.get(len..).ok_or(PacketError::Truncated)?;
+        } else if protocol == FRAGMENT {
+            if seen_fragment {
+                return Err(PacketError::BadExtensions);
             }
-            _ => break,
+            seen_fragment = true;
+            let [next, _, hi, lo, a, b, c, d, tail @ ..] = rest else { return Err(PacketError::Truncated) };
+            let offset_flags = u16::from_be_bytes([*hi, *lo]);
+            let id = u32::from_be_bytes([*a, *b, *c, *d]);
+            protocol = *next;
+            rest = tail;
+            fragment = match (offset_flags >> 3, offset_flags & 1 != 0) {
+                (0, false) => Fragment::Whole, // an atomic fragment (RFC 6946): a whole packet
+                (0, true) => Fragment::First(id),
+                _ => return Ok(PacketInfo { src, dst, protocol, dst_port: None, fragment: Fragment::Later(id) }),
+            };
+        } else {
+            break;
         }
+        first_header = false;
     }
-    let dst_port = if first_fragment { ports(protocol, rest) } else { None };
-    Ok(PacketInfo { src: ip.get_source().into(), dst: ip.get_destination().into(), protocol, dst_port })
+    let dst_port = ports(protocol, rest)?;
+    Ok(PacketInfo { src, dst, protocol, dst_port, fragment })
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use pnet_packet::ipv4::MutableIpv4Packet;
-    use pnet_packet::ipv6::MutableIpv6Packet;
-    use pnet_packet::udp::MutableUdpPacket;
-
-    /// A UDP/IPv4 packet crafted with pnet.
-    pub fn udp4(src: [u8; 4], dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
-        let mut buf = vec![0u8; 20 + 8 + payload.len()];
-        let len = buf.len() as u16;
-        {
-            let mut ip = MutableIpv4Packet::new(&mut buf).unwrap();
-            ip.set_version(4);
-            ip.set_header_length(5);
-            ip.set_total_length(len);
-            ip.set_ttl(64);
-            ip.set_next_level_protocol(Proto::Udp);
-            ip.set_source(src.into());
-            ip.set_destination(dst.into());
-        }
-        let mut udp = MutableUdpPacket::new(&mut buf[20..]).unwrap();
-        udp.set_source(40000);
-        udp.set_destination(dport);
-        udp.set_length(8 + payload.len() as u16);
-        udp.set_payload(payload);
-        buf
-    }
-
-    fn tcp6(dport: u16, with_hop_by_hop: bool) -> Vec<u8> {
-        let ext = if with_hop_by_hop { 8 } else { 0 };
-        let mut buf = vec![0u8; 40 + ext + 20];
-        let plen = (ext + 20) as u16;
-        {
-            let mut ip = MutableIpv6Packet::new(&mut buf).unwrap();
-            ip.set_version(6);
-            ip.set_payload_length(plen);
-            ip.set_next_header(if with_hop_by_hop { pnet_packet::ip::IpNextHeaderProtocol(0) } else { Proto::Tcp });
-            ip.set_hop_limit(64);
-            ip.set_source("fd00::2".parse().unwrap());
-            ip.set_destination("2001:db8::1".parse().unwrap());
-        }
-        if with_hop_by_hop {
-            buf[40] = Proto::Tcp.0;
-        }
-        buf[40 + ext + 2..40 + ext + 4].copy_from_slice(&dport.to_be_bytes());
-        buf
-    }
-
-    #[test]
-    fn valid_packets() {
-        let p = inspect(&udp4([10, 8, 0, 2], [192, 0, 2, 1], 53, b"q")).unwrap();
-        assert_eq!((p.src, p.dst, p.protocol, p.dst_port), ([10, 8, 0, 2].into(), [192, 0, 2, 1].into(), 17, Some(53)));
-        let p = inspect(&tcp6(25, true)).unwrap();
-        assert_eq!((p.protocol, p.dst_port), (6, Some(25)));
-        assert_eq!(inspect(&tcp6(443, false)).unwrap().dst_port, Some(443));
-    }
-
-    #[test]
-    fn malformed_packets() {
-        let good = udp4([10, 8, 0, 2], [192, 0, 2, 1], 53, b"query");
-        assert_eq!(inspect(&[]), Err(PacketError::Empty));
-        assert_eq!(inspect(&good[..10]), Err(PacketError::Truncated));
-        let mut v5 = good.clone();
-        v5[0] = 0x55;
-        assert_eq!(inspect(&v5), Err(PacketError::BadVersion(5)));
-        let mut ihl = good.clone();
-        ihl[0] = 0x44; // header length 16 bytes: below the minimum
-        assert_eq!(inspect(&ihl), Err(PacketError::Truncated));
-        let mut long = good.clone();
-        long[3] += 1;
-        assert!(matches!(inspect(&long), Err(PacketError::BadLength { .. })));
-        assert!(matches!(inspect(&good[..good.len() - 1]), Err(PacketError::BadLength { .. })));
-        let mut v6 = tcp6(80, true);
-        v6.truncate(44);
-        v6[5] = 4; // payload length 4: the hop-by-hop header claims 8
-        assert_eq!(inspect(&v6), Err(PacketError::Truncated));
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
-            let _ = inspect(&bytes);
-        }
-    }
-}
+#[path = "packet_tests.rs"]
+pub(crate) mod tests;

@@ -1,25 +1,81 @@
-//! Inner addresses: each circuit that ATTACHes gets an IPv4 address from a pool (e.g.
-//! 10.8.0.0/16) and an IPv6 address from a /64, with a session token. A client whose path
-//! broke reconnects through new relays with that token and gets the same addresses back, so
-//! its TCP connections survive; addresses return to the pool only after a grace period.
+//! Inner addresses and sessions, sans-IO (time and randomness are arguments).
+//!
+//! Each circuit that ATTACHes gets one session: an IPv4 address from a pool (e.g. 10.8.0.0/16),
+//! the IPv6 address at the same offset in a /64, and a token. A client whose path broke
+//! reconnects through new relays with that token and gets the same addresses back, so its TCP
+//! connections survive; a session's addresses return to the pool only after a grace period.
 //! The first host address of each pool is the exit's own (gateway and DNS resolver).
+//!
+//! The pool is the only writer of the [`AddressTable`] that routes packets to circuits, and it
+//! keeps it exact: an address points at the circuit holding its session and at nothing else
+//! (never at a circuit that re-ATTACHed, ended or handed its session over). Against churn and
+//! exhaustion: a circuit holds at most one session (a second ATTACH gets the same one back, or
+//! moves the circuit to the session it resumes); ATTACH is rate-limited per circuit and per
+//! source ([`crate::limits`]); one source holds at most `sessions_per_source` sessions; and when
+//! every address is taken, the session detached longest ago gives its address up first.
 
+use crate::limits::{AttachLimiter, Refusal, SourceKey};
+use crate::table::AddressTable;
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand_core::CryptoRngCore;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
 /// A session token: 32 random bytes, the only credential for resuming a session.
 pub type Token = [u8; 32];
 
-/// Why an ATTACH could not be served.
+/// Why an ATTACH was not served (each is a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
-pub enum PoolError {
-    /// Every IPv4 address is leased.
-    #[error("the IPv4 pool is exhausted")]
+pub enum AttachError {
+    /// Every address is held by an attached session.
+    #[error("the address pool is exhausted")]
     Exhausted,
+    /// The source already holds its share of sessions.
+    #[error("the source holds its maximum of sessions")]
+    SourceCap,
+    /// The circuit sent too many ATTACHes.
+    #[error("too many ATTACHes on this circuit")]
+    CircuitRate,
+    /// The source sent too many ATTACHes.
+    #[error("too many ATTACHes from this source")]
+    SourceRate,
+}
+
+impl AttachError {
+    /// Stable label for metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            AttachError::Exhausted => "exhausted",
+            AttachError::SourceCap => "source_cap",
+            AttachError::CircuitRate => "circuit_rate",
+            AttachError::SourceRate => "source_rate",
+        }
+    }
+}
+
+/// What a served ATTACH did (each is a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new session.
+    New,
+    /// The session of the token, now on this circuit.
+    Resumed,
+    /// The circuit's own session again (a repeated ATTACH): nothing changed.
+    Same,
+}
+
+impl Outcome {
+    /// Stable label for metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Outcome::New => "new",
+            Outcome::Resumed => "resumed",
+            Outcome::Same => "same",
+        }
+    }
 }
 
 /// One session's addresses.
@@ -33,9 +89,37 @@ pub struct Lease {
     pub v6: Ipv6Addr,
 }
 
+/// The pool's limits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PoolLimits {
+    /// How long a detached session keeps its addresses.
+    pub grace: Duration,
+    /// Sessions (attached or in their grace period) one source may hold.
+    pub sessions_per_source: usize,
+    /// ATTACHes per second per source, after a burst of `attach_burst`.
+    pub attach_rate: f64,
+    /// The per-source burst of ATTACHes.
+    pub attach_burst: f64,
+}
+
+/// ATTACH outcomes and refusals since start, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Served, by [`Outcome`] (new, resumed, same).
+    pub served: [u64; 3],
+    /// Refused, by [`AttachError`] (exhausted, source_cap, circuit_rate, source_rate).
+    pub refused: [u64; 4],
+    /// Detached sessions whose addresses were taken before their grace ended (pool full).
+    pub reclaimed: u64,
+    /// Sessions whose grace period ended.
+    pub expired: u64,
+}
+
 #[derive(Debug)]
 struct Session {
     lease: Lease,
+    slot: usize,
+    source: SourceKey,
     circuit: Option<u32>,
     detached_at: Option<Instant>,
 }
@@ -43,98 +127,190 @@ struct Session {
 /// The pools and the sessions using them.
 #[derive(Debug)]
 pub struct AddressPool {
-    v4: Ipv4Net,
-    v6: Ipv6Net,
-    grace: Duration,
-    next_v4: u32,
-    v4_in_use: HashSet<Ipv4Addr>,
-    v6_in_use: HashSet<Ipv6Addr>,
+    table: Arc<AddressTable>,
+    limits: PoolLimits,
+    /// Slots addresses are leased from: 2 ..= last (not the network, not the gateway, not
+    /// the IPv4 broadcast address).
+    first: usize,
+    last: usize,
+    next: usize,
+    /// The session holding each slot.
+    holder: Vec<Option<Token>>,
     sessions: HashMap<Token, Session>,
     by_circuit: HashMap<u32, Token>,
-    by_addr: HashMap<IpAddr, Token>,
+    per_source: HashMap<SourceKey, usize>,
+    /// Detached sessions, oldest first: expiry and reclaiming take from the front.
+    detached: BTreeSet<(Instant, Token)>,
+    limiter: AttachLimiter,
+    stats: PoolStats,
 }
 
 impl AddressPool {
-    /// Pools `v4` and `v6`; detached sessions keep their addresses for `grace`.
-    pub fn new(v4: Ipv4Net, v6: Ipv6Net, grace: Duration) -> Self {
+    /// Pools `v4` and `v6` (the IPv6 address of a session is at its IPv4 address's offset).
+    pub fn new(v4: Ipv4Net, v6: Ipv6Net, limits: PoolLimits) -> Self {
+        let table = Arc::new(AddressTable::new(v4, v6));
+        let last = table.len().saturating_sub(2).max(2);
         Self {
-            v4,
-            v6,
-            grace,
-            next_v4: 2,
-            v4_in_use: HashSet::new(),
-            v6_in_use: HashSet::new(),
+            limiter: AttachLimiter::new(limits.attach_rate, limits.attach_burst),
+            holder: vec![None; table.len()],
+            table,
+            limits,
+            first: 2,
+            last,
+            next: 2,
             sessions: HashMap::new(),
             by_circuit: HashMap::new(),
-            by_addr: HashMap::new(),
+            per_source: HashMap::new(),
+            detached: BTreeSet::new(),
+            stats: PoolStats::default(),
         }
+    }
+
+    /// The address → circuit table this pool keeps, for the workers to read.
+    pub fn table(&self) -> Arc<AddressTable> {
+        self.table.clone()
     }
 
     /// The exit's own addresses in the pools (gateway and resolver): the first hosts.
     pub fn gateway(&self) -> (Ipv4Addr, Ipv6Addr) {
-        (offset_v4(self.v4, 1), offset_v6(self.v6, 1))
+        self.table.addresses(1)
     }
 
-    /// Attaches `circuit`: resumes the session of `resume` if it is known, else starts one.
+    /// ATTACH on `circuit`, from the previous hop `source`: resumes the session of `resume` if
+    /// it is known, answers the circuit's own session if it has one, else starts one.
     pub fn attach(
         &mut self,
         circuit: u32,
+        source: IpAddr,
         resume: Option<Token>,
+        now: Instant,
         rng: &mut impl CryptoRngCore,
-    ) -> Result<Lease, PoolError> {
-        self.detach(circuit, None);
-        if let Some(token) = resume
-            && let Some(session) = self.sessions.get_mut(&token)
-        {
-            if let Some(old) = session.circuit.replace(circuit) {
-                self.by_circuit.remove(&old);
-            }
-            session.detached_at = None;
-            self.by_circuit.insert(circuit, token);
-            return Ok(session.lease);
+    ) -> Result<(Lease, Outcome), AttachError> {
+        let result = self.serve(circuit, SourceKey::new(source), resume, now, rng);
+        match result {
+            Ok((_, outcome)) => self.stats.served[outcome as usize] += 1,
+            Err(e) => self.stats.refused[e as usize] += 1,
         }
-        let v4 = self.free_v4().ok_or(PoolError::Exhausted)?;
-        let v6 = self.free_v6(rng);
+        result
+    }
+
+    fn serve(
+        &mut self,
+        circuit: u32,
+        source: SourceKey,
+        resume: Option<Token>,
+        now: Instant,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<(Lease, Outcome), AttachError> {
+        self.limiter.allow(circuit, source, now).map_err(|r| match r {
+            Refusal::Circuit => AttachError::CircuitRate,
+            Refusal::Source => AttachError::SourceRate,
+        })?;
+        let current = self.by_circuit.get(&circuit).copied();
+        if let Some(token) = resume.filter(|t| self.sessions.contains_key(t))
+            && current != Some(token)
+        {
+            if current.is_some() {
+                self.unlink(circuit, now);
+            }
+            if let Some(lease) = self.take_over(token, circuit, source) {
+                return Ok((lease, Outcome::Resumed));
+            }
+        }
+        if let Some(session) = current.and_then(|t| self.sessions.get(&t)) {
+            return Ok((session.lease, Outcome::Same));
+        }
+        if self.per_source.get(&source).copied().unwrap_or(0) >= self.limits.sessions_per_source {
+            return Err(AttachError::SourceCap);
+        }
+        let slot = self.free_slot().ok_or(AttachError::Exhausted)?;
+        let (v4, v6) = self.table.addresses(slot);
         let mut token = [0u8; 32];
         rng.fill_bytes(&mut token);
         let lease = Lease { token, v4, v6 };
-        self.v4_in_use.insert(v4);
-        self.v6_in_use.insert(v6);
-        self.by_addr.insert(IpAddr::V4(v4), token);
-        self.by_addr.insert(IpAddr::V6(v6), token);
+        self.holder[slot] = Some(token);
+        *self.per_source.entry(source).or_insert(0) += 1;
+        self.sessions.insert(token, Session { lease, slot, source, circuit: Some(circuit), detached_at: None });
         self.by_circuit.insert(circuit, token);
-        self.sessions.insert(token, Session { lease, circuit: Some(circuit), detached_at: None });
-        Ok(lease)
+        self.table.set(slot, Some(circuit));
+        Ok((lease, Outcome::New))
     }
 
-    /// The circuit ended (`now`: its session's grace starts; `None`: only unlink it).
-    pub fn detach(&mut self, circuit: u32, now: Option<Instant>) {
+    /// Moves session `token` to `circuit` (the token is the client's proof).
+    fn take_over(&mut self, token: Token, circuit: u32, source: SourceKey) -> Option<Lease> {
+        let session = self.sessions.get_mut(&token)?;
+        if let Some(old) = session.circuit.replace(circuit) {
+            self.by_circuit.remove(&old);
+        }
+        if let Some(at) = session.detached_at.take() {
+            self.detached.remove(&(at, token));
+        }
+        if session.source != source {
+            // Counted against the source it now comes from; a resume is never refused for it
+            // (it takes no new address).
+            let old = std::mem::replace(&mut session.source, source);
+            decrement(&mut self.per_source, old);
+            *self.per_source.entry(source).or_insert(0) += 1;
+        }
+        self.by_circuit.insert(circuit, token);
+        self.table.set(session.slot, Some(circuit));
+        Some(session.lease)
+    }
+
+    /// The circuit ended at `now`: its session's grace period starts and no packet is routed
+    /// to the circuit any more.
+    pub fn detach(&mut self, circuit: u32, now: Instant) {
+        self.unlink(circuit, now);
+        self.limiter.forget_circuit(circuit);
+    }
+
+    fn unlink(&mut self, circuit: u32, now: Instant) {
         let Some(token) = self.by_circuit.remove(&circuit) else { return };
         if let Some(session) = self.sessions.get_mut(&token)
             && session.circuit == Some(circuit)
         {
             session.circuit = None;
-            session.detached_at = now.or(Some(Instant::now()));
+            session.detached_at = Some(now);
+            self.detached.insert((now, token));
+            self.table.set(session.slot, None);
         }
     }
 
-    /// Returns the addresses of sessions detached longer than the grace period to the pool.
+    /// Returns the addresses of sessions detached for the grace period or longer to the pool.
     pub fn expire(&mut self, now: Instant) {
-        let grace = self.grace;
-        let expired: Vec<Token> = self
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.detached_at.is_some_and(|t| now.saturating_duration_since(t) >= grace))
-            .map(|(t, _)| *t)
-            .collect();
-        for token in expired {
-            if let Some(s) = self.sessions.remove(&token) {
-                self.v4_in_use.remove(&s.lease.v4);
-                self.v6_in_use.remove(&s.lease.v6);
-                self.by_addr.remove(&IpAddr::V4(s.lease.v4));
-                self.by_addr.remove(&IpAddr::V6(s.lease.v6));
+        while let Some(&(at, token)) = self.detached.first() {
+            if now.saturating_duration_since(at) < self.limits.grace {
+                break;
+            }
+            self.release(at, token);
+            self.stats.expired += 1;
+        }
+    }
+
+    fn release(&mut self, at: Instant, token: Token) {
+        self.detached.remove(&(at, token));
+        if let Some(s) = self.sessions.remove(&token) {
+            self.holder[s.slot] = None;
+            self.table.set(s.slot, None);
+            decrement(&mut self.per_source, s.source);
+        }
+    }
+
+    /// A free slot, round robin (an address is reused as late as possible); when there is
+    /// none, the slot of the session detached longest ago.
+    fn free_slot(&mut self) -> Option<usize> {
+        for _ in self.first..=self.last {
+            let slot = self.next;
+            self.next = if slot >= self.last { self.first } else { slot + 1 };
+            if self.holder.get(slot).is_some_and(Option::is_none) {
+                return Some(slot);
             }
         }
+        let &(at, token) = self.detached.first()?;
+        let slot = self.sessions.get(&token)?.slot;
+        self.release(at, token);
+        self.stats.reclaimed += 1;
+        Some(slot)
     }
 
     /// Sessions holding addresses (attached or within their grace period).
@@ -142,99 +318,41 @@ impl AddressPool {
         self.sessions.len()
     }
 
-    /// The circuit a packet to inner address `addr` belongs to (routing TUN → circuit).
-    pub fn circuit_of(&self, addr: IpAddr) -> Option<u32> {
-        self.sessions.get(self.by_addr.get(&addr)?)?.circuit
+    /// Sessions within their grace period.
+    pub fn detached_sessions(&self) -> usize {
+        self.detached.len()
     }
 
-    /// The lease of `circuit` (anti-spoofing: a packet's source must be one of its addresses).
+    /// Sessions held by `source` (after aggregation: see [`SourceKey`]).
+    pub fn sessions_of(&self, source: IpAddr) -> usize {
+        self.per_source.get(&SourceKey::new(source)).copied().unwrap_or(0)
+    }
+
+    /// ATTACH outcomes so far.
+    pub fn stats(&self) -> PoolStats {
+        self.stats
+    }
+
+    /// The circuit a packet to inner address `addr` belongs to (as the workers see it).
+    pub fn circuit_of(&self, addr: IpAddr) -> Option<u32> {
+        self.table.circuit_of(addr)
+    }
+
+    /// The lease of `circuit`.
     pub fn lease_of(&self, circuit: u32) -> Option<Lease> {
         Some(self.sessions.get(self.by_circuit.get(&circuit)?)?.lease)
     }
-
-    fn free_v4(&mut self) -> Option<Ipv4Addr> {
-        // Hosts 2 ..= 2^(32-prefix) - 2: not the network, not the gateway, not broadcast.
-        let size = 1u64 << (32 - u32::from(self.v4.prefix_len()));
-        let hosts = size.saturating_sub(3) as u32;
-        for _ in 0..hosts {
-            let candidate = offset_v4(self.v4, self.next_v4);
-            self.next_v4 = if u64::from(self.next_v4) + 2 >= size { 2 } else { self.next_v4 + 1 };
-            if !self.v4_in_use.contains(&candidate) {
-                return Some(candidate);
-            }
-        }
-        None
-    }
-
-    fn free_v6(&mut self, rng: &mut impl CryptoRngCore) -> Ipv6Addr {
-        // Random interface identifiers: a /64 has room for far more sessions than exist.
-        loop {
-            let host_bits = 128 - u32::from(self.v6.prefix_len());
-            let mut r = [0u8; 16];
-            rng.fill_bytes(&mut r);
-            let host = u128::from_be_bytes(r) & ((1u128 << host_bits.min(127)) - 1);
-            let candidate = Ipv6Addr::from(u128::from(self.v6.network()) | host);
-            if host > 1 && !self.v6_in_use.contains(&candidate) {
-                return candidate;
-            }
-        }
-    }
 }
 
-fn offset_v4(net: Ipv4Net, n: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(net.network()).wrapping_add(n))
-}
-
-fn offset_v6(net: Ipv6Net, n: u128) -> Ipv6Addr {
-    Ipv6Addr::from(u128::from(net.network()).wrapping_add(n))
+fn decrement(counts: &mut HashMap<SourceKey, usize>, key: SourceKey) {
+    if let Some(n) = counts.get_mut(&key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand_core::OsRng;
-
-    fn pool(v4: &str) -> AddressPool {
-        AddressPool::new(v4.parse().unwrap(), "fd6d:6573:6800::/64".parse().unwrap(), Duration::from_secs(600))
-    }
-
-    #[test]
-    fn attach_resume_release() {
-        let mut p = pool("10.8.0.0/16");
-        assert_eq!(p.gateway().0, Ipv4Addr::new(10, 8, 0, 1));
-        let a = p.attach(1, None, &mut OsRng).unwrap();
-        let b = p.attach(2, None, &mut OsRng).unwrap();
-        assert_eq!(a.v4, Ipv4Addr::new(10, 8, 0, 2));
-        assert_ne!(a.v4, b.v4);
-        assert_ne!(a.v6, b.v6);
-        assert_eq!(p.circuit_of(IpAddr::V4(a.v4)), Some(1));
-        // Circuit 1 dies; its client comes back on circuit 7 with the token: same addresses.
-        let t0 = Instant::now();
-        p.detach(1, Some(t0));
-        assert_eq!(p.circuit_of(IpAddr::V4(a.v4)), None);
-        p.expire(t0 + Duration::from_secs(60));
-        let again = p.attach(7, Some(a.token), &mut OsRng).unwrap();
-        assert_eq!(again, a);
-        assert_eq!(p.circuit_of(IpAddr::V6(a.v6)), Some(7));
-        // An unknown token starts a new session.
-        let c = p.attach(8, Some([9; 32]), &mut OsRng).unwrap();
-        assert_ne!(c.token, [9; 32]);
-        // After the grace period the addresses return to the pool.
-        p.detach(7, Some(t0));
-        p.expire(t0 + Duration::from_secs(601));
-        assert_eq!(p.lease_of(7), None);
-        assert_ne!(p.attach(9, Some(a.token), &mut OsRng).unwrap().token, a.token);
-    }
-
-    #[test]
-    fn small_pool_exhausts_then_recycles() {
-        let mut p = pool("10.9.0.0/29"); // hosts .2 ..= .6
-        let leases: Vec<Lease> = (0..5).map(|c| p.attach(c, None, &mut OsRng).unwrap()).collect();
-        assert!(leases.iter().all(|l| l.v4.octets()[3] >= 2 && l.v4.octets()[3] <= 6));
-        assert_eq!(p.attach(99, None, &mut OsRng), Err(PoolError::Exhausted));
-        let t0 = Instant::now();
-        p.detach(0, Some(t0));
-        p.expire(t0 + Duration::from_secs(601));
-        assert_eq!(p.attach(99, None, &mut OsRng).unwrap().v4, leases[0].v4);
-    }
-}
+#[path = "pool_tests.rs"]
+mod tests;

@@ -11,96 +11,21 @@
 //! Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN for setns), iproute2 and nftables, as in CI;
 //! without root they fail with a message saying so (CI runs as root). Every wait is bounded.
 
+mod common;
+
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use exitd::nft::{self, NatConfig, NftError};
-use nix::sched::{CloneFlags, setns};
+use common::netns::{NetNs, cmd, static_neighbours};
+use exitd::nft::{self, Deny, NatConfig, NftError};
 use nix::sys::socket::{getsockopt, sockopt};
 
 const TABLE: &str = nft::DEFAULT_TABLE;
 const WAIT: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------------------------
-// Namespaces
-
-/// A network namespace of our own, deleted on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    /// A fresh namespace (root only).
-    fn new() -> NetNs {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the nftables tests need root (CAP_NET_ADMIN, and CAP_SYS_ADMIN for setns): run them as root, as CI does"
-        );
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("meshvpn-nft-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        cmd("ip", &["netns", "add", &name]);
-        NetNs { name }
-    }
-
-    /// `ip -n NAME ARGS`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        cmd("ip", &all);
-    }
-
-    /// `sysctl -w SETTING` inside the namespace (net.* sysctls are per namespace).
-    fn sysctl(&self, setting: &str) {
-        cmd("ip", &["netns", "exec", &self.name, "sysctl", "-q", "-w", setting]);
-    }
-
-    /// Runs `body` on a thread that has entered the namespace, propagating its panic. Refuses to
-    /// run it unless both that thread and the processes it starts are in the namespace.
-    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
-        let ns = File::open(format!("/run/netns/{}", self.name)).expect("open the namespace");
-        thread::scope(|scope| {
-            let thread = scope.spawn(move || {
-                setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns(CLONE_NEWNET)");
-                let own = std::fs::read_link("/proc/thread-self/ns/net").expect("readlink ns/net");
-                let child = cmd("readlink", &["/proc/self/ns/net"]);
-                let host = std::fs::read_link("/proc/1/ns/net").ok();
-                assert_eq!(
-                    String::from_utf8_lossy(&child.stdout).trim(),
-                    own.to_string_lossy(),
-                    "a child of the thread is not in the test's namespace: stopping before nft runs"
-                );
-                assert_ne!(Some(own), host, "setns left the thread in the host's namespace");
-                body()
-            });
-            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-
-    /// The namespace's whole ruleset as `nft -j list ruleset` prints it.
-    fn ruleset(&self) -> serde_json::Value {
-        let out = self.run(|| cmd("nft", &["-j", "list", "ruleset"]));
-        serde_json::from_slice(&out.stdout).expect("nft -j prints JSON")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
-    }
-}
-
-/// Runs a command, which must succeed.
-fn cmd(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
-    assert!(out.status.success(), "{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
-    out
-}
 
 /// wan0 and tun0: veth pairs (the `dummy` driver is not in every kernel; the rules only match
 /// the names).
@@ -111,10 +36,9 @@ fn interfaces(ns: &NetNs) {
 
 fn config() -> NatConfig {
     let mut cfg = NatConfig::new("wan0", "tun0", "10.8.0.0/16".parse().unwrap(), "fd00:8::/64".parse().unwrap());
-    cfg.deny_v4 = vec!["10.0.0.0/8".parse().unwrap(), "169.254.169.254/32".parse().unwrap()];
-    cfg.deny_v6 = vec!["fc00::/7".parse().unwrap()];
-    cfg.deny_tcp_ports = vec![25];
-    cfg.deny_udp_ports = vec![25];
+    cfg.deny =
+        ["10.0.0.0/8", "169.254.169.254/32", "fc00::/7"].map(|n| Deny::all(n.parse::<ipnet::IpNet>().unwrap())).into();
+    cfg.deny_ports = vec![25];
     cfg
 }
 
@@ -138,7 +62,16 @@ fn install_list_counters_remove() {
     let ns = NetNs::new();
     interfaces(&ns);
     ns.run(|| {
-        nft::install(&config()).expect("install");
+        let mut full = config();
+        full.deny.push(Deny {
+            net: "172.16.0.0/12".parse().unwrap(),
+            except: vec!["172.20.0.0/16".parse().unwrap(), "172.21.0.0/16".parse().unwrap()],
+        });
+        full.allow_ports = vec![443, 80, 443];
+        full.protocols_v4 = vec![1, 6, 17];
+        full.protocols_v6 = vec![58, 6, 17];
+        full.dns = vec![nft::DnsRedirect { gateway: "10.8.0.1".parse().unwrap(), upstream: "9.9.9.9".parse().unwrap() }];
+        nft::install(&full).expect("install");
         let text = nft::list(TABLE).expect("list");
         for expected in [
             "table inet meshvpn_exit",
@@ -147,15 +80,24 @@ fn install_list_counters_remove() {
             r#"oifname "wan0" ip6 saddr fd00:8::/64 masquerade"#,
             "chain forward",
             "type filter hook forward priority filter; policy accept;",
+            r#"iifname "tun0" ct state invalid,untracked counter packets 0 bytes 0 drop comment "deny invalid""#,
+            r#"oifname "tun0" ct state invalid,new,untracked counter packets 0 bytes 0 drop comment "deny new inbound""#,
+            r#"iifname "tun0" meta nfproto ipv4 meta l4proto != { icmp, tcp, udp } counter packets 0 bytes 0 drop comment "deny protocol ipv4""#,
+            r#"iifname "tun0" meta nfproto ipv6 meta l4proto != { tcp, udp, ipv6-icmp } counter packets 0 bytes 0 drop comment "deny protocol ipv6""#,
             r#"iifname "tun0" ip daddr 10.0.0.0/8 counter packets 0 bytes 0 drop comment "deny 10.0.0.0/8""#,
             r#"ip daddr 169.254.169.254 counter packets 0 bytes 0 drop comment "deny 169.254.169.254/32""#,
             r#"ip6 daddr fc00::/7 counter packets 0 bytes 0 drop comment "deny fc00::/7""#,
-            r#"iifname "tun0" tcp dport 25 counter packets 0 bytes 0 drop comment "deny tcp port 25""#,
-            r#"iifname "tun0" udp dport 25 counter packets 0 bytes 0 drop comment "deny udp port 25""#,
+            r#"iifname "tun0" ip daddr 172.16.0.0/12 ip daddr != { 172.20.0.0/15 } counter packets 0 bytes 0 drop comment "deny 172.16.0.0/12""#,
+            r#"iifname "tun0" meta l4proto { tcp, udp, dccp, sctp, udplite } th dport 25 counter packets 0 bytes 0 drop comment "deny port 25""#,
+            r#"iifname "tun0" meta l4proto { tcp, udp, dccp, sctp, udplite } th dport != { 80, 443 } counter packets 0 bytes 0 drop comment "deny ports outside allow_ports""#,
             r#"iifname "tun0" meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1262 tcp option maxseg size set rt mtu"#,
             r#"oifname "tun0" meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1262"#,
             r#"iifname "tun0" meta nfproto ipv6 tcp flags syn tcp option maxseg size set 1242 tcp option maxseg size set rt mtu"#,
             r#"oifname "tun0" meta nfproto ipv6 tcp flags syn tcp option maxseg size set 1242"#,
+            "chain input",
+            "type filter hook input priority filter; policy accept;",
+            r#"iifname "tun0" ct status dnat meta l4proto { tcp, udp } th dport 53 accept"#,
+            r#"iifname "tun0" counter packets 0 bytes 0 drop comment "deny exit host""#,
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
@@ -165,11 +107,17 @@ fn install_list_counters_remove() {
         assert_eq!(
             names,
             [
+                "deny invalid",
+                "deny new inbound",
+                "deny protocol ipv4",
+                "deny protocol ipv6",
                 "deny 10.0.0.0/8",
                 "deny 169.254.169.254/32",
                 "deny fc00::/7",
-                "deny tcp port 25",
-                "deny udp port 25"
+                "deny 172.16.0.0/12",
+                "deny port 25",
+                "deny ports outside allow_ports",
+                "deny exit host",
             ]
         );
         assert!(counters.iter().all(|(_, packets)| *packets == 0), "{counters:?}");
@@ -190,7 +138,8 @@ fn reinstall_replaces_never_duplicates() {
     ns.run(|| nft::install(&config()).expect("first install"));
     let (tables, first) = rules_by_comment(&ns.ruleset(), TABLE);
     assert_eq!(tables, 1);
-    assert_eq!(first.len(), 11, "{first:?}"); // 2 masquerade, 3 prefixes, 2 ports, 4 MSS clamps
+    // 2 masquerade, 2 conntrack state, 3 prefixes, 1 port, 4 MSS clamps, 1 input
+    assert_eq!(first.len(), 13, "{first:?}");
     assert!(first.values().all(|&n| n == 1), "{first:?}");
 
     // A restart after kill -9: the table is still there.
@@ -231,7 +180,7 @@ fn reinstall_replaces_never_duplicates() {
         .filter(|c| c["table"] == TABLE)
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(chains, ["postrouting", "forward"]);
+    assert_eq!(chains, ["postrouting", "forward", "input"]);
     let forward = ruleset["nftables"].as_array().unwrap().iter().find(|o| o["chain"]["name"] == "forward").unwrap();
     assert_eq!(forward["chain"]["prio"], 0);
     assert_eq!(forward["chain"]["policy"], "accept");
@@ -328,6 +277,10 @@ fn lab(nets: &[Net]) -> Lab {
     for net in nets {
         let via = net.gateway.split('/').next().unwrap();
         lab.client.ip(&["route", "add", "default", "via", via, "dev", "c0"]);
+        if net.client.is_ipv6() {
+            let client = net.client.to_string();
+            static_neighbours(&lab.client, "c0", &[&client], &lab.router, "tun0", &[via]);
+        }
     }
     // Forwarding inside the router namespace only; the internet host has no route back to the
     // pools, so only masquerading lets replies through.
@@ -365,8 +318,8 @@ fn lab_config(nets: &[Net]) -> NatConfig {
     let mut cfg = config();
     for net in nets {
         match net.denied {
-            IpAddr::V4(a) => cfg.deny_v4.push(ipnet::Ipv4Net::new(a, 32).unwrap()),
-            IpAddr::V6(a) => cfg.deny_v6.push(ipnet::Ipv6Net::new(a, 128).unwrap()),
+            IpAddr::V4(a) => cfg.deny.push(Deny::all(ipnet::Ipv4Net::new(a, 32).unwrap())),
+            IpAddr::V6(a) => cfg.deny.push(Deny::all(ipnet::Ipv6Net::new(a, 128).unwrap())),
         }
     }
     cfg
@@ -388,11 +341,12 @@ fn receive(socket: &UdpSocket, want: &[u8], resend: impl Fn()) -> Option<SocketA
     None
 }
 
-/// Nothing at all arrives on `socket` within a short wait.
+/// Nothing is queued on `socket`. Called after a packet sent later on the same FIFO path has
+/// arrived, so anything sent before it would be here already: no waiting decides this.
 fn silent(socket: &UdpSocket) -> bool {
-    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    socket.set_nonblocking(true).unwrap();
     let mut buf = [0u8; 64];
-    matches!(socket.recv_from(&mut buf), Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut))
+    matches!(socket.recv_from(&mut buf), Err(e) if e.kind() == ErrorKind::WouldBlock)
 }
 
 #[test]
@@ -460,7 +414,7 @@ fn packets_are_filtered_masqueraded_and_clamped() {
         let prefix = if net.denied.is_ipv4() { 32 } else { 128 };
         assert_eq!(counters[&format!("deny {}/{prefix}", net.denied)], 3, "{counters:?}");
     }
-    assert_eq!(counters["deny udp port 25"], 6, "{counters:?}");
+    assert_eq!(counters["deny port 25"], 6, "{counters:?}");
     assert_eq!(counters["deny 10.0.0.0/8"], 0, "{counters:?}");
     lab.router.run(|| nft::remove(TABLE).expect("remove"));
 }

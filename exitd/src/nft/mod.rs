@@ -2,39 +2,54 @@
 //!
 //! ```text
 //! table inet meshvpn_exit {
+//!     chain prerouting {    # type nat hook prerouting priority dstnat
+//!         iifname TUN ip daddr GATEWAY udp dport 53 dnat ip to UPSTREAM:53   # and tcp, and ip6
+//!     }
 //!     chain postrouting {   # type nat hook postrouting priority srcnat
 //!         oifname WAN ip saddr POOL_V4 masquerade       # and the same for ip6 / POOL_V6
 //!     }
 //!     chain forward {       # type filter hook forward priority filter; policy accept
-//!         iifname TUN ip daddr 10.0.0.0/8 counter drop  # one per denied prefix, v4 and v6
-//!         iifname TUN tcp dport 25 counter drop         # one per denied TCP / UDP port
+//!         iifname TUN ct state { invalid, untracked } counter drop      # would leave un-NATed
+//!         oifname TUN ct state { new, invalid, untracked } counter drop # only replies go in
+//!         iifname TUN meta nfproto ipv4 meta l4proto != { 1, 6, 17, ... } counter drop  # and ipv6
+//!         iifname TUN ip daddr 10.0.0.0/8 [ip daddr != { ALLOWED }] counter drop  # one per denied prefix
+//!         iifname TUN meta l4proto { 6, 17, 33, 132, 136 } th dport 25 counter drop  # one per denied port
+//!         iifname TUN meta l4proto { 6, 17, 33, 132, 136 } th dport != { ALLOW_PORTS } counter drop
 //!         iifname TUN meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1262 ... set rt mtu
 //!         oifname TUN meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1262
 //!         # and the same for ipv6 with 1242
+//!     }
+//!     chain input {         # type filter hook input priority filter; policy accept
+//!         iifname TUN ct status dnat meta l4proto { 6, 17 } th dport 53 accept  # a local resolver
+//!         iifname TUN counter drop                      # nothing else on the exit host
 //!     }
 //! }
 //! ```
 //!
 //! The ruleset is built with the `nftables` crate's typed JSON schema and applied as one
 //! `nft -j -f -` batch, which the kernel commits as one transaction: there is never a moment
-//! with half the rules. The drop rules carry counters and a comment naming the policy rule
-//! (`deny 10.0.0.0/8`, `deny tcp port 25`), which [`counters`] reports for metrics.
+//! with half the rules. The drop rules carry counters and a comment naming the rule
+//! (`deny 10.0.0.0/8`, `deny port 25`, `deny exit host`), which [`counters`] reports.
 //!
-//! The deny rules repeat the exit policy that exitd already enforces in user space
-//! ([`crate::policy`]): defence in depth, so a bug there cannot reach the exit's own network.
+//! The forward rules repeat the exit policy that exitd already enforces in user space
+//! ([`crate::policy`], built by [`crate::daemon::nat_config`]): defence in depth, so a bug
+//! there cannot reach the exit's own network. The kernel judges whole datagrams (conntrack
+//! reassembles fragments before the forward hook) and finds the transport header behind IPv6
+//! extension headers itself.
 
 use cellproto::cell::TUN_MTU;
+use ipnet::IpNet;
 use ipnet::{Ipv4Net, Ipv6Net};
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, RT, RTKey, TcpOption};
-use nftables::schema::{Chain, NfListObject, Rule, Table};
-use nftables::stmt::{Counter, Mangle, Match, Operator, Statement};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::schema::{NfListObject, Table};
+use nftables::types::NfFamily;
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::io::{ErrorKind, Write};
 use std::process::{Command, Stdio};
 use thiserror::Error;
+
+mod rules;
+pub use rules::PORT_PROTOCOLS;
 
 /// The table's name unless the config says otherwise.
 pub const DEFAULT_TABLE: &str = "meshvpn_exit";
@@ -53,6 +68,7 @@ const PREROUTING: &str = "prerouting";
 /// Destination NAT runs before routing (nft's "dstnat" priority).
 const PRIO_DSTNAT: i32 = -100;
 const FORWARD: &str = "forward";
+const INPUT: &str = "input";
 /// `priority srcnat` and `priority filter` as numbers (the JSON schema has no names for them).
 const PRIO_SRCNAT: i32 = 100;
 const PRIO_FILTER: i32 = 0;
@@ -78,17 +94,35 @@ pub struct NatConfig {
     pub mss_v4: u16,
     /// TCP MSS clamp for IPv6 SYNs to and from the TUN (default [`MSS_V6`]).
     pub mss_v6: u16,
-    /// IPv4 destinations the exit policy denies, dropped again in the forward chain.
-    pub deny_v4: Vec<Ipv4Net>,
-    /// IPv6 destinations the exit policy denies, dropped again in the forward chain.
-    pub deny_v6: Vec<Ipv6Net>,
-    /// TCP destination ports the exit policy denies.
-    pub deny_tcp_ports: Vec<u16>,
-    /// UDP destination ports the exit policy denies.
-    pub deny_udp_ports: Vec<u16>,
+    /// Destinations the exit policy denies, dropped again in the forward chain.
+    pub deny: Vec<Deny>,
+    /// Destination ports the exit policy denies (TCP, UDP, DCCP, SCTP, UDP-Lite).
+    pub deny_ports: Vec<u16>,
+    /// If not empty, the only destination ports allowed (the same protocols).
+    pub allow_ports: Vec<u16>,
+    /// If not empty, the only IPv4 protocols forwarded from the TUN.
+    pub protocols_v4: Vec<u8>,
+    /// If not empty, the only IPv6 protocols (after extension headers) forwarded from the TUN.
+    pub protocols_v6: Vec<u8>,
     /// DNS inside the tunnel: queries to `gateway` port 53 (UDP and TCP) from the TUN are
     /// translated to `upstream` port 53, so the kernel forwards them and maps the answers back.
     pub dns: Vec<DnsRedirect>,
+}
+
+/// A denied destination prefix and the exceptions inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deny {
+    /// The prefix.
+    pub net: IpNet,
+    /// Allowed prefixes inside it.
+    pub except: Vec<IpNet>,
+}
+
+impl Deny {
+    /// `net` with no exception.
+    pub fn all(net: impl Into<IpNet>) -> Self {
+        Self { net: net.into(), except: Vec::new() }
+    }
 }
 
 /// One resolver address inside the tunnel and the upstream resolver it stands for (same family).
@@ -101,7 +135,8 @@ pub struct DnsRedirect {
 }
 
 impl NatConfig {
-    /// A config with the default table name and MSS clamps and nothing denied.
+    /// A config with the default table name and MSS clamps, nothing denied and every protocol
+    /// allowed (the conntrack state and exit-host rules are always there).
     pub fn new(wan: impl Into<String>, tun: impl Into<String>, pool_v4: Ipv4Net, pool_v6: Ipv6Net) -> Self {
         Self {
             table: DEFAULT_TABLE.to_owned(),
@@ -111,10 +146,11 @@ impl NatConfig {
             pool_v6,
             mss_v4: MSS_V4,
             mss_v6: MSS_V6,
-            deny_v4: Vec::new(),
-            deny_v6: Vec::new(),
-            deny_tcp_ports: Vec::new(),
-            deny_udp_ports: Vec::new(),
+            deny: Vec::new(),
+            deny_ports: Vec::new(),
+            allow_ports: Vec::new(),
+            protocols_v4: Vec::new(),
+            protocols_v6: Vec::new(),
             dns: Vec::new(),
         }
     }
@@ -159,7 +195,7 @@ pub enum NftError {
 /// no longer exist in this version; flushing would keep those. Running `install` twice leaves
 /// exactly one table with each rule once.
 pub fn install(cfg: &NatConfig) -> Result<(), NftError> {
-    let batch = build(cfg)?;
+    let batch = rules::build(cfg)?;
     apply(batch, "install")
 }
 
@@ -237,161 +273,6 @@ fn missing_table(e: NftError, table: &str) -> NftError {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Building the batch
-
-fn build(cfg: &NatConfig) -> Result<Batch<'static>, NftError> {
-    check_table_name(&cfg.table)?;
-    check_ifname("wan", &cfg.wan)?;
-    check_ifname("tun", &cfg.tun)?;
-    if cfg.wan == cfg.tun {
-        return Err(NftError::InvalidConfig(format!("wan and tun are the same interface {:?}", cfg.wan)));
-    }
-    if cfg.mss_v4 == 0 || cfg.mss_v6 == 0 {
-        return Err(NftError::InvalidConfig("an MSS clamp of 0 would stop all TCP".to_owned()));
-    }
-
-    let t = cfg.table.as_str();
-    let mut batch = Batch::new();
-    batch.add(NfListObject::Table(table_obj(t)));
-    batch.delete(NfListObject::Table(table_obj(t)));
-    batch.add(NfListObject::Table(table_obj(t)));
-    batch.add(NfListObject::Chain(Chain {
-        family: NfFamily::INet,
-        table: owned(t),
-        name: POSTROUTING.into(),
-        _type: Some(NfChainType::NAT),
-        hook: Some(NfHook::Postrouting),
-        prio: Some(PRIO_SRCNAT),
-        policy: Some(NfChainPolicy::Accept),
-        ..Chain::default()
-    }));
-    batch.add(NfListObject::Chain(Chain {
-        family: NfFamily::INet,
-        table: owned(t),
-        name: FORWARD.into(),
-        _type: Some(NfChainType::Filter),
-        hook: Some(NfHook::Forward),
-        prio: Some(PRIO_FILTER),
-        policy: Some(NfChainPolicy::Accept),
-        ..Chain::default()
-    }));
-
-    if !cfg.dns.is_empty() {
-        batch.add(NfListObject::Chain(Chain {
-            family: NfFamily::INet,
-            table: owned(t),
-            name: PREROUTING.into(),
-            _type: Some(NfChainType::NAT),
-            hook: Some(NfHook::Prerouting),
-            prio: Some(PRIO_DSTNAT),
-            policy: Some(NfChainPolicy::Accept),
-            ..Chain::default()
-        }));
-    }
-    for d in &cfg.dns {
-        let (proto, family) = match (d.gateway, d.upstream) {
-            (std::net::IpAddr::V4(_), std::net::IpAddr::V4(_)) => ("ip", nftables::stmt::NATFamily::IP),
-            (std::net::IpAddr::V6(_), std::net::IpAddr::V6(_)) => ("ip6", nftables::stmt::NATFamily::IP6),
-            _ => {
-                return Err(NftError::InvalidConfig(format!(
-                    "DNS gateway {} and upstream {} differ in family",
-                    d.gateway, d.upstream
-                )));
-            }
-        };
-        for l4 in ["udp", "tcp"] {
-            batch.add(rule(
-                t,
-                PREROUTING,
-                vec![
-                    is(meta(MetaKey::Iifname), string(&cfg.tun)),
-                    is(payload(proto, "daddr"), Expression::String(owned(&d.gateway.to_string()))),
-                    is(payload(l4, "dport"), Expression::Number(53)),
-                    Statement::DNAT(Some(nftables::stmt::NAT {
-                        addr: Some(Expression::String(owned(&d.upstream.to_string()))),
-                        family: Some(family),
-                        port: Some(Expression::Number(53)),
-                        flags: None,
-                    })),
-                ],
-                format!("dns {l4} {} to {}", d.gateway, d.upstream),
-            ));
-        }
-    }
-
-    // NAT: only the pools' traffic, only out of the WAN; anything else the host routes keeps
-    // its addresses.
-    let pool_v4 = cfg.pool_v4.trunc();
-    let pool_v6 = cfg.pool_v6.trunc();
-    let masq = |proto: &'static str, addr: String, len: u8, comment: String| {
-        rule(
-            t,
-            POSTROUTING,
-            vec![
-                is(meta(MetaKey::Oifname), string(&cfg.wan)),
-                is(payload(proto, "saddr"), prefix(addr, len)),
-                Statement::Masquerade(None),
-            ],
-            comment,
-        )
-    };
-    batch.add(masq("ip", pool_v4.addr().to_string(), pool_v4.prefix_len(), format!("masquerade {pool_v4}")));
-    batch.add(masq("ip6", pool_v6.addr().to_string(), pool_v6.prefix_len(), format!("masquerade {pool_v6}")));
-
-    // Denied destinations, then ports, each its own rule so that its counter and comment name
-    // one policy rule. Duplicates are dropped so each rule appears once.
-    let deny = |proto: &'static str, field: &'static str, right: Expression<'static>, comment: String| {
-        rule(
-            t,
-            FORWARD,
-            vec![
-                is(meta(MetaKey::Iifname), string(&cfg.tun)),
-                is(payload(proto, field), right),
-                Statement::Counter(Counter::Anonymous(None)),
-                Statement::Drop(None),
-            ],
-            comment,
-        )
-    };
-    for net in dedup(cfg.deny_v4.iter().map(Ipv4Net::trunc)) {
-        batch.add(deny("ip", "daddr", prefix(net.addr().to_string(), net.prefix_len()), format!("deny {net}")));
-    }
-    for net in dedup(cfg.deny_v6.iter().map(Ipv6Net::trunc)) {
-        batch.add(deny("ip6", "daddr", prefix(net.addr().to_string(), net.prefix_len()), format!("deny {net}")));
-    }
-    for port in dedup(cfg.deny_tcp_ports.iter().copied()) {
-        batch.add(deny("tcp", "dport", Expression::Number(port.into()), format!("deny tcp port {port}")));
-    }
-    for port in dedup(cfg.deny_udp_ports.iter().copied()) {
-        batch.add(deny("udp", "dport", Expression::Number(port.into()), format!("deny udp port {port}")));
-    }
-
-    // MSS clamping on SYN and SYN-ACK in both directions, so neither end sends segments that
-    // do not fit the tunnel. The kernel only ever lowers an MSS (raising one can stall a
-    // connection), so two `set`s in a row give the lowest of the peer's value, the clamp and,
-    // for SYNs leaving through the WAN, the route's MTU (e.g. a PPPoE uplink).
-    for (nfproto, mss) in [("ipv4", cfg.mss_v4), ("ipv6", cfg.mss_v6)] {
-        for (dir, key) in [("from", MetaKey::Iifname), ("to", MetaKey::Oifname)] {
-            let mut stmts = vec![
-                is(meta(key), string(&cfg.tun)),
-                is(meta(MetaKey::Nfproto), Expression::String(nfproto.into())),
-                Statement::Match(Match {
-                    left: payload("tcp", "flags"),
-                    right: Expression::String("syn".into()),
-                    op: Operator::IN,
-                }),
-                set_mss(Expression::Number(mss.into())),
-            ];
-            if dir == "from" {
-                stmts.push(set_mss(Expression::Named(NamedExpression::RT(RT { key: RTKey::MTU, family: None }))));
-            }
-            batch.add(rule(t, FORWARD, stmts, format!("clamp mss {nfproto} {dir} tun")));
-        }
-    }
-    Ok(batch)
-}
-
 fn apply(batch: Batch<'_>, action: &'static str) -> Result<(), NftError> {
     let json = serde_json::to_string(&batch.to_nftables())
         .map_err(|e| NftError::InvalidConfig(format!("serializing: {e}")))?;
@@ -399,64 +280,7 @@ fn apply(batch: Batch<'_>, action: &'static str) -> Result<(), NftError> {
 }
 
 fn table_obj(name: &str) -> Table<'static> {
-    Table { family: NfFamily::INet, name: owned(name), handle: None }
-}
-
-fn rule(table: &str, chain: &'static str, expr: Vec<Statement<'static>>, comment: String) -> NfListObject<'static> {
-    NfListObject::Rule(Rule {
-        family: NfFamily::INet,
-        table: owned(table),
-        chain: chain.into(),
-        expr: expr.into(),
-        comment: Some(comment.into()),
-        ..Rule::default()
-    })
-}
-
-fn is(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
-    Statement::Match(Match { left, right, op: Operator::EQ })
-}
-
-fn meta(key: MetaKey) -> Expression<'static> {
-    Expression::Named(NamedExpression::Meta(Meta { key }))
-}
-
-fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
-        protocol: protocol.into(),
-        field: field.into(),
-    })))
-}
-
-fn prefix(addr: String, len: u8) -> Expression<'static> {
-    Expression::Named(NamedExpression::Prefix(Prefix {
-        addr: Box::new(Expression::String(addr.into())),
-        len: len.into(),
-    }))
-}
-
-fn string(s: &str) -> Expression<'static> {
-    Expression::String(owned(s))
-}
-
-fn set_mss(value: Expression<'static>) -> Statement<'static> {
-    Statement::Mangle(Mangle {
-        key: Expression::Named(NamedExpression::TcpOption(TcpOption {
-            name: "maxseg".into(),
-            field: Some("size".into()),
-        })),
-        value,
-    })
-}
-
-fn owned(s: &str) -> Cow<'static, str> {
-    Cow::Owned(s.to_owned())
-}
-
-/// The items in first-seen order without repeats.
-fn dedup<T: Copy + Eq + std::hash::Hash>(items: impl Iterator<Item = T>) -> Vec<T> {
-    let mut seen = HashSet::new();
-    items.filter(|x| seen.insert(*x)).collect()
+    Table { family: NfFamily::INet, name: Cow::Owned(name.to_owned()), handle: None }
 }
 
 /// Table names reach `nft`'s command line for `list`, where nft parses its arguments as
@@ -561,11 +385,13 @@ fn spawn(args: &[&str]) -> Result<std::process::Child, NftError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rules::build;
 
     fn cfg() -> NatConfig {
         let mut c = NatConfig::new("wan0", "tun0", "10.8.0.0/16".parse().unwrap(), "fd00:8::/64".parse().unwrap());
-        c.deny_v4 = vec!["10.0.0.0/8".parse().unwrap(), "10.0.0.1/8".parse().unwrap()];
-        c.deny_tcp_ports = vec![25, 25];
+        let ten: IpNet = "10.0.0.0/8".parse().unwrap();
+        c.deny = vec![Deny::all(ten), Deny::all("10.0.0.1/8".parse::<IpNet>().unwrap())];
+        c.deny_ports = vec![25, 25];
         c
     }
 
@@ -580,7 +406,7 @@ mod tests {
         assert!(json.starts_with(r#"{"nftables":[{"add":{"table""#), "{json}");
         assert_eq!(json.matches(r#""delete":{"table""#).count(), 1);
         assert_eq!(json.matches(r#""comment":"deny 10.0.0.0/8""#).count(), 1);
-        assert_eq!(json.matches(r#""comment":"deny tcp port 25""#).count(), 1);
+        assert_eq!(json.matches(r#""comment":"deny port 25""#).count(), 1);
         assert_eq!(json.matches(r#""masquerade":null"#).count(), 2);
     }
 
