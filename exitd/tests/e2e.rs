@@ -128,7 +128,7 @@ fn exit_end_to_end() {
             .get_options_iter()
             .find(|o| o.get_number().0 == 2)
             .map(|o| u16::from_be_bytes([o.payload()[0], o.payload()[1]]));
-        assert!(mss.is_some_and(|m| m <= 1262), "MSS not clamped: {mss:?}");
+        assert!(mss.is_some_and(|m| m <= 1264), "MSS not clamped: {mss:?}");
 
         // The same over IPv6: ICMPv6 echo and a TCP handshake (MSS clamped for IPv6).
         c.send(Command::Data, &icmp_echo6(v6, internet6, 0x4d57, 1));
@@ -145,7 +145,7 @@ fn exit_end_to_end() {
             .get_options_iter()
             .find(|o| o.get_number().0 == 2)
             .map(|o| u16::from_be_bytes([o.payload()[0], o.payload()[1]]));
-        assert!(mss.is_some_and(|m| m <= 1242), "IPv6 MSS not clamped: {mss:?}");
+        assert!(mss.is_some_and(|m| m <= 1244), "IPv6 MSS not clamped: {mss:?}");
 
         // Refused at the exit: denied classes, port 25, a spoofed source, malformed packets.
         for dst in [[10, 1, 2, 3], [169, 254, 169, 254], [127, 0, 0, 1], [100, 64, 0, 1], [224, 0, 0, 1]] {

@@ -106,7 +106,7 @@ pub struct ExitArgs {
     /// Packets per run, each a round trip (sent, echoed, received).
     #[arg(long, default_value_t = 200_000)]
     pub packets: u64,
-    /// Bytes per IP packet (IPv4 + UDP headers + payload): 36 up to the TUN MTU, 1302.
+    /// Bytes per IP packet (IPv4 + UDP headers + payload): 36 up to the TUN MTU, 1304.
     #[arg(long, default_value_t = 1200)]
     pub size: usize,
     /// exitd worker threads.
@@ -1024,7 +1024,10 @@ fn config_text(args: &ExitArgs, key_dir: &Path) -> String {
          circuit_rate = {unlimited}\n\
          circuit_burst = {unlimited}\n\
          exit_rate = {unlimited}\n\
-         exit_burst = {unlimited}\n",
+         exit_burst = {unlimited}\n\
+         attach_rate = {unlimited}\n\
+         attach_burst = 1000000\n\
+         sessions_per_source = 1000000\n",
         key_dir.display(),
         args.workers,
         !args.no_pin,

@@ -47,7 +47,7 @@ pub mod tso;
 pub use setup::configure;
 
 /// The size of one packet buffer in a batch: room for any packet at an MTU up to 2048 (exitd
-/// uses [`DEFAULT_MTU`], 1302).
+/// uses [`DEFAULT_MTU`], 1304).
 pub const PACKET_BUF_LEN: usize = 2048;
 
 /// The MTU exitd gives its device: the largest IP packet one cell carries through a full-length
@@ -494,7 +494,7 @@ mod tests {
         let v6 = "fd00:8::1/64".parse().unwrap();
         assert_eq!(configure("mvexit0", 1279, v4, v6).unwrap_err().kind(), io::ErrorKind::InvalidInput);
         assert_eq!(configure("mvexit0", 65536, v4, v6).unwrap_err().kind(), io::ErrorKind::InvalidInput);
-        assert_eq!(configure("-h", 1302, v4, v6).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(configure("-h", 1304, v4, v6).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]
@@ -509,6 +509,6 @@ mod tests {
 
     #[test]
     fn default_mtu_is_the_cell_payload() {
-        assert_eq!(DEFAULT_MTU, 1302);
+        assert_eq!(DEFAULT_MTU, 1304);
     }
 }

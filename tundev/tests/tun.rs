@@ -241,7 +241,7 @@ fn device_is_created_in_the_namespace_configured_and_gone_when_closed() {
 
         let links = ip_json(&["link", "show", "dev", DEV]);
         let link = &links[0];
-        assert_eq!(link["mtu"], 1302, "{link}");
+        assert_eq!(link["mtu"], 1304, "{link}");
         let state = link["operstate"].as_str().unwrap_or_default();
         assert!(state == "UP" || state == "UNKNOWN", "operstate {state}");
         let flags: Vec<&str> = link["flags"].as_array().unwrap().iter().filter_map(|f| f.as_str()).collect();
@@ -482,7 +482,7 @@ fn bad_arguments_are_errors() {
             tun::configure("nosuchdev0", DEFAULT_MTU, "10.9.0.1/24".parse().unwrap(), "fd09::1/64".parse().unwrap())
                 .unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("ip link set dev nosuchdev0 mtu 1302"), "{message}");
+        assert!(message.contains("ip link set dev nosuchdev0 mtu 1304"), "{message}");
         assert!(message.to_lowercase().contains("nosuchdev0") && message.contains("failed"), "{message}");
         // A template name gets a real one from the kernel.
         let tun = Tun::create("mvx%d", 1).expect("template");

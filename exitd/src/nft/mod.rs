@@ -15,9 +15,9 @@
 //!         iifname TUN ip daddr 10.0.0.0/8 [ip daddr != { ALLOWED }] counter drop  # one per denied prefix
 //!         iifname TUN meta l4proto { 6, 17, 33, 132, 136 } th dport 25 counter drop  # one per denied port
 //!         iifname TUN meta l4proto { 6, 17, 33, 132, 136 } th dport != { ALLOW_PORTS } counter drop
-//!         iifname TUN meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1262 ... set rt mtu
-//!         oifname TUN meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1262
-//!         # and the same for ipv6 with 1242
+//!         iifname TUN meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1264 ... set rt mtu
+//!         oifname TUN meta nfproto ipv4 tcp flags syn tcp option maxseg size set 1264
+//!         # and the same for ipv6 with 1244
 //!     }
 //!     chain input {         # type filter hook input priority filter; policy accept
 //!         iifname TUN ct status dnat meta l4proto { 6, 17 } th dport 53 accept  # a local resolver
@@ -397,7 +397,7 @@ mod tests {
 
     #[test]
     fn mss_defaults_follow_the_tun_mtu() {
-        assert_eq!((MSS_V4, MSS_V6), (1262, 1242));
+        assert_eq!((MSS_V4, MSS_V6), (1264, 1244));
     }
 
     #[test]
