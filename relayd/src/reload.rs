@@ -183,5 +183,21 @@ mod tests {
                 ("guard", Effect::Descriptor),
             ]
         );
+        let new = parse(
+            "[limits]\nmax_circuits = 9\nload_create_rate = 0\ncookie_rate = 5\n[stun]\nalternate_port = 9002\nrate = 1\nburst = 2\nglobal_rate = 3\n",
+        );
+        let got: Vec<_> = diff(&old, &new).into_iter().map(|c| (c.key, c.effect)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("stun.alternate_port", Effect::Restart),
+                ("stun.rate", Effect::Applied),
+                ("stun.burst", Effect::Applied),
+                ("stun.global_rate", Effect::Applied),
+                ("limits.max_circuits", Effect::Applied),
+                ("limits.load_create_rate", Effect::Applied),
+                ("limits.cookie_rate", Effect::Applied),
+            ]
+        );
     }
 }

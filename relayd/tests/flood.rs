@@ -322,3 +322,35 @@ fn dual_stack_listener_keys_ipv4_peers_canonically() {
     assert_eq!(sum(&m, "relayd_cookies_total", "result=\"valid\""), 1.0);
     handle.shutdown();
 }
+
+/// SIGHUP's path (`RelayHandle::update`, as `reload.rs` calls it): new STUN rates and a new
+/// circuit cap reach the workers and the control thread at once.
+#[test]
+fn reloaded_limits_reach_the_workers() {
+    use cellproto::stun::Message;
+    use relayd::config::{ExtendPolicy, Limits, StunOptions};
+    use relayd::control::ControlUpdate;
+    let r = start_relay("reloadlimits", 2, "auto", "[metrics]\nlisten = \"127.0.0.1:1\"\n");
+    let stun = StunOptions { rate: 0.001, burst: 3, ..StunOptions::default() };
+    let limits = Limits { max_circuits: 7, ..Limits::default() };
+    let targets = relayd::extend::ExtendTargets::from_config(&ExtendPolicy::default()).unwrap();
+    r.handle.update(ControlUpdate { limits, stun: stun.replies(), targets, onion: None });
+    let m = metrics_until(&r, |m| m.get("relayd_circuit_cap{what=\"limit\"}") == Some(&7.0));
+    assert_eq!(m["relayd_circuit_cap{what=\"limit\"}"], 7.0, "the control thread did not take the new cap");
+    // The workers took theirs before the control thread's next message, so STUN sent now
+    // meets the new burst of 3.
+    let sock = UdpSocket::bind("127.0.0.5:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    for i in 0..20u8 {
+        let mut req = [0u8; 64];
+        let n = Message::binding_request([i; 12]).encode(&mut req, true).unwrap();
+        sock.send_to(&req[..n], r.hop.addr).unwrap();
+    }
+    let mut buf = [0u8; 512];
+    let mut answers = 0;
+    while sock.recv_from(&mut buf).is_ok() {
+        answers += 1;
+    }
+    assert_eq!(answers, 3, "the new STUN burst is not in force");
+    r.handle.shutdown();
+}
