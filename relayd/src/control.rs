@@ -103,8 +103,8 @@ pub enum ToWorker {
     Limits {
         /// STUN answers.
         stun: ReplyLimits,
-        /// COOKIE answers.
-        cookie: ReplyLimits,
+        /// CREATEs examined and COOKIE answers under load.
+        cookie: crate::cookies::CookieLimits,
         /// Sources without a per-source COOKIE limit (`limits.exempt`).
         exempt: Vec<IpNet>,
     },
@@ -213,7 +213,7 @@ impl Control {
 
     fn send_limits(&self, l: &crate::config::Limits, stun: ReplyLimits) {
         for w in 0..self.workers.len() {
-            let msg = ToWorker::Limits { stun, cookie: l.cookie_replies(), exempt: l.exempt.clone() };
+            let msg = ToWorker::Limits { stun, cookie: l.cookie_limits(), exempt: l.exempt.clone() };
             self.send(w, msg);
         }
     }

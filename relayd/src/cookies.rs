@@ -9,7 +9,7 @@
 //! own clock is the rotation count (the control thread decides when to rotate).
 
 use crate::datapath::Outgoing;
-use crate::ratelimit::{LoadState, LocalTrigger, ReplyLimiter, ReplyLimits};
+use crate::ratelimit::{Bucket, LoadState, LocalTrigger, ReplyLimiter, ReplyLimits};
 use cellproto::cell::CELL_LEN;
 use cellproto::relay::cookie::{COOKIE_ROTATION, CookieJar};
 use ipnet::IpNet;
@@ -53,6 +53,16 @@ impl Drop for CookieSeed {
     }
 }
 
+/// A worker's limits under load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CookieLimits {
+    /// COOKIE answers: per source, and per worker in all.
+    pub replies: ReplyLimits,
+    /// CREATEs a worker examines (cookie MAC, and COOKIE answer) per second under load; beyond
+    /// it they are dropped before any cryptography, so a flood's CPU cost is bounded.
+    pub checks: f64,
+}
+
 /// What became of a CREATE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateCheck {
@@ -68,6 +78,13 @@ pub enum CreateCheck {
     Malformed,
     /// Under load before the first seed arrived (only at start): dropped.
     NoSecret,
+    /// Under load, over the worker's budget of CREATEs examined: dropped unexamined.
+    Shed,
+}
+
+/// A tenth of a second's worth of checks.
+fn check_burst(rate: f64) -> f64 {
+    (rate / 10.0).max(1.0)
 }
 
 /// A worker's cookie state.
@@ -77,6 +94,8 @@ pub struct CreateGuard {
     clock: Instant,
     trigger: LocalTrigger,
     replies: ReplyLimiter,
+    checks: Bucket,
+    check_rate: f64,
     exempt: Vec<IpNet>,
     rng: ChaCha20Rng,
 }
@@ -88,13 +107,16 @@ impl std::fmt::Debug for CreateGuard {
 }
 
 impl CreateGuard {
-    /// Answers COOKIEs within `replies` (per source, except `exempt` sources, and in all).
-    pub fn new(now: Instant, replies: ReplyLimits, exempt: Vec<IpNet>) -> Self {
+    /// Examines CREATEs and answers COOKIEs within `limits` (per source, except `exempt`
+    /// sources, and in all).
+    pub fn new(now: Instant, limits: CookieLimits, exempt: Vec<IpNet>) -> Self {
         Self {
             jar: None,
             clock: now,
             trigger: LocalTrigger::new(now),
-            replies: ReplyLimiter::new(replies, now),
+            replies: ReplyLimiter::new(limits.replies, now),
+            checks: Bucket::full(check_burst(limits.checks), now),
+            check_rate: limits.checks,
             exempt,
             rng: ChaCha20Rng::from_rng(OsRng).unwrap_or_else(|_| ChaCha20Rng::from_seed(CookieSeed::generate().0)),
         }
@@ -112,9 +134,10 @@ impl CreateGuard {
         }
     }
 
-    /// New COOKIE answer limits and exempt sources (SIGHUP).
-    pub fn reconfigure(&mut self, replies: ReplyLimits, exempt: Vec<IpNet>) {
-        self.replies.reconfigure(replies);
+    /// New limits and exempt sources (SIGHUP).
+    pub fn reconfigure(&mut self, limits: CookieLimits, exempt: Vec<IpNet>) {
+        self.replies.reconfigure(limits.replies);
+        self.check_rate = limits.checks;
         self.exempt = exempt;
     }
 
@@ -135,6 +158,9 @@ impl CreateGuard {
     ) -> CreateCheck {
         if !self.trigger.create(load, now) {
             return CreateCheck::Forward;
+        }
+        if !self.checks.take(self.check_rate, check_burst(self.check_rate), now) {
+            return CreateCheck::Shed;
         }
         let Some(jar) = &self.jar else { return CreateCheck::NoSecret };
         if jar.check(from, cell) {
@@ -181,8 +207,8 @@ mod tests {
         (cell, message)
     }
 
-    fn limits() -> ReplyLimits {
-        ReplyLimits { rate: 3.0, burst: 5, global_rate: 1e6 }
+    fn limits() -> CookieLimits {
+        CookieLimits { replies: ReplyLimits { rate: 3.0, burst: 5, global_rate: 1e6 }, checks: 1e6 }
     }
 
     #[test]
@@ -239,5 +265,31 @@ mod tests {
         // Not under load: everything goes on, no cookie involved.
         let calm = LoadState::new(1e9);
         assert_eq!(g.check(&calm, now, spoofed, &cell, &mut out), CreateCheck::Forward);
+    }
+
+    /// The attack: a flood far above what COOKIE answers allow still makes the worker compute
+    /// the cookie MAC of each CREATE. Beyond `checks` per second they are dropped unexamined.
+    #[test]
+    fn a_flood_beyond_the_check_budget_is_dropped_unexamined() {
+        let keys = RelayKeys { identity: [1; 32], onion_key: *OnionSecret::generate(&mut OsRng).public() };
+        let now = Instant::now();
+        let load = LoadState::new(0.0);
+        let limits = CookieLimits { replies: ReplyLimits { rate: 1e6, burst: 1000, global_rate: 1e6 }, checks: 1000.0 };
+        let mut g = CreateGuard::new(now, limits, Vec::new());
+        g.seed(&CookieSeed::generate());
+        let (cell, _) = create(&keys, None, None);
+        let mut out = Vec::new();
+        let from: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let results: Vec<_> = (0..1000).map(|_| g.check(&load, now, from, &cell, &mut out)).collect();
+        assert_eq!(
+            results.iter().filter(|r| **r == CreateCheck::CookieSent).count(),
+            100,
+            "a tenth of a second's worth"
+        );
+        assert_eq!(results.iter().filter(|r| **r == CreateCheck::Shed).count(), 900);
+        let later = now + std::time::Duration::from_secs(1);
+        let sent =
+            (0..2000).filter(|_| g.check(&load, later, from, &cell, &mut out) == CreateCheck::CookieSent).count();
+        assert_eq!(sent, 100, "the budget refills at its rate, up to its burst");
     }
 }

@@ -39,7 +39,8 @@ pub const fn drop_index(r: DropReason) -> usize {
         DropReason::Limit => 7,
     }
 }
-/// [`DROP_LABELS`] index of cells dropped because the control plane's queue was full.
+/// [`DROP_LABELS`] index of cells dropped because the control plane's queue was full, and of
+/// CREATEs under load beyond the worker's budget of CREATEs examined (`limits.cookie_check_rate`).
 /// (CREATEs refused by the per-source limits are counted by the control thread, as
 /// `relayd_handshakes_total{result="rate_limited"}`.)
 pub const DROP_OVERLOAD: usize = 8;

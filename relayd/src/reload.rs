@@ -41,7 +41,7 @@ pub struct Change {
 /// The keys that differ between `old` and `new`, with what each needs.
 pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     use Effect::*;
-    let checks: [(&'static str, bool, Effect); 27] = [
+    let checks: [(&'static str, bool, Effect); 28] = [
         ("listen", old.listen != new.listen, Restart),
         ("key_dir", old.key_dir != new.key_dir, Restart),
         ("workers", old.workers != new.workers, Restart),
@@ -62,6 +62,7 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         ("limits.max_circuits", old.limits.max_circuits != new.limits.max_circuits, Applied),
         ("limits.load_create_rate", old.limits.load_create_rate != new.limits.load_create_rate, Applied),
         ("limits.cookie_rate", old.limits.cookie_rate != new.limits.cookie_rate, Applied),
+        ("limits.cookie_check_rate", old.limits.cookie_check_rate != new.limits.cookie_check_rate, Applied),
         ("extend", old.extend != new.extend, Applied),
         ("nickname", old.nickname != new.nickname, Descriptor),
         ("operator", old.operator != new.operator, Descriptor),
@@ -184,7 +185,7 @@ mod tests {
             ]
         );
         let new = parse(
-            "[limits]\nmax_circuits = 9\nload_create_rate = 0\ncookie_rate = 5\n[stun]\nalternate_port = 9002\nrate = 1\nburst = 2\nglobal_rate = 3\n",
+            "[limits]\nmax_circuits = 9\nload_create_rate = 0\ncookie_rate = 5\ncookie_check_rate = 6\n[stun]\nalternate_port = 9002\nrate = 1\nburst = 2\nglobal_rate = 3\n",
         );
         let got: Vec<_> = diff(&old, &new).into_iter().map(|c| (c.key, c.effect)).collect();
         assert_eq!(
@@ -197,6 +198,7 @@ mod tests {
                 ("limits.max_circuits", Effect::Applied),
                 ("limits.load_create_rate", Effect::Applied),
                 ("limits.cookie_rate", Effect::Applied),
+                ("limits.cookie_check_rate", Effect::Applied),
             ]
         );
     }

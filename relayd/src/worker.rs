@@ -116,7 +116,7 @@ impl Worker {
             terminal: None,
             // The control thread sends the configured limits and the cookie secret before this
             // worker runs (`ToWorker::Limits`, `ToWorker::Cookies`); until then, the defaults.
-            guard: CreateGuard::new(Instant::now(), crate::config::Limits::default().cookie_replies(), Vec::new()),
+            guard: CreateGuard::new(Instant::now(), crate::config::Limits::default().cookie_limits(), Vec::new()),
             stun_limits: ReplyLimiter::new(crate::config::StunOptions::default().replies(), Instant::now()),
         }
     }
@@ -369,11 +369,11 @@ impl Worker {
             CreateCheck::CookieSent => self.counters.cookies_sent += 1,
             CreateCheck::Limited => self.drop(DROP_COOKIE_LIMIT),
             CreateCheck::Malformed => self.drop(drop_index(DropReason::Malformed)),
-            CreateCheck::NoSecret => self.drop(DROP_OVERLOAD),
+            CreateCheck::NoSecret | CreateCheck::Shed => self.drop(DROP_OVERLOAD),
         }
     }
 
-    fn set_limits(&mut self, stun: ReplyLimits, cookie: ReplyLimits, exempt: Vec<ipnet::IpNet>) {
+    fn set_limits(&mut self, stun: ReplyLimits, cookie: crate::cookies::CookieLimits, exempt: Vec<ipnet::IpNet>) {
         self.stun_limits.reconfigure(stun);
         self.guard.reconfigure(cookie, exempt);
     }

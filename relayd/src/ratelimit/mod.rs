@@ -72,7 +72,7 @@ impl Bucket {
     }
 
     /// Spends a token that [`Bucket::ready`] found.
-    fn spend(&mut self) {
+    pub(crate) fn spend(&mut self) {
         self.tokens -= 1.0;
     }
 
