@@ -37,6 +37,10 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// Drops of one reason are logged at most this often (with the count since the last line).
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
+/// CREATEs held from one poll to the end of it (beyond: dropped as overload). CREATEs are
+/// handled after the poll has sent the batch's cells, so their cryptography under load (the
+/// cookie MAC, a COOKIE answer: several µs each) never delays established circuits' cells.
+const CREATE_BACKLOG: usize = 1024;
 
 /// Logs drops at a bounded rate: counting is always exact, logging is not per cell.
 #[derive(Debug)]
@@ -87,6 +91,8 @@ pub struct Worker {
     guard: CreateGuard,
     /// STUN answer limits.
     stun_limits: ReplyLimiter,
+    /// CREATEs received in this poll, handled once it has sent its cells.
+    creates: Vec<(SocketAddr, [u8; CELL_LEN])>,
 }
 
 impl Worker {
@@ -118,6 +124,7 @@ impl Worker {
             // worker runs (`ToWorker::Limits`, `ToWorker::Cookies`); until then, the defaults.
             guard: CreateGuard::new(Instant::now(), crate::config::Limits::default().cookie_limits(), Vec::new()),
             stun_limits: ReplyLimiter::new(crate::config::StunOptions::default().replies(), Instant::now()),
+            creates: Vec::new(),
         }
     }
 
@@ -162,6 +169,8 @@ impl Worker {
                 out.clear();
                 self.out = out;
             }
+            // The batch's cells are sent: now the CREATEs (their answers go out next round).
+            self.handle_creates();
             if let Err(e) = polled {
                 warn!(worker = self.index, "data path error: {e}");
                 std::thread::sleep(Duration::from_millis(10));
@@ -309,7 +318,12 @@ impl Worker {
                 self.counters.cells_in += 1;
                 let id = lcid(cell);
                 if id == HANDSHAKE_LCID {
-                    self.create(now, d.from, cell);
+                    self.counters.creates += 1;
+                    if self.creates.len() < CREATE_BACKLOG {
+                        self.creates.push((d.from, *cell));
+                    } else {
+                        self.drop(DROP_OVERLOAD);
+                    }
                 } else if self.pending.contains(&id) {
                     self.tell_control(ToControl::Created { from: d.from, cell: Box::new(*cell) });
                 } else {
@@ -357,9 +371,23 @@ impl Worker {
         }
     }
 
+    /// The CREATEs of the last poll.
+    fn handle_creates(&mut self) {
+        if self.creates.is_empty() {
+            return;
+        }
+        // The poll may have waited: the limits' clocks want the time now.
+        let now = Instant::now();
+        let mut creates = std::mem::take(&mut self.creates);
+        for (from, cell) in &creates {
+            self.create(now, *from, cell);
+        }
+        creates.clear();
+        self.creates = creates;
+    }
+
     /// A CREATE: under load, only one with a valid cookie goes on to the control thread.
     fn create(&mut self, now: Instant, from: SocketAddr, cell: &[u8; CELL_LEN]) {
-        self.counters.creates += 1;
         match self.guard.check(&self.registry.load, now, from, cell, &mut self.out) {
             CreateCheck::Forward => self.tell_control(ToControl::Create { from, cell: Box::new(*cell) }),
             CreateCheck::ForwardWithCookie => {
