@@ -22,7 +22,8 @@
 //!   kernel, on one clock.
 //! - With `--sync` (how `perf relay` runs it) it speaks a line protocol on stdin/stdout so the
 //!   orchestrator can read the relay's CPU time exactly around each blast: `ready PORT`, then per
-//!   round `start N` (answered `go`) and `end N` (answered `ok`), and at last one JSON line.
+//!   round `start N` (answered `go`) and `end N RECEIVED SECS SENT` (the round's cells received,
+//!   its seconds and cells sent; answered `ok`), and at last one JSON line.
 //!
 //! Everything is bounded: circuit building 20 s, sending 60 s in all, waiting for the last cells
 //! 2 s after the last arrival.
@@ -329,7 +330,11 @@ fn drive(
         crate::sys::wait_quiet(&shared.received, result.sent, QUIET_ROUND);
         let last_ns = shared.last_arrival_ns.load(Ordering::Relaxed).max(first_ns);
         result.cpu_secs += sys::process_cpu(me)? - cpu0;
-        sync.ask(&format!("end {}", result.rounds), "ok")?;
+        // The round's own figures for orchestrators that compare rounds (`perf flood`):
+        // cells received so far in this round, its seconds, cells sent.
+        let round_received = shared.received.load(Ordering::Relaxed) - received0;
+        let round_secs = (last_ns - first_ns) as f64 / 1e9;
+        sync.ask(&format!("end {} {round_received} {round_secs:.6} {sent}", result.rounds), "ok")?;
         result.blast_secs += (last_ns - first_ns) as f64 / 1e9;
         result.received_measured += shared.received.load(Ordering::Relaxed) - received0;
         base += sent as u64;

@@ -7,6 +7,10 @@
 //! `perf loadgen`: this binary re-executing itself), so the relay's CPU time can be read from
 //! `/proc` on its own.
 //!
+//! `perf flood` measures what a flood does to relayd: established circuits' throughput alone and
+//! while a CREATE flood from many spoofed sources and an EXTEND flood from one circuit hit the
+//! relay, honest circuit builds during the flood, and the relay's memory.
+//!
 //! `perf exit` measures exitd's round trip (IP packets in DATA cells through 1-hop circuits into
 //! its TUN, out with NAT to an echo server and back) against plain kernel routing of the same
 //! packets, in network namespaces it creates (root only); exitd runs as `perf exit-child`.
@@ -14,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod exit;
+mod flood;
 mod loadgen;
 mod orchestrate;
 mod sys;
@@ -38,6 +43,10 @@ struct Cli {
 enum Cmd {
     /// Benchmark relayd against its null forwarder and a plain tokio relay (loopback only).
     Relay(orchestrate::RelayArgs),
+    /// Established circuits' throughput through relayd alone and under a CREATE flood from
+    /// spoofed sources and an EXTEND flood; honest builds during the flood; relay memory
+    /// (loopback; spoofs with a raw socket when run as root).
+    Flood(flood::FloodArgs),
     /// The load generator: builds 2-hop circuits through a relay to a sink in this process and
     /// blasts DATA cells through them (started by `perf relay`).
     Loadgen(loadgen::LoadgenArgs),
@@ -72,6 +81,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Relay(args) => orchestrate::run(args),
+        Cmd::Flood(args) => flood::run(args),
         Cmd::Exit(args) => exit::run(args),
         Cmd::ExitChild { config } => {
             sys::die_with_parent();

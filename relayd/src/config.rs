@@ -1,6 +1,8 @@
 //! relayd's TOML configuration. Every option is documented in `relayd.example.toml`, which
 //! runs as is on loopback; unknown keys and bad values are errors that name the key.
 
+use crate::cookies::CookieLimits;
+use crate::ratelimit::ReplyLimits;
 use ipnet::IpNet;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -110,12 +112,40 @@ pub struct Config {
 }
 
 /// STUN options.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StunOptions {
     /// A second UDP port on the listen address for RFC 5780 NAT behaviour discovery
     /// (OTHER-ADDRESS, CHANGE-REQUEST change-port). None: plain RFC 8489 Binding only.
     pub alternate_port: Option<u16>,
+    /// STUN answers per second per source (IPv4 address, IPv6 /64): a 20-byte request gets
+    /// up to 124 bytes, so unlimited answers would make the relay an amplifier.
+    #[serde(default = "default_stun_rate")]
+    pub rate: f64,
+    /// STUN answer burst per source.
+    #[serde(default = "default_stun_burst")]
+    pub burst: u32,
+    /// STUN answers per second per worker over all sources (and on the alternate port).
+    #[serde(default = "default_reply_global_rate")]
+    pub global_rate: f64,
+}
+
+impl Default for StunOptions {
+    fn default() -> Self {
+        Self {
+            alternate_port: None,
+            rate: default_stun_rate(),
+            burst: default_stun_burst(),
+            global_rate: default_reply_global_rate(),
+        }
+    }
+}
+
+impl StunOptions {
+    /// The answer limits.
+    pub fn replies(&self) -> ReplyLimits {
+        ReplyLimits { rate: self.rate, burst: self.burst, global_rate: self.global_rate }
+    }
 }
 
 /// Switches for the `perf` harness, accepted only by a relayd built with the `bench` feature
@@ -130,7 +160,8 @@ pub struct Bench {
     pub null_forwarder: bool,
 }
 
-/// Per-source limits (Tor's DoS defaults: 3 circuits/s, burst 90).
+/// Limits on circuit creation: per source (Tor's DoS defaults: 3 circuits/s, burst 90), in all,
+/// and when CREATEs need a cookie.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -143,9 +174,35 @@ pub struct Limits {
     /// Live circuits per source IP.
     #[serde(default = "default_max_circuits")]
     pub max_circuits_per_ip: u32,
-    /// Sources exempt from these limits (other relays, e.g. from the directory).
+    /// Sources exempt from the per-source limits (other relays, e.g. from the directory). They
+    /// still need a cookie under load and count against `max_circuits`.
     #[serde(default)]
     pub exempt: Vec<IpNet>,
+    /// Live circuits in all, from every source (exempt ones included).
+    #[serde(default = "default_max_circuits_total")]
+    pub max_circuits: u32,
+    /// CREATEs per second (all sources) above which the relay is under load: CREATEs then need
+    /// a cookie (one more round trip for clients) before they cost a handshake. 0: always.
+    #[serde(default = "default_load_create_rate")]
+    pub load_create_rate: f64,
+    /// COOKIE answers per second per worker over all sources (per source: `create_rate` and
+    /// `create_burst`; exempt sources only this).
+    #[serde(default = "default_reply_global_rate")]
+    pub cookie_rate: f64,
+    /// CREATEs per second per worker examined under load (cookie MAC, COOKIE answer); beyond
+    /// it they are dropped before any cryptography, so a flood's CPU cost is bounded.
+    #[serde(default = "default_cookie_check_rate")]
+    pub cookie_check_rate: f64,
+}
+
+impl Limits {
+    /// The limits under load, for the workers.
+    pub fn cookie_limits(&self) -> CookieLimits {
+        CookieLimits {
+            replies: ReplyLimits { rate: self.create_rate, burst: self.create_burst, global_rate: self.cookie_rate },
+            checks: self.cookie_check_rate,
+        }
+    }
 }
 
 /// Where EXTEND may go.
@@ -180,6 +237,10 @@ impl Default for Limits {
             create_burst: default_burst(),
             max_circuits_per_ip: default_max_circuits(),
             exempt: Vec::new(),
+            max_circuits: default_max_circuits_total(),
+            load_create_rate: default_load_create_rate(),
+            cookie_rate: default_reply_global_rate(),
+            cookie_check_rate: default_cookie_check_rate(),
         }
     }
 }
@@ -214,6 +275,34 @@ fn default_burst() -> u32 {
 }
 fn default_max_circuits() -> u32 {
     1000
+}
+/// See relayd/README.md ("Floods and spoofing"): a circuit costs the relay about 9 KiB
+/// (measured), so 50,000 circuits hold some 450 MiB, room on a 2 GiB cloud VM, and several times
+/// what a busy Tor relay carries.
+fn default_max_circuits_total() -> u32 {
+    50_000
+}
+/// A handshake costs the control thread about 0.1 ms (three X25519), so it does some 10,000 a
+/// second; 1,000 a second leaves it mostly idle and is far above what honest clients send.
+fn default_load_create_rate() -> f64 {
+    1000.0
+}
+/// Twice `cookie_rate`: a flood up to that rate is examined in full (honest clients get their
+/// cookie at `cookie_rate / flood rate`); beyond, the worker spends at most about 0.3 core on it
+/// (3.5 µs to check a CREATE, 4.2 µs more to answer it, measured).
+fn default_cookie_check_rate() -> f64 {
+    40_000.0
+}
+fn default_stun_rate() -> f64 {
+    10.0
+}
+fn default_stun_burst() -> u32 {
+    20
+}
+/// 20,000 answers a second per worker: about 29 MB/s of COOKIEs at most (1:1 with what a
+/// flooder sends), 2.5 MB/s of STUN answers.
+fn default_reply_global_rate() -> f64 {
+    20_000.0
 }
 
 impl Config {
@@ -250,6 +339,27 @@ impl Config {
         }
         if config.limits.create_burst == 0 {
             return Err(bad("limits.create_burst", "must be at least 1"));
+        }
+        if config.limits.max_circuits == 0 {
+            return Err(bad("limits.max_circuits", "must be at least 1"));
+        }
+        if !(config.limits.load_create_rate >= 0.0 && config.limits.load_create_rate.is_finite()) {
+            return Err(bad("limits.load_create_rate", "must be 0 (always under load) or a positive number"));
+        }
+        if !(config.limits.cookie_rate > 0.0 && config.limits.cookie_rate.is_finite()) {
+            return Err(bad("limits.cookie_rate", "must be a positive number"));
+        }
+        if !(config.limits.cookie_check_rate > 0.0 && config.limits.cookie_check_rate.is_finite()) {
+            return Err(bad("limits.cookie_check_rate", "must be a positive number"));
+        }
+        if !(config.stun.rate > 0.0 && config.stun.rate.is_finite()) {
+            return Err(bad("stun.rate", "must be a positive number"));
+        }
+        if config.stun.burst == 0 {
+            return Err(bad("stun.burst", "must be at least 1"));
+        }
+        if !(config.stun.global_rate > 0.0 && config.stun.global_rate.is_finite()) {
+            return Err(bad("stun.global_rate", "must be a positive number"));
         }
         if config.idle_timeout_secs == 0 {
             return Err(bad("idle_timeout_secs", "must be at least 1"));
@@ -300,7 +410,15 @@ mod tests {
     fn example_config_parses() {
         let text = include_str!("../relayd.example.toml");
         let c = Config::parse(text, Path::new("relayd.example.toml")).unwrap();
-        assert_eq!(c.limits.create_burst, 90);
+        assert_eq!(c.limits, Limits::default(), "the example lists the defaults");
+        assert_eq!(c.stun, StunOptions::default());
+    }
+
+    #[test]
+    fn packaged_config_parses() {
+        let text = include_str!("../../deploy/debian/relayd.toml");
+        let c = Config::parse(text, Path::new("relayd.toml")).unwrap();
+        assert_eq!((c.limits.clone(), c.stun.clone()), (Limits::default(), StunOptions::default()));
     }
 
     #[test]
@@ -320,6 +438,18 @@ mod tests {
         let err =
             Config::parse(&format!("{base}[limits]\ncreate_rate = 0\n"), Path::new("x.toml")).unwrap_err().to_string();
         assert!(err.contains("limits.create_rate"), "{err}");
+        for (extra, key) in [
+            ("[limits]\nmax_circuits = 0\n", "limits.max_circuits"),
+            ("[limits]\nload_create_rate = -1\n", "limits.load_create_rate"),
+            ("[limits]\ncookie_rate = 0\n", "limits.cookie_rate"),
+            ("[limits]\ncookie_check_rate = nan\n", "limits.cookie_check_rate"),
+            ("[stun]\nrate = 0\n", "stun.rate"),
+            ("[stun]\nburst = 0\n", "stun.burst"),
+            ("[stun]\nglobal_rate = inf\n", "stun.global_rate"),
+        ] {
+            let err = Config::parse(&format!("{base}{extra}"), Path::new("x.toml")).unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     /// The null forwarder is refused unless the build is perf's (feature `bench`). `cargo test

@@ -1,17 +1,22 @@
-//! The control thread: handshakes (CREATE), EXTEND and CREATED, per-source limits, LCID
-//! allocation. It owns cellproto's sans-IO [`ControlPlane`] and talks to the workers over
-//! crossbeam channels; a flood of CREATEs queues here, never in front of established circuits.
+//! The control thread: handshakes (CREATE), EXTEND and CREATED, per-source limits, the global
+//! circuit cap, the under-load state and the cookie secrets, LCID allocation. It owns
+//! cellproto's sans-IO [`ControlPlane`] and talks to the workers over crossbeam channels; a
+//! flood of CREATEs queues here, never in front of established circuits, and under load only
+//! CREATEs with a valid cookie get here at all (the workers check it, see [`crate::cookies`]).
 
 use crate::config::Config;
+use crate::cookies::CookieSeed;
 use crate::datapath::{Outgoing, Waker};
 use crate::extend::ExtendTargets;
-use crate::metrics::{ControlStats, Registry};
-use crate::ratelimit::SourceLimits;
+use crate::metrics::{ControlStats, REFUSED_CIRCUIT_CAP, Registry, refusal_index};
+use crate::ratelimit::{LOAD_TICK, LoadMonitor, ReplyLimits, SourceKey, SourceLimits};
 use cellproto::cell::{CELL_LEN, is_valid_lcid, lcid};
 use cellproto::command::{Extend, Extended, reason};
 use cellproto::relay::control::{Answer, ControlError, ControlPlane, Created, Expired};
+use cellproto::relay::cookie::COOKIE_ROTATION;
 use cellproto::relay::{HopCircuit, Link};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use ipnet::IpNet;
 use rand_core::{OsRng, RngCore};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -92,6 +97,17 @@ pub enum ToWorker {
     },
     /// Cells on this LCID are no longer CREATEDs (the EXTEND's circuit closed).
     ForgetCreated(u32),
+    /// The cookie secret: the first seed, or the next one (rotation).
+    Cookies(CookieSeed),
+    /// Limits on the answers the worker sends unasked-for (at start and on SIGHUP).
+    Limits {
+        /// STUN answers.
+        stun: ReplyLimits,
+        /// CREATEs examined and COOKIE answers under load.
+        cookie: crate::cookies::CookieLimits,
+        /// Sources without a per-source COOKIE limit (`limits.exempt`).
+        exempt: Vec<IpNet>,
+    },
 }
 
 /// Main thread → control: settings changed by SIGHUP (see [`crate::reload`]).
@@ -99,6 +115,8 @@ pub enum ToWorker {
 pub struct ControlUpdate {
     /// The new `[limits]`.
     pub limits: crate::config::Limits,
+    /// The new STUN answer limits (`stun.rate`, `stun.burst`, `stun.global_rate`).
+    pub stun: ReplyLimits,
     /// The new EXTEND target policy (`[extend]`).
     pub targets: ExtendTargets,
     /// New onion keys (current first), if they changed on disk (rotation), and when the
@@ -141,7 +159,12 @@ pub struct Control {
     wakers: Vec<Waker>,
     next_worker: usize,
     used: HashSet<u32>,
-    sources: HashMap<u32, IpAddr>,
+    /// Circuits made by CREATE (previous-link LCID) and the source they are charged to (none:
+    /// exempt). Its length is what `limits.max_circuits` caps.
+    sources: HashMap<u32, Option<SourceKey>>,
+    max_circuits: usize,
+    load: LoadMonitor,
+    rotated: Instant,
     registry: Arc<Registry>,
     updates: Option<Receiver<ControlUpdate>>,
 }
@@ -158,7 +181,9 @@ impl Control {
         registry: Arc<Registry>,
     ) -> Self {
         let l = &config.limits;
-        Self {
+        let now = Instant::now();
+        registry.control.circuit_limit.store(u64::from(l.max_circuits), Ordering::Relaxed);
+        let this = Self {
             plane,
             limits: SourceLimits::new(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt.clone()),
             targets,
@@ -167,8 +192,30 @@ impl Control {
             next_worker: 0,
             used: HashSet::new(),
             sources: HashMap::new(),
+            max_circuits: l.max_circuits as usize,
+            load: LoadMonitor::new(now),
+            rotated: now,
             registry,
             updates: None,
+        };
+        // Queued before the workers start: their first round takes the secret and the limits.
+        this.send_cookie_seed();
+        this.send_limits(l, config.stun.replies());
+        this
+    }
+
+    /// A fresh cookie secret for every worker (at start, then every [`COOKIE_ROTATION`]).
+    fn send_cookie_seed(&self) {
+        let seed = CookieSeed::generate();
+        for w in 0..self.workers.len() {
+            self.send(w, ToWorker::Cookies(seed.clone()));
+        }
+    }
+
+    fn send_limits(&self, l: &crate::config::Limits, stun: ReplyLimits) {
+        for w in 0..self.workers.len() {
+            let msg = ToWorker::Limits { stun, cookie: l.cookie_limits(), exempt: l.exempt.clone() };
+            self.send(w, msg);
         }
     }
 
@@ -185,9 +232,15 @@ impl Control {
             create_burst = l.create_burst,
             max_circuits_per_ip = l.max_circuits_per_ip,
             exempt = l.exempt.len(),
+            max_circuits = l.max_circuits,
+            load_create_rate = l.load_create_rate,
             extend_relays = ?u.targets.relay_count(),
             "reload: limits in force"
         );
+        self.send_limits(&l, u.stun);
+        self.max_circuits = l.max_circuits as usize;
+        self.stats().circuit_limit.store(u64::from(l.max_circuits), Ordering::Relaxed);
+        self.registry.load.set_threshold(l.load_create_rate);
         self.limits.reconfigure(l.create_rate, l.create_burst, l.max_circuits_per_ip, l.exempt);
         self.targets = u.targets;
         if let Some((keys, previous_until)) = u.onion {
@@ -228,7 +281,7 @@ impl Control {
             while let Some(u) = self.updates.as_ref().and_then(|rx| rx.try_recv().ok()) {
                 self.apply(u);
             }
-            match inbox.recv_timeout(Duration::from_millis(100)) {
+            match inbox.recv_timeout(LOAD_TICK) {
                 Ok(msg) => self.handle(Instant::now(), msg),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -238,6 +291,7 @@ impl Control {
             stats.answered_creates.store(self.plane.answered_len() as u64, Ordering::Relaxed);
             stats.lcids_in_use.store(self.used.len() as u64, Ordering::Relaxed);
             let now = Instant::now();
+            self.watch_load(now, inbox.len());
             if now.duration_since(last_expire) >= Duration::from_secs(1) {
                 last_expire = now;
                 self.limits.prune(now);
@@ -249,6 +303,20 @@ impl Control {
                     self.send(worker, ToWorker::ExtendFailed { circuit, reason: reason::CONNECT_FAILED, reply_lcid });
                 }
             }
+        }
+    }
+
+    /// The under-load state (see [`crate::ratelimit::LoadMonitor`]) and cookie rotation.
+    fn watch_load(&mut self, now: Instant, queue: usize) {
+        let creates = self.registry.workers.iter().map(|w| w.creates()).sum();
+        match self.load.observe(&self.registry.load, now, creates, queue) {
+            Some(true) => info!(queue, "under load: CREATEs need a cookie"),
+            Some(false) => info!("no longer under load"),
+            None => {}
+        }
+        if now.saturating_duration_since(self.rotated) >= COOKIE_ROTATION {
+            self.rotated = now;
+            self.send_cookie_seed();
         }
     }
 
@@ -282,8 +350,11 @@ impl Control {
             ToControl::Closed { lcids } => {
                 for id in lcids {
                     self.used.remove(&id);
-                    if let Some(ip) = self.sources.remove(&id) {
-                        self.limits.closed(ip);
+                    if let Some(charged) = self.sources.remove(&id) {
+                        if let Some(key) = charged {
+                            self.limits.closed(key);
+                        }
+                        self.stats().circuits.store(self.sources.len() as u64, Ordering::Relaxed);
                     }
                     // An EXTEND still pending for a circuit that is gone: free its reply id too.
                     if let Some(reply_lcid) = self.plane.circuit_closed(id) {
@@ -296,10 +367,19 @@ impl Control {
     }
 
     fn create(&mut self, now: Instant, from: SocketAddr, cell: &[u8; CELL_LEN]) {
-        if !self.limits.allow_create(from.ip(), now) {
-            ControlStats::bump(&self.stats().rate_limited);
+        // The global cap first, for every source: exempt ones count against it too.
+        if self.sources.len() >= self.max_circuits {
+            ControlStats::bump(&self.stats().refused[REFUSED_CIRCUIT_CAP]);
             return;
         }
+        let charged = match self.limits.check_create(from.ip(), now) {
+            Ok(charged) => charged,
+            Err(why) => {
+                ControlStats::bump(&self.stats().rate_limited);
+                ControlStats::bump(&self.stats().refused[refusal_index(why)]);
+                return;
+            }
+        };
         let worker = self.next_worker;
         let workers = self.workers.len();
         let used = &mut self.used;
@@ -320,9 +400,12 @@ impl Control {
                 ControlStats::bump(&self.stats().handshakes_ok);
                 self.next_worker = (worker + 1) % workers;
                 if let Some(id) = allocated {
-                    self.sources.insert(id, from.ip());
+                    self.sources.insert(id, charged);
+                    if let Some(key) = charged {
+                        self.limits.opened(key);
+                    }
+                    self.stats().circuits.store(self.sources.len() as u64, Ordering::Relaxed);
                 }
-                self.limits.opened(from.ip());
                 let reply = Outgoing { to: from, data: reply.to_vec() };
                 self.send(worker, ToWorker::Install { circuit, reply });
             }

@@ -8,8 +8,9 @@
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
 //! | [`worker`] | the data-plane pipeline: classify → process in place → route |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
+//! | [`cookies`] | cookies under load, checked and answered in the workers |
 //! | [`extend`] | where EXTEND may send a CREATE |
-//! | [`ratelimit`] | per-source CREATE limits |
+//! | [`ratelimit`] | per-source limits (CREATE, STUN and COOKIE answers), the under-load state |
 //! | [`stun`] | STUN Binding answers on the relay port |
 //! | [`metrics`] | Prometheus counters and endpoint |
 //! | [`relay`] | wiring it all together |
@@ -20,6 +21,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod cookies;
 pub mod datapath;
 pub mod descriptor;
 pub mod extend;

@@ -48,7 +48,8 @@ enum Cmd {
     #[command(subcommand)]
     Authority(AuthorityCmd),
     /// Run the relay until SIGTERM or SIGINT; SIGHUP re-reads the configuration (applies
-    /// `[limits]`, `extend`, `log_level` and rotated onion keys; logs keys that need a restart).
+    /// `[limits]`, the STUN rates, `extend`, `log_level` and rotated onion keys; logs keys that
+    /// need a restart).
     Run {
         /// Configuration file (see relayd.example.toml).
         #[arg(long)]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Drop reasons, in metric order: cellproto's, then relayd's own.
-pub const DROP_LABELS: [&str; 9] = [
+pub const DROP_LABELS: [&str; 11] = [
     DropReason::UnknownCircuit.label(),
     DropReason::Malformed.label(),
     DropReason::BadTag.label(),
@@ -22,6 +22,8 @@ pub const DROP_LABELS: [&str; 9] = [
     DropReason::WrongPeer.label(),
     DropReason::Limit.label(),
     "overload",
+    "stun_limit",
+    "cookie_limit",
 ];
 
 /// Index of a drop reason in [`DROP_LABELS`].
@@ -37,10 +39,16 @@ pub const fn drop_index(r: DropReason) -> usize {
         DropReason::Limit => 7,
     }
 }
-/// [`DROP_LABELS`] index of cells dropped because the control plane's queue was full.
+/// [`DROP_LABELS`] index of cells dropped because the control plane's queue was full, and of
+/// CREATEs under load beyond the worker's budget of CREATEs examined (`limits.cookie_check_rate`).
 /// (CREATEs refused by the per-source limits are counted by the control thread, as
 /// `relayd_handshakes_total{result="rate_limited"}`.)
 pub const DROP_OVERLOAD: usize = 8;
+/// [`DROP_LABELS`] index of STUN requests not answered: over the per-source or per-worker rate.
+pub const DROP_STUN_LIMIT: usize = 9;
+/// [`DROP_LABELS`] index of CREATEs without a valid cookie under load whose COOKIE answer was
+/// over the per-source or per-worker rate (so they got no answer at all).
+pub const DROP_COOKIE_LIMIT: usize = 10;
 
 /// A worker's counters as plain integers (owned by the worker thread).
 #[derive(Debug, Default, Clone)]
@@ -53,6 +61,12 @@ pub struct WorkerCounters {
     pub drops: [u64; DROP_LABELS.len()],
     /// STUN requests answered.
     pub stun: u64,
+    /// CREATEs that arrived (before any limit or cookie check).
+    pub creates: u64,
+    /// COOKIE answers sent (CREATEs under load without a valid cookie).
+    pub cookies_sent: u64,
+    /// CREATEs under load with a valid cookie (passed on to the control thread).
+    pub cookies_valid: u64,
     /// Live circuits.
     pub circuits: u64,
     /// The data path's own counters (datagrams, send batches, errors).
@@ -67,6 +81,8 @@ pub struct WorkerStats {
     cells_out: AtomicU64,
     drops: [AtomicU64; DROP_LABELS.len()],
     stun: AtomicU64,
+    creates: AtomicU64,
+    cookies: [AtomicU64; 2],
     circuits: AtomicU64,
     datapath: [AtomicU64; 5],
 }
@@ -80,6 +96,9 @@ impl WorkerStats {
             a.store(v, Ordering::Relaxed);
         }
         self.stun.store(c.stun, Ordering::Relaxed);
+        self.creates.store(c.creates, Ordering::Relaxed);
+        self.cookies[0].store(c.cookies_sent, Ordering::Relaxed);
+        self.cookies[1].store(c.cookies_valid, Ordering::Relaxed);
         self.circuits.store(c.circuits, Ordering::Relaxed);
         let d = &c.datapath;
         for (a, v) in self.datapath.iter().zip([d.rx_datagrams, d.tx_datagrams, d.tx_batches, d.rx_errors, d.tx_errors])
@@ -99,6 +118,9 @@ impl WorkerStats {
             cells_out: self.cells_out.load(Ordering::Relaxed),
             drops,
             stun: self.stun.load(Ordering::Relaxed),
+            creates: self.creates.load(Ordering::Relaxed),
+            cookies_sent: self.cookies[0].load(Ordering::Relaxed),
+            cookies_valid: self.cookies[1].load(Ordering::Relaxed),
             circuits: self.circuits.load(Ordering::Relaxed),
             datapath: {
                 let [rx_datagrams, tx_datagrams, tx_batches, rx_errors, tx_errors] =
@@ -106,6 +128,11 @@ impl WorkerStats {
                 DatapathStats { rx_datagrams, tx_datagrams, tx_batches, rx_errors, tx_errors }
             },
         }
+    }
+
+    /// CREATEs this worker has counted so far (last published).
+    pub fn creates(&self) -> u64 {
+        self.creates.load(Ordering::Relaxed)
     }
 }
 
@@ -118,6 +145,12 @@ pub struct ControlStats {
     pub handshakes_failed: AtomicU64,
     /// CREATEs refused by the per-source limits.
     pub rate_limited: AtomicU64,
+    /// CREATEs refused, by [`REFUSAL_LABELS`] index.
+    pub refused: [AtomicU64; REFUSAL_LABELS.len()],
+    /// Live circuits created by CREATE (what `limits.max_circuits` caps).
+    pub circuits: AtomicU64,
+    /// `limits.max_circuits`.
+    pub circuit_limit: AtomicU64,
     /// EXTENDs carried out.
     pub extends: AtomicU64,
     /// EXTENDs refused or unanswered.
@@ -128,6 +161,26 @@ pub struct ControlStats {
     pub answered_creates: AtomicU64,
     /// LCIDs allocated, for circuits and pending EXTENDs (gauge).
     pub lcids_in_use: AtomicU64,
+}
+
+/// Why the control thread refused a CREATE, in metric order: the per-source limits
+/// ([`crate::ratelimit::Refusal`]), then the global circuit cap.
+pub const REFUSAL_LABELS: [&str; 4] = [
+    crate::ratelimit::Refusal::Rate.label(),
+    crate::ratelimit::Refusal::SourceCircuits.label(),
+    crate::ratelimit::Refusal::Table.label(),
+    "circuit_cap",
+];
+/// [`REFUSAL_LABELS`] index of the global circuit cap.
+pub const REFUSED_CIRCUIT_CAP: usize = 3;
+
+/// [`REFUSAL_LABELS`] index of a per-source refusal.
+pub const fn refusal_index(r: crate::ratelimit::Refusal) -> usize {
+    match r {
+        crate::ratelimit::Refusal::Rate => 0,
+        crate::ratelimit::Refusal::SourceCircuits => 1,
+        crate::ratelimit::Refusal::Table => 2,
+    }
 }
 
 impl ControlStats {
@@ -152,6 +205,10 @@ pub struct Registry {
     pub reloads_ok: AtomicU64,
     /// See `reloads_ok`.
     pub reloads_failed: AtomicU64,
+    /// Whether the relay is under load (CREATEs need a cookie), shared with the workers.
+    pub load: crate::ratelimit::LoadState,
+    /// STUN requests on the alternate port not answered (over the rate limits).
+    pub stun_alternate_limited: AtomicU64,
     /// More series appended by what embeds the engine (exitd's), set once after start.
     pub extra: std::sync::OnceLock<Box<dyn Fn() -> String + Send + Sync>>,
 }
@@ -163,9 +220,12 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// A registry for `workers` workers.
-    pub fn new(workers: usize, datapath: &'static str) -> Self {
+    /// A registry for `workers` workers; the relay is under load above `load_create_rate`
+    /// CREATEs per second (`limits.load_create_rate`, 0: always).
+    pub fn new(workers: usize, datapath: &'static str, load_create_rate: f64) -> Self {
         Self {
+            load: crate::ratelimit::LoadState::new(load_create_rate),
+            stun_alternate_limited: AtomicU64::new(0),
             workers: (0..workers).map(|_| WorkerStats::default()).collect(),
             control: ControlStats::default(),
             datapath,
@@ -182,10 +242,11 @@ impl Registry {
         let _ = writeln!(out, "# HELP relayd_info Build and data path.\n# TYPE relayd_info gauge");
         let _ =
             writeln!(out, "relayd_info{{version=\"{}\",datapath=\"{}\"}} 1", env!("CARGO_PKG_VERSION"), self.datapath);
-        let per_worker: [PerWorker; 4] = [
+        let per_worker: [PerWorker; 5] = [
             ("relayd_cells_in_total", "counter", "Cells received.", |c| c.cells_in),
             ("relayd_cells_out_total", "counter", "Cells sent.", |c| c.cells_out),
             ("relayd_stun_requests_total", "counter", "STUN Binding requests answered.", |c| c.stun),
+            ("relayd_creates_total", "counter", "CREATEs that arrived, before any limit.", |c| c.creates),
             ("relayd_circuits", "gauge", "Live circuits.", |c| c.circuits),
         ];
         for (name, kind, help, get) in per_worker {
@@ -228,6 +289,15 @@ impl Registry {
                 let _ = writeln!(out, "relayd_drops_total{{worker=\"{i}\",reason=\"{label}\"}} {v}");
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP relayd_cookies_total CREATEs under load: COOKIE answered (sent), or carrying a valid cookie (valid).\n# TYPE relayd_cookies_total counter"
+        );
+        for (i, c) in snaps.iter().enumerate() {
+            let _ = writeln!(out, "relayd_cookies_total{{worker=\"{i}\",result=\"sent\"}} {}", c.cookies_sent);
+            let _ = writeln!(out, "relayd_cookies_total{{worker=\"{i}\",result=\"valid\"}} {}", c.cookies_valid);
+        }
+        self.render_load(&mut out);
         let c = &self.control;
         let _ =
             writeln!(out, "# HELP relayd_handshakes_total CREATE handshakes.\n# TYPE relayd_handshakes_total counter");
@@ -265,10 +335,50 @@ impl Registry {
             "relayd_config_reloads_total{{result=\"failed\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP relayd_stun_alternate_limited_total STUN requests on the alternate port not answered (rate limits).\n# TYPE relayd_stun_alternate_limited_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "relayd_stun_alternate_limited_total {}",
+            self.stun_alternate_limited.load(Ordering::Relaxed)
+        );
         if let Some(extra) = self.extra.get() {
             out.push_str(&extra());
         }
         out
+    }
+}
+
+impl Registry {
+    /// The load state and the control thread's CREATE refusals and circuit cap.
+    fn render_load(&self, out: &mut String) {
+        let c = &self.control;
+        let _ = writeln!(
+            out,
+            "# HELP relayd_under_load 1 while CREATEs need a cookie.\n# TYPE relayd_under_load gauge\nrelayd_under_load {}",
+            u8::from(self.load.under_load())
+        );
+        let _ = writeln!(
+            out,
+            "# HELP relayd_under_load_entered_total Times the relay went under load.\n# TYPE relayd_under_load_entered_total counter\nrelayd_under_load_entered_total {}",
+            self.load.times_entered()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP relayd_creates_refused_total CREATEs refused by the control thread, by reason.\n# TYPE relayd_creates_refused_total counter"
+        );
+        for (label, v) in REFUSAL_LABELS.iter().zip(&c.refused) {
+            let _ = writeln!(out, "relayd_creates_refused_total{{reason=\"{label}\"}} {}", v.load(Ordering::Relaxed));
+        }
+        // Not named relayd_circuits_*: that prefix is the per-worker live-circuit gauge.
+        let _ = writeln!(
+            out,
+            "# HELP relayd_circuit_cap Live circuits made by CREATE (used) against limits.max_circuits (limit).\n# TYPE relayd_circuit_cap gauge\nrelayd_circuit_cap{{what=\"used\"}} {}\nrelayd_circuit_cap{{what=\"limit\"}} {}",
+            c.circuits.load(Ordering::Relaxed),
+            c.circuit_limit.load(Ordering::Relaxed)
+        );
     }
 }
 

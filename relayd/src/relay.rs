@@ -33,12 +33,17 @@ pub struct RelayHandle {
     /// The counters.
     pub registry: Arc<Registry>,
     updates: crossbeam_channel::Sender<ControlUpdate>,
+    /// New STUN limits for the alternate-port thread, if there is one.
+    stun_updates: Option<crossbeam_channel::Sender<crate::ratelimit::ReplyLimits>>,
 }
 
 impl RelayHandle {
     /// Hands new limits, EXTEND policy and onion keys to the control thread (SIGHUP); it
     /// applies them within its next poll (≤ 100 ms).
     pub fn update(&self, update: ControlUpdate) {
+        if let Some(tx) = &self.stun_updates {
+            let _ = tx.send(update.stun);
+        }
         // The control thread is gone only while shutting down.
         let _ = self.updates.send(update);
     }
@@ -98,7 +103,7 @@ pub fn start_with(
         warn!("bench.null_forwarder is on: cells are forwarded WITHOUT cryptography (benchmark only)");
     }
 
-    let registry = Arc::new(Registry::new(workers, kind));
+    let registry = Arc::new(Registry::new(workers, kind, config.limits.load_create_rate));
     let stop = Arc::new(AtomicBool::new(false));
     let (to_control, control_inbox) = crossbeam_channel::bounded::<ToControl>(CONTROL_QUEUE);
     let mut inboxes = Vec::with_capacity(workers);
@@ -133,6 +138,7 @@ pub fn start_with(
         std::thread::Builder::new().name("control".into()).spawn(move || control.run(control_inbox, control_stop))?,
     );
 
+    let mut stun_updates = None;
     let stun_alternate = match config.stun.alternate_port {
         Some(port) => {
             let addr = SocketAddr::new(local_addr.ip(), port);
@@ -140,7 +146,17 @@ pub fn start_with(
                 .with_context(|| format!("cannot bind the STUN alternate port {addr} (stun.alternate_port)"))?;
             let addr = alt.local_addr()?;
             let (tx, rx) = crossbeam_channel::bounded(1024);
-            threads.push(crate::stun::serve_alternate(alt, primary, rx, stop.clone())?);
+            let (limits_tx, limits_rx) = crossbeam_channel::unbounded();
+            stun_updates = Some(limits_tx);
+            let alternate = crate::stun::Alternate {
+                socket: alt,
+                primary,
+                handover: rx,
+                limits: config.stun.replies(),
+                updates: limits_rx,
+                registry: registry.clone(),
+            };
+            threads.push(crate::stun::serve_alternate(alternate, stop.clone())?);
             info!(%addr, "RFC 5780 alternate STUN port");
             Some((addr, tx))
         }
@@ -169,5 +185,5 @@ pub fn start_with(
         ),
         None => None,
     };
-    Ok(RelayHandle { stop, threads, local_addr, metrics_addr, registry, updates })
+    Ok(RelayHandle { stop, threads, local_addr, metrics_addr, registry, updates, stun_updates })
 }

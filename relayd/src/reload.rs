@@ -1,6 +1,7 @@
 //! SIGHUP: re-read the configuration and apply what is safe to change in a running relay.
 //!
-//! Applied at once: `[limits]` (all four keys), `[extend]` (its directory re-read), `log_level`, and the
+//! Applied at once: `[limits]` (every key), the STUN rates (`stun.rate`, `stun.burst`,
+//! `stun.global_rate`), `[extend]` (its directory re-read), `log_level`, and the
 //! onion keys in `key_dir` (rotation: `relayd rotate-onion`). Used only by `relayd descriptor`,
 //! so in effect for the next descriptor: `nickname`, `operator`, `bandwidth`, `guard`,
 //! `public_addresses`, `descriptor_lifetime_secs`. Everything else (sockets, threads, the data
@@ -40,7 +41,7 @@ pub struct Change {
 /// The keys that differ between `old` and `new`, with what each needs.
 pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
     use Effect::*;
-    let checks: [(&'static str, bool, Effect); 21] = [
+    let checks: [(&'static str, bool, Effect); 28] = [
         ("listen", old.listen != new.listen, Restart),
         ("key_dir", old.key_dir != new.key_dir, Restart),
         ("workers", old.workers != new.workers, Restart),
@@ -48,13 +49,20 @@ pub fn diff(old: &Config, new: &Config) -> Vec<Change> {
         ("datapath", old.datapath != new.datapath, Restart),
         ("idle_timeout_secs", old.idle_timeout_secs != new.idle_timeout_secs, Restart),
         ("metrics.listen", old.metrics != new.metrics, Restart),
-        ("stun.alternate_port", old.stun != new.stun, Restart),
+        ("stun.alternate_port", old.stun.alternate_port != new.stun.alternate_port, Restart),
+        ("stun.rate", old.stun.rate != new.stun.rate, Applied),
+        ("stun.burst", old.stun.burst != new.stun.burst, Applied),
+        ("stun.global_rate", old.stun.global_rate != new.stun.global_rate, Applied),
         ("bench.null_forwarder", old.bench != new.bench, Restart),
         ("log_level", old.log_level != new.log_level, Applied),
         ("limits.create_rate", old.limits.create_rate != new.limits.create_rate, Applied),
         ("limits.create_burst", old.limits.create_burst != new.limits.create_burst, Applied),
         ("limits.max_circuits_per_ip", old.limits.max_circuits_per_ip != new.limits.max_circuits_per_ip, Applied),
         ("limits.exempt", old.limits.exempt != new.limits.exempt, Applied),
+        ("limits.max_circuits", old.limits.max_circuits != new.limits.max_circuits, Applied),
+        ("limits.load_create_rate", old.limits.load_create_rate != new.limits.load_create_rate, Applied),
+        ("limits.cookie_rate", old.limits.cookie_rate != new.limits.cookie_rate, Applied),
+        ("limits.cookie_check_rate", old.limits.cookie_check_rate != new.limits.cookie_check_rate, Applied),
         ("extend", old.extend != new.extend, Applied),
         ("nickname", old.nickname != new.nickname, Descriptor),
         ("operator", old.operator != new.operator, Descriptor),
@@ -108,8 +116,12 @@ impl Reloader {
         // The previous onion key lives as long as the longest-lived descriptor that named it.
         let lifetime = self.running.descriptor_lifetime_secs.max(new.descriptor_lifetime_secs);
         let previous_until = keys.previous_until(lifetime, crate::cli::unix_now());
-        let new_keys = rotated.then_some((keys.onion, previous_until));
-        relay.update(ControlUpdate { limits: new.limits.clone(), targets, onion: new_keys });
+        relay.update(ControlUpdate {
+            limits: new.limits.clone(),
+            stun: new.stun.replies(),
+            targets,
+            onion: rotated.then_some((keys.onion, previous_until)),
+        });
         if rotated {
             self.onion = onion;
             changes.push(Change { key: "key_dir (onion keys)", effect: Effect::Applied });
@@ -117,6 +129,10 @@ impl Reloader {
         let r = &mut self.running;
         r.log_level = new.log_level.clone();
         r.limits = new.limits.clone();
+        // The rates apply at once; the alternate port needs a restart (kept as running).
+        r.stun.rate = new.stun.rate;
+        r.stun.burst = new.stun.burst;
+        r.stun.global_rate = new.stun.global_rate;
         r.extend = new.extend.clone();
         r.nickname = new.nickname.clone();
         r.operator = new.operator.clone();
@@ -169,6 +185,23 @@ mod tests {
                 ("log_level", Effect::Applied),
                 ("limits.create_burst", Effect::Applied),
                 ("guard", Effect::Descriptor),
+            ]
+        );
+        let new = parse(
+            "[limits]\nmax_circuits = 9\nload_create_rate = 0\ncookie_rate = 5\ncookie_check_rate = 6\n[stun]\nalternate_port = 9002\nrate = 1\nburst = 2\nglobal_rate = 3\n",
+        );
+        let got: Vec<_> = diff(&old, &new).into_iter().map(|c| (c.key, c.effect)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("stun.alternate_port", Effect::Restart),
+                ("stun.rate", Effect::Applied),
+                ("stun.burst", Effect::Applied),
+                ("stun.global_rate", Effect::Applied),
+                ("limits.max_circuits", Effect::Applied),
+                ("limits.load_create_rate", Effect::Applied),
+                ("limits.cookie_rate", Effect::Applied),
+                ("limits.cookie_check_rate", Effect::Applied),
             ]
         );
     }

@@ -6,14 +6,21 @@
 //! CHANGE-REQUEST with "change port" is answered from the other port. "Change IP" needs a
 //! second address, which a relay does not have: such requests, and the attributes we do not
 //! implement (PADDING, RESPONSE-PORT), get 420 Unknown Attribute as RFC 8489 §6.3.1.1 asks.
+//!
+//! Answers are rate-limited per source (IPv4 address, IPv6 /64) and per worker in all
+//! (`stun.rate`, `stun.burst`, `stun.global_rate`; SPEC.md §14 says SHOULD): a request of 20
+//! bytes gets up to 124 back, which would otherwise make the relay an amplifier for spoofed
+//! requests. Requests over the limits are dropped and counted (`reason="stun_limit"`).
 
 use crate::datapath::Outgoing;
+use crate::metrics::Registry;
+use crate::ratelimit::{ReplyLimiter, ReplyLimits};
 use cellproto::stun::{self, Attribute, Class, METHOD_BINDING, Message};
 use crossbeam_channel::{Receiver, Sender};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::warn;
 
 /// Largest STUN reply we produce (header, a few addresses, an error reason, fingerprint).
@@ -66,28 +73,56 @@ pub fn reply(from: SocketAddr, local: SocketAddr, other: Option<SocketAddr>, dat
     Some(Answer { data: out, from_other })
 }
 
-/// The alternate-port STUN socket: answers requests that arrive on it, and sends the
-/// change-port answers the workers hand over. `primary` is a handle on the main port's socket,
-/// for change-port answers to requests that came to the alternate port.
-pub fn serve_alternate(
-    alt: UdpSocket,
-    primary: UdpSocket,
-    handover: Receiver<Outgoing>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// The alternate-port STUN socket and what its thread needs.
+pub struct Alternate {
+    /// The socket on `stun.alternate_port`.
+    pub socket: UdpSocket,
+    /// A handle on the main port's socket, for change-port answers to requests that came to
+    /// the alternate port.
+    pub primary: UdpSocket,
+    /// Change-port answers the workers hand over (sent from the alternate port).
+    pub handover: Receiver<Outgoing>,
+    /// Answer limits (`stun.rate`, `stun.burst`, `stun.global_rate`).
+    pub limits: ReplyLimits,
+    /// New answer limits (SIGHUP).
+    pub updates: Receiver<ReplyLimits>,
+    /// Where requests over the limits are counted.
+    pub registry: Arc<Registry>,
+}
+
+/// Serves the alternate port: answers requests that arrive on it (within the same limits as
+/// the workers, with a limiter of its own), and sends the change-port answers the workers hand
+/// over.
+pub fn serve_alternate(a: Alternate, stop: Arc<AtomicBool>) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let Alternate { socket: alt, primary, handover, limits, updates, registry } = a;
     let alt_addr = alt.local_addr()?;
     let primary_addr = primary.local_addr()?;
     alt.set_read_timeout(Some(Duration::from_millis(20)))?;
     std::thread::Builder::new().name("stun-alt".into()).spawn(move || {
         let mut buf = [0u8; 2048];
+        let mut limiter = ReplyLimiter::new(limits, Instant::now());
+        let mut last_prune = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            while let Ok(l) = updates.try_recv() {
+                limiter.reconfigure(l);
+            }
             while let Ok(o) = handover.try_recv() {
                 if let Err(e) = alt.send_to(&o.data, o.to) {
                     warn!("STUN change-port answer to {} failed: {e}", o.to);
                 }
             }
+            let now = Instant::now();
+            if now.duration_since(last_prune) >= Duration::from_secs(1) {
+                last_prune = now;
+                limiter.prune(now);
+            }
             let Ok((n, from)) = alt.recv_from(&mut buf) else { continue };
             if !stun::is_stun(&buf[..n]) {
+                continue;
+            }
+            let from = cellproto::relay::canonical_addr(from);
+            if limiter.allow(from.ip(), Instant::now()).is_err() {
+                registry.stun_alternate_limited.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if let Some(answer) = reply(from, alt_addr, Some(primary_addr), &buf[..n]) {

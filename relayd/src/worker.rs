@@ -2,10 +2,16 @@
 //! circuits. Per batch: classify (cell, STUN, junk) → `process_batch` in place → route
 //! (send, deliver to this hop, hand handshakes to the control thread). Nothing here locks or
 //! does an atomic read-modify-write per cell; counters are plain and published periodically.
+//! CREATEs are checked for a cookie under load here ([`crate::cookies`]: one relaxed load of
+//! the shared flag per CREATE), and STUN answers are rate-limited per source and in all.
 
 use crate::control::{ToControl, ToWorker};
+use crate::cookies::{CreateCheck, CreateGuard};
 use crate::datapath::{Action, Datagram, Datapath, DatapathStats, Outgoing};
-use crate::metrics::{DROP_LABELS, DROP_OVERLOAD, Registry, WorkerCounters, drop_index};
+use crate::metrics::{
+    DROP_COOKIE_LIMIT, DROP_LABELS, DROP_OVERLOAD, DROP_STUN_LIMIT, Registry, WorkerCounters, drop_index,
+};
+use crate::ratelimit::{ReplyLimiter, ReplyLimits};
 use crate::terminal::Terminal;
 use cellproto::cell::{CELL_LEN, Command, HANDSHAKE_LCID, lcid};
 use cellproto::command::{decode_ping, reason};
@@ -31,6 +37,10 @@ const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// Drops of one reason are logged at most this often (with the count since the last line).
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
+/// CREATEs held from one poll to the end of it (beyond: dropped as overload). CREATEs are
+/// handled after the poll has sent the batch's cells, so their cryptography under load (the
+/// cookie MAC, a COOKIE answer: several µs each) never delays established circuits' cells.
+const CREATE_BACKLOG: usize = 1024;
 
 /// Logs drops at a bounded rate: counting is always exact, logging is not per cell.
 #[derive(Debug)]
@@ -77,6 +87,12 @@ pub struct Worker {
     stun_alternate: Option<(SocketAddr, crate::stun::Handover)>,
     /// The exit's hook, if this relay is an exit.
     terminal: Option<Box<dyn Terminal>>,
+    /// Cookies under load and the COOKIE answer limits.
+    guard: CreateGuard,
+    /// STUN answer limits.
+    stun_limits: ReplyLimiter,
+    /// CREATEs received in this poll, handled once it has sent its cells.
+    creates: Vec<(SocketAddr, [u8; CELL_LEN])>,
 }
 
 impl Worker {
@@ -104,6 +120,11 @@ impl Worker {
             null_forwarder: false,
             stun_alternate: None,
             terminal: None,
+            // The control thread sends the configured limits and the cookie secret before this
+            // worker runs (`ToWorker::Limits`, `ToWorker::Cookies`); until then, the defaults.
+            guard: CreateGuard::new(Instant::now(), crate::config::Limits::default().cookie_limits(), Vec::new()),
+            stun_limits: ReplyLimiter::new(crate::config::StunOptions::default().replies(), Instant::now()),
+            creates: Vec::new(),
         }
     }
 
@@ -148,6 +169,8 @@ impl Worker {
                 out.clear();
                 self.out = out;
             }
+            // The batch's cells are sent: now the CREATEs (their answers go out next round).
+            self.handle_creates();
             if let Err(e) = polled {
                 warn!(worker = self.index, "data path error: {e}");
                 std::thread::sleep(Duration::from_millis(10));
@@ -155,6 +178,8 @@ impl Worker {
             if now.duration_since(last_expire) >= EXPIRE_EVERY {
                 last_expire = now;
                 self.expire(now);
+                self.guard.prune(now);
+                self.stun_limits.prune(now);
             }
             if now.duration_since(last_publish) >= PUBLISH_EVERY {
                 last_publish = now;
@@ -212,6 +237,8 @@ impl Worker {
                 ToWorker::ForgetCreated(reply_lcid) => {
                     self.pending.remove(&reply_lcid);
                 }
+                ToWorker::Cookies(seed) => self.guard.seed(&seed),
+                ToWorker::Limits { stun, cookie, exempt } => self.set_limits(stun, cookie, exempt),
                 ToWorker::ExtendFailed { circuit, reason, reply_lcid } => {
                     if let Some(id) = reply_lcid {
                         self.pending.remove(&id);
@@ -281,7 +308,7 @@ impl Worker {
             for (i, d) in batch.iter_mut().enumerate() {
                 if d.data.len() != CELL_LEN {
                     if cellproto::stun::is_stun(d.data) {
-                        self.answer_stun(d.from, d.data);
+                        self.answer_stun(now, d.from, d.data);
                     } else {
                         self.drop(drop_index(DropReason::Malformed));
                     }
@@ -291,7 +318,12 @@ impl Worker {
                 self.counters.cells_in += 1;
                 let id = lcid(cell);
                 if id == HANDSHAKE_LCID {
-                    self.tell_control(ToControl::Create { from: d.from, cell: Box::new(*cell) });
+                    self.counters.creates += 1;
+                    if self.creates.len() < CREATE_BACKLOG {
+                        self.creates.push((d.from, *cell));
+                    } else {
+                        self.drop(DROP_OVERLOAD);
+                    }
                 } else if self.pending.contains(&id) {
                     self.tell_control(ToControl::Created { from: d.from, cell: Box::new(*cell) });
                 } else {
@@ -339,7 +371,46 @@ impl Worker {
         }
     }
 
-    fn answer_stun(&mut self, from: SocketAddr, request: &[u8]) {
+    /// The CREATEs of the last poll.
+    fn handle_creates(&mut self) {
+        if self.creates.is_empty() {
+            return;
+        }
+        // The poll may have waited: the limits' clocks want the time now.
+        let now = Instant::now();
+        let mut creates = std::mem::take(&mut self.creates);
+        for (from, cell) in &creates {
+            self.create(now, *from, cell);
+        }
+        creates.clear();
+        self.creates = creates;
+    }
+
+    /// A CREATE: under load, only one with a valid cookie goes on to the control thread.
+    fn create(&mut self, now: Instant, from: SocketAddr, cell: &[u8; CELL_LEN]) {
+        match self.guard.check(&self.registry.load, now, from, cell, &mut self.out) {
+            CreateCheck::Forward => self.tell_control(ToControl::Create { from, cell: Box::new(*cell) }),
+            CreateCheck::ForwardWithCookie => {
+                self.counters.cookies_valid += 1;
+                self.tell_control(ToControl::Create { from, cell: Box::new(*cell) });
+            }
+            CreateCheck::CookieSent => self.counters.cookies_sent += 1,
+            CreateCheck::Limited => self.drop(DROP_COOKIE_LIMIT),
+            CreateCheck::Malformed => self.drop(drop_index(DropReason::Malformed)),
+            CreateCheck::NoSecret | CreateCheck::Shed => self.drop(DROP_OVERLOAD),
+        }
+    }
+
+    fn set_limits(&mut self, stun: ReplyLimits, cookie: crate::cookies::CookieLimits, exempt: Vec<ipnet::IpNet>) {
+        self.stun_limits.reconfigure(stun);
+        self.guard.reconfigure(cookie, exempt);
+    }
+
+    fn answer_stun(&mut self, now: Instant, from: SocketAddr, request: &[u8]) {
+        // Before any work: a 20-byte request gets up to 124 bytes (amplification).
+        if self.stun_limits.allow(from.ip(), now).is_err() {
+            return self.drop(DROP_STUN_LIMIT);
+        }
         let other = self.stun_alternate.as_ref().map(|(addr, _)| *addr);
         let Some(answer) = crate::stun::reply(from, self.local, other, request) else { return };
         self.counters.stun += 1;

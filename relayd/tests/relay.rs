@@ -70,11 +70,12 @@ fn circuit_through_two_relays_recvmmsg_fallback() {
 }
 
 /// CREATEs straight from one neighbour socket: every handshake answered, circuits spread
-/// over all workers.
+/// over all workers. (Never under load: this neighbour does not answer cookies.)
 #[test]
 fn ten_thousand_circuits_from_one_neighbour_spread_over_workers() {
     let workers = 4;
-    let r = start_relay("spread", workers, "auto", LOOPBACK_OK);
+    let config = LOOPBACK_OK.replace("[limits]\n", "[limits]\nload_create_rate = 1e9\n");
+    let r = start_relay("spread", workers, "auto", &config);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let total = 10_000u32;
@@ -160,10 +161,11 @@ fn junk_is_dropped_and_counted() {
 }
 
 /// A CREATE flood from one source hits the limit (3/s, burst 90) while another source still
-/// builds a circuit.
+/// builds a circuit. (Without cookies: the relay is never under load here; `tests/flood.rs`
+/// has the same flood under load, where the cookie comes first.)
 #[test]
 fn create_flood_is_rate_limited_per_source() {
-    let r = start_relay("flood", 2, "auto", "[metrics]\nlisten = \"127.0.0.1:1\"\n");
+    let r = start_relay("flood", 2, "auto", "[limits]\nload_create_rate = 1e9\n[metrics]\nlisten = \"127.0.0.1:1\"\n");
     let flooder = UdpSocket::bind("127.0.0.1:0").unwrap();
     flooder.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let req = ClientRequest { hop: 1, offer_aes: true, link_secret: None };
