@@ -453,7 +453,10 @@ impl Control {
             // A retransmitted EXTEND inside the resend interval, or past the resend budget.
             Ok(None) => {}
             // A different EXTEND while one is pending: the first one stands.
-            Err(ControlError::ExtendPending) => debug!(circuit, "EXTEND refused: another is pending"),
+            Err(ControlError::ExtendPending) => {
+                ControlStats::bump(&self.stats().extends_failed);
+                debug!(circuit, "EXTEND refused: another is pending");
+            }
             Err(e) => {
                 debug!("EXTEND refused: {e}");
                 refuse(self, reason::PROTOCOL);
