@@ -70,7 +70,10 @@ fn exit(id: &RelayIdentity) -> RelayDescriptor {
         operator: "ops@example.org é".into(),
         bandwidth: 125_000_000,
         flags: FLAG_EXIT | FLAG_AES_HW | FLAG_GUARD,
-        exit_policy: Some(ExitPolicySummary { accept: true, ports: vec![(53, 53), (80, 80), (443, 443), (1000, 2000)] }),
+        exit_policy: Some(ExitPolicySummary {
+            accept: true,
+            ports: vec![(53, 53), (80, 80), (443, 443), (1000, 2000)],
+        }),
         protocol_versions: vec![1, 2],
         ..minimal(id)
     }
@@ -149,7 +152,10 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     out.push((
         "stun",
         "change-request",
-        stun(Message::binding_request(tid).with(Attribute::ChangeRequest { change_ip: false, change_port: true }), true),
+        stun(
+            Message::binding_request(tid).with(Attribute::ChangeRequest { change_ip: false, change_port: true }),
+            true,
+        ),
     ));
     out.push((
         "stun",
@@ -166,7 +172,10 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     out.push((
         "stun",
         "binding-error-420",
-        stun(Message::binding_error(tid, 420, "Unknown Attribute").with(Attribute::UnknownAttributes(vec![0x0029])), true),
+        stun(
+            Message::binding_error(tid, 420, "Unknown Attribute").with(Attribute::UnknownAttributes(vec![0x0029])),
+            true,
+        ),
     ));
     out
 }
