@@ -192,9 +192,12 @@ fn aes256_block_padding_openssl() {
 
 // ---- HKDF-SHA256 (RFC 5869 Appendix A, test cases 1-3) ---------------------------------------
 
+/// IKM, salt, info, OKM (hex).
+type HkdfCase = (Vec<u8>, Vec<u8>, Vec<u8>, &'static str);
+
 #[test]
 fn hkdf_sha256_rfc5869() {
-    let cases: [(Vec<u8>, Vec<u8>, Vec<u8>, &str); 3] = [
+    let cases: [HkdfCase; 3] = [
         (
             vec![0x0b; 22],
             h("000102030405060708090a0b0c"),
