@@ -12,7 +12,7 @@ use thiserror::Error;
 
 use crate::codec::{CodecError, Reader, Writer};
 use crate::identity::{
-    CertError, IdentityKey, OnionKeyCert, RelayIdentity, SIGNATURE_LEN, SignedOnionKeyCert, split_signature,
+    CertError, IdentityKey, OnionKeyCert, RelayIdentity, SIGNATURE_LEN, Signatures, SignedOnionKeyCert, split_signature,
 };
 
 /// Signature context of a relay descriptor.
@@ -246,14 +246,25 @@ impl RelayDescriptor {
     /// identity it names, every onion-key certificate's signature, every format rule, then
     /// that `now` is in the descriptor's window and some onion key is valid at `now`.
     pub fn decode_and_verify(bytes: &[u8], now: u64) -> Result<Self, DescriptorError> {
-        let desc = Self::decode_verified_untimed(bytes)?;
+        let desc = Self::decode_untimed(bytes, Signatures::Check)?;
         desc.check_time(now)?;
         Ok(desc)
     }
 
-    /// Everything [`Self::decode_and_verify`] checks except time; the directory checks
-    /// time against its own window instead of the reader's clock.
-    pub(crate) fn decode_verified_untimed(bytes: &[u8]) -> Result<Self, DescriptorError> {
+    /// Everything [`Self::decode_and_verify`] checks except the signatures (the descriptor's
+    /// and its onion-key certificates'; the 64 bytes of each must still be there), so a fuzzer
+    /// reaches the body parser. Exists only with the `fuzzing` feature.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn decode_ignoring_signatures(bytes: &[u8], now: u64) -> Result<Self, DescriptorError> {
+        let desc = Self::decode_untimed(bytes, Signatures::Ignore)?;
+        desc.check_time(now)?;
+        Ok(desc)
+    }
+
+    /// Everything [`Self::decode_and_verify`] checks except time (and signatures if `sigs`
+    /// says so); the directory checks time against its own window instead of the reader's clock.
+    pub(crate) fn decode_untimed(bytes: &[u8], sigs: Signatures) -> Result<Self, DescriptorError> {
         if bytes.len() > MAX_DESCRIPTOR_LEN {
             return Err(DescriptorError::TooLarge { len: bytes.len(), max: MAX_DESCRIPTOR_LEN });
         }
@@ -266,15 +277,16 @@ impl RelayDescriptor {
         }
         // Only the identity is read before the signature: it is the key to verify with.
         let identity = IdentityKey(r.array("descriptor identity")?);
-        identity.verify(DESCRIPTOR_CONTEXT, body, &sig).map_err(|_| DescriptorError::BadSignature { identity })?;
+        sigs.verify(&identity, DESCRIPTOR_CONTEXT, body, &sig)
+            .map_err(|_| DescriptorError::BadSignature { identity })?;
 
         let published = r.u64("descriptor published")?;
         let expires = r.u64("descriptor expires")?;
         let n_keys = count(&mut r, "onion key count", 1, MAX_ONION_KEYS)?;
         let mut onion_keys = Vec::with_capacity(n_keys);
         for index in 0..n_keys {
-            let cert = SignedOnionKeyCert::read_verified(&mut r)
-                .map_err(|error| DescriptorError::OnionKey { index, error })?;
+            let cert =
+                SignedOnionKeyCert::read(&mut r, sigs).map_err(|error| DescriptorError::OnionKey { index, error })?;
             onion_keys.push(cert);
         }
         let n_addrs = count(&mut r, "address count", 1, MAX_ADDRESSES)?;

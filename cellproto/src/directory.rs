@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::codec::{CodecError, Reader, Writer};
 use crate::descriptor::{DescriptorError, RelayDescriptor};
-use crate::identity::{IdentityKey, RelayIdentity, SIGNATURE_LEN, split_signature};
+use crate::identity::{IdentityKey, RelayIdentity, SIGNATURE_LEN, Signatures, split_signature};
 
 /// Signature context of a directory document.
 pub const DIRECTORY_CONTEXT: &[u8] = b"meshvpn directory v1\0";
@@ -185,7 +185,7 @@ impl Directory {
         let mut entries = Vec::with_capacity(relays_signed.len());
         let mut total = HEADER_LEN + SIGNATURE_LEN;
         for (index, bytes) in relays_signed.iter().enumerate() {
-            let desc = check_relay(index, bytes, published, expires)?;
+            let desc = check_relay(index, bytes, published, expires, Signatures::Check)?;
             entries.push((desc.identity, index, bytes.as_slice()));
             total = total.saturating_add(2 + bytes.len());
         }
@@ -228,15 +228,28 @@ impl Directory {
         authority
             .verify(DIRECTORY_CONTEXT, body, &sig)
             .map_err(|_| DirectoryError::BadSignature { authority: *authority })?;
-        Self::decode_body(body, now)
+        Self::decode_body(body, now, Signatures::Check)
     }
 
     /// Parses a directory body (everything but the trailing signature) WITHOUT checking the
-    /// authority's signature. Only for fuzzing the parser behind the signature check; never
-    /// use it on real input.
+    /// authority's signature (each descriptor's signatures are still checked). Only for
+    /// fuzzing and for diagnosing a document that failed verification; never trust its result.
     #[doc(hidden)]
     pub fn decode_unverified_for_fuzzing(body: &[u8], now: u64) -> Result<Self, DirectoryError> {
-        Self::decode_body(body, now)
+        Self::decode_body(body, now, Signatures::Check)
+    }
+
+    /// Everything [`Self::decode_and_verify`] checks except every signature: the authority's
+    /// (its 64 bytes must still be there), each descriptor's and each onion-key certificate's,
+    /// so a fuzzer reaches every parser behind them. Exists only with the `fuzzing` feature.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn decode_ignoring_signatures(bytes: &[u8], now: u64) -> Result<Self, DirectoryError> {
+        if bytes.len() > MAX_DIRECTORY_LEN {
+            return Err(DirectoryError::TooLarge { len: bytes.len(), max: MAX_DIRECTORY_LEN });
+        }
+        let (body, _) = split_signature(bytes, "directory signature")?;
+        Self::decode_body(body, now, Signatures::Ignore)
     }
 
     /// The relay with this identity, if listed.
@@ -244,8 +257,8 @@ impl Directory {
         self.relays.binary_search_by(|d| d.identity.cmp(identity)).ok().and_then(|i| self.relays.get(i))
     }
 
-    /// Parses an authenticated body.
-    fn decode_body(body: &[u8], now: u64) -> Result<Self, DirectoryError> {
+    /// Parses an authenticated body (descriptors' signatures checked as `sigs` says).
+    fn decode_body(body: &[u8], now: u64, sigs: Signatures) -> Result<Self, DirectoryError> {
         let mut r = Reader::new(body);
         let magic = r.u8("directory magic")?;
         let version = r.u8("directory version")?;
@@ -269,7 +282,7 @@ impl Directory {
         let mut relays: Vec<RelayDescriptor> = Vec::new();
         for index in 0..count {
             let bytes = r.bytes_u16("relay descriptor")?;
-            let desc = check_relay(index, bytes, published, expires)?;
+            let desc = check_relay(index, bytes, published, expires, sigs)?;
             if let Some(prev) = relays.last() {
                 match prev.identity.cmp(&desc.identity) {
                     Ordering::Less => {}
@@ -298,14 +311,20 @@ fn check_window(published: u64, expires: u64) -> Result<(), DirectoryError> {
 /// Verifies one descriptor for a directory valid over `[published, expires)`. It is checked
 /// at `published` and must outlast the directory, so the document's meaning does not change
 /// with the reader's clock while the directory itself is valid.
-fn check_relay(index: usize, bytes: &[u8], published: u64, expires: u64) -> Result<RelayDescriptor, DirectoryError> {
+fn check_relay(
+    index: usize,
+    bytes: &[u8],
+    published: u64,
+    expires: u64,
+    sigs: Signatures,
+) -> Result<RelayDescriptor, DirectoryError> {
     let relay_error = |label: Box<RelayLabel>, error: DescriptorError| DirectoryError::Relay { index, label, error };
     // The identity sits at bytes 2..34; it is only a label here, never trusted.
     let claimed = Box::new(RelayLabel {
         identity: bytes.get(2..34).and_then(|b| <[u8; 32]>::try_from(b).ok()).map(IdentityKey),
         nickname: None,
     });
-    let desc = RelayDescriptor::decode_verified_untimed(bytes).map_err(|e| relay_error(claimed, e))?;
+    let desc = RelayDescriptor::decode_untimed(bytes, sigs).map_err(|e| relay_error(claimed, e))?;
     desc.check_time(published).map_err(|e| relay_error(RelayLabel::of(&desc), e))?;
     if desc.expires < expires {
         return Err(DirectoryError::RelayExpiresEarly {

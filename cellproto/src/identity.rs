@@ -171,6 +171,36 @@ fn signed_message(context: &[u8], body: &[u8]) -> Vec<u8> {
     msg
 }
 
+/// Whether a decoder checks the signatures it meets. Production code has only [`Self::Check`];
+/// the `fuzzing` feature adds [`Self::Ignore`] so a fuzzer can reach the parsers behind the
+/// signatures (a random input never carries a valid one). Every check goes through
+/// [`Self::verify`], so the two modes differ in nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signatures {
+    /// Verify every signature (the only mode outside fuzzing).
+    Check,
+    /// Treat every signature as valid. Only for fuzzing the parsers behind the checks.
+    #[cfg(feature = "fuzzing")]
+    Ignore,
+}
+
+impl Signatures {
+    /// [`IdentityKey::verify`], or nothing in [`Self::Ignore`] mode.
+    pub(crate) fn verify(
+        self,
+        key: &IdentityKey,
+        context: &[u8],
+        body: &[u8],
+        sig: &[u8; SIGNATURE_LEN],
+    ) -> Result<(), IdentityError> {
+        match self {
+            Signatures::Check => key.verify(context, body, sig),
+            #[cfg(feature = "fuzzing")]
+            Signatures::Ignore => Ok(()),
+        }
+    }
+}
+
 /// Splits a signed encoding into its body and the trailing 64-byte signature.
 pub(crate) fn split_signature<'a>(
     bytes: &'a [u8],
@@ -322,17 +352,29 @@ impl SignedOnionKeyCert {
     /// Decodes a lone certificate, checks its signature by the identity it names, its
     /// structure, and that `now` is inside its window.
     pub fn decode_and_verify(bytes: &[u8], now: u64) -> Result<OnionKeyCert, CertError> {
+        Self::decode(bytes, now, Signatures::Check)
+    }
+
+    /// [`Self::decode_and_verify`] without the signature check, for fuzzing the parser behind
+    /// it. Exists only with the `fuzzing` feature.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn decode_ignoring_signature(bytes: &[u8], now: u64) -> Result<OnionKeyCert, CertError> {
+        Self::decode(bytes, now, Signatures::Ignore)
+    }
+
+    fn decode(bytes: &[u8], now: u64, sigs: Signatures) -> Result<OnionKeyCert, CertError> {
         let mut r = Reader::new(bytes);
-        let cert = Self::read_verified(&mut r)?;
+        let cert = Self::read(&mut r, sigs)?;
         r.finish()?;
         cert.check_time(now)?;
         Ok(cert)
     }
 
-    /// Reads one signed certificate from `r`, verifying the signature before parsing past
-    /// the identity, then the time-independent rules. Time is left to the caller because a
-    /// descriptor may legitimately carry a not-yet-valid next key.
-    pub(crate) fn read_verified(r: &mut Reader<'_>) -> Result<OnionKeyCert, CertError> {
+    /// Reads one signed certificate from `r`, verifying the signature (as `sigs` says) before
+    /// parsing past the identity, then the time-independent rules. Time is left to the caller
+    /// because a descriptor may legitimately carry a not-yet-valid next key.
+    pub(crate) fn read(r: &mut Reader<'_>, sigs: Signatures) -> Result<OnionKeyCert, CertError> {
         let (body, sig) = split_signature(r.take(SIGNED_ONION_CERT_LEN, "onion cert")?, "onion cert")?;
         let mut b = Reader::new(body);
         let magic = b.u8("onion cert magic")?;
@@ -341,7 +383,7 @@ impl SignedOnionKeyCert {
             return Err(CertError::UnknownVersion { magic, version });
         }
         let identity = IdentityKey(b.array("onion cert identity")?);
-        identity.verify(ONION_KEY_CONTEXT, body, &sig).map_err(|_| CertError::BadSignature { identity })?;
+        sigs.verify(&identity, ONION_KEY_CONTEXT, body, &sig).map_err(|_| CertError::BadSignature { identity })?;
         let cert = OnionKeyCert {
             identity,
             onion_key: b.array("onion key")?,

@@ -11,6 +11,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+/// Longest request line the daemon reads; whatever is longer is cut off there, and so refused
+/// as malformed.
+pub const MAX_REQUEST_LEN: u64 = 4096;
+
 /// What a command asks the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "cmd")]
@@ -19,6 +23,14 @@ pub enum Request {
     Status,
     /// Tear down and exit.
     Down,
+}
+
+impl Request {
+    /// Parses one request line as the daemon receives it: a JSON object (the decoder the
+    /// `control` fuzz target in `client/fuzz` drives).
+    pub fn parse(line: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(line)
+    }
 }
 
 /// A relay of the path, as `status` shows it.
@@ -190,6 +202,13 @@ pub enum Answer {
     Stopping,
 }
 
+impl Answer {
+    /// Parses one answer line as `meshvpn status` and `down` receive it.
+    pub fn parse(line: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(line)
+    }
+}
+
 /// Sends `request` to the daemon at `socket` and waits (bounded) for its answer.
 pub fn request(socket: &Path, request: Request) -> Result<Answer> {
     let mut stream = UnixStream::connect(socket).with_context(|| format!("cannot connect to {}", socket.display()))?;
@@ -202,7 +221,7 @@ pub fn request(socket: &Path, request: Request) -> Result<Answer> {
     if answer.is_empty() {
         bail!("meshvpn closed the control connection without answering");
     }
-    serde_json::from_str(&answer).context("malformed answer from meshvpn")
+    Answer::parse(&answer).context("malformed answer from meshvpn")
 }
 
 /// The daemon's status, from `socket`.

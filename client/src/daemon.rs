@@ -475,10 +475,10 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
 async fn serve_control(stream: UnixStream, to_driver: mpsc::Sender<ControlRequest>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(4096));
+    let mut reader = tokio::io::BufReader::new(read.take(control::MAX_REQUEST_LEN));
     let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
     let Ok(Ok(_)) = read else { return };
-    let Ok(request) = serde_json::from_str::<Request>(&line) else {
+    let Ok(request) = Request::parse(&line) else {
         let _ = write.write_all(b"{\"error\":\"bad request\"}\n").await;
         return;
     };

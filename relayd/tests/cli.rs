@@ -1,6 +1,8 @@
 //! The `relayd` binary as an operator uses it: keygen, descriptor, run and SIGTERM, --version,
 //! and clear errors.
 
+mod common;
+
 use base64::Engine as _;
 use cellproto::descriptor::RelayDescriptor;
 use std::process::{Command, Stdio};
@@ -95,8 +97,23 @@ fn run_stops_cleanly_on_sigterm() {
     assert!(relayd().args(["keygen", "--dir"]).arg(dir.join("keys")).output().unwrap().status.success());
     let config = write_config(&dir, "");
     let mut child = relayd().args(["run", "--config"]).arg(&config).stderr(Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(child.try_wait().unwrap().is_none(), "relayd exited early");
+    // Collect stderr as it comes, and signal only once relayd says it is listening.
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (pipe, stderr) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+                let mut text = stderr.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        })
+    };
+    let listening = common::wait_until(Duration::from_secs(10), || {
+        stderr.lock().unwrap().contains("relay listening") || child.try_wait().unwrap().is_some()
+    });
+    assert!(listening, "relayd never said it was listening: {}", stderr.lock().unwrap());
+    assert!(child.try_wait().unwrap().is_none(), "relayd exited early: {}", stderr.lock().unwrap());
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
@@ -106,8 +123,8 @@ fn run_stops_cleanly_on_sigterm() {
         assert!(Instant::now() < deadline, "relayd did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(status.success(), "{status}");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    reader.join().unwrap();
+    let stderr = stderr.lock().unwrap();
+    assert!(status.success(), "{status}: {stderr}");
     assert!(stderr.contains("relay listening") && stderr.contains("stopped"), "{stderr}");
 }

@@ -2,6 +2,8 @@
 //! waking a waiting poll.
 //! Every loop is bounded by a deadline; every address is 127.0.0.1.
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{ErrorKind, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
@@ -305,6 +307,23 @@ fn reuseport_steering_through_datapaths() {
     }
 }
 
+/// Bytes queued for reading at the UDP socket(s) bound to 127.0.0.1:`port` (the kernel's
+/// `rx_queue`, its receive-buffer charge, from /proc/net/udp).
+fn queued_bytes(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let queues = fields.get(4)?;
+            (fields.get(1) == Some(&local.as_str())).then(|| queues.split_once(':')).flatten()
+        })
+        .map(|(_, rx)| usize::from_str_radix(rx, 16).unwrap())
+        .sum()
+}
+
 /// Queues `cells` at the datapath before its first poll (so that they arrive together), then
 /// polls until the handler saw them all.
 fn burst_through(dp: &mut dyn Datapath, cells: &[Vec<u8>], mut route: impl FnMut(u64) -> SocketAddr) {
@@ -312,7 +331,16 @@ fn burst_through(dp: &mut dyn Datapath, cells: &[Vec<u8>], mut route: impl FnMut
     for c in cells {
         sender.send_to(c, dp.local_addr()).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(20));
+    // Wait until the kernel has queued them at the data path's socket. A queued datagram is
+    // charged at least its length, so this holds only once most of the burst is there (on
+    // loopback: all of it), and the first poll then sees a run of cells, not one.
+    let port = dp.local_addr().port();
+    let want = cells.iter().map(Vec::len).sum::<usize>();
+    assert!(
+        common::wait_until(Duration::from_secs(5), || queued_bytes(port) >= want),
+        "the burst never reached the socket: {} of {want} bytes queued",
+        queued_bytes(port)
+    );
     let mut handled = 0;
     let deadline = Instant::now() + Duration::from_secs(5);
     while handled < cells.len() && Instant::now() < deadline {

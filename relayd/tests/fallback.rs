@@ -31,9 +31,11 @@ fn relay_falls_back_to_recvmmsg_when_io_uring_is_disabled() {
     let mut client = UdpClient::new("127.0.0.1:0", vec![r.hop]);
     client.build(Duration::from_secs(5));
     assert!(client.ping(1, 42));
-    std::thread::sleep(Duration::from_millis(300));
-    let m = metrics(r.handle.metrics_addr.unwrap());
-    assert!(m.keys().any(|k| k.starts_with("relayd_info") && k.contains("datapath=\"recvmmsg\"")), "{m:?}");
+    let on_recvmmsg = |m: &std::collections::HashMap<String, f64>| {
+        m.keys().any(|k| k.starts_with("relayd_info") && k.contains("datapath=\"recvmmsg\""))
+    };
+    let m = metrics_when(r.handle.metrics_addr.unwrap(), on_recvmmsg);
+    assert!(on_recvmmsg(&m), "{m:?}");
     r.handle.shutdown();
 
     let dir = tmpdir("fallback-uring");

@@ -40,8 +40,12 @@ fn data_both_ways(datapath: &str) {
         }
     }
     assert_eq!(received, 300, "echoes lost");
-    std::thread::sleep(Duration::from_millis(300)); // counters are published every 100 ms
-    let m = metrics(a.handle.metrics_addr.unwrap());
+    // Counters are published every 100 ms: wait until they show the 600 cells that went through.
+    let m = metrics_when(a.handle.metrics_addr.unwrap(), |m| {
+        sum(m, "relayd_cells_in_total", "") >= 600.0
+            && sum(m, "relayd_datapath_datagrams_total", "dir=\"rx\"") >= 600.0
+            && sum(m, "relayd_datapath_send_batches_total", "") >= 1.0
+    });
     assert_eq!(
         m.get(&format!(
             "relayd_info{{version=\"{}\",datapath=\"{}\"}}",
@@ -120,9 +124,12 @@ fn ten_thousand_circuits_from_one_neighbour_spread_over_workers() {
         }
     }
     assert_eq!(answered, total, "not every CREATE was answered");
-    std::thread::sleep(Duration::from_millis(300));
-    let m = metrics(r.handle.metrics_addr.unwrap());
-    let per_worker: Vec<f64> = (0..workers).map(|w| sum(&m, "relayd_circuits", &format!("worker=\"{w}\"}}"))).collect();
+    let per_worker = |m: &std::collections::HashMap<String, f64>| -> Vec<f64> {
+        (0..workers).map(|w| sum(m, "relayd_circuits", &format!("worker=\"{w}\"}}"))).collect()
+    };
+    // The workers publish their tables every 100 ms: wait until they hold every circuit.
+    let m = metrics_when(r.handle.metrics_addr.unwrap(), |m| per_worker(m).iter().sum::<f64>() == f64::from(total));
+    let per_worker = per_worker(&m);
     assert_eq!(per_worker.iter().sum::<f64>(), f64::from(total), "{per_worker:?}");
     for (w, n) in per_worker.iter().enumerate() {
         assert!(*n >= f64::from(total) / workers as f64 * 0.8, "worker {w} has {n} circuits: {per_worker:?}");
@@ -151,10 +158,13 @@ fn junk_is_dropped_and_counted() {
     random[0] |= 0x40;
     sock.send_to(&random, r.hop.addr).unwrap(); // unknown circuit (with overwhelming probability)
     assert!(client.ping(1, 5), "circuit broken by junk");
-    std::thread::sleep(Duration::from_millis(300));
-    let m = metrics(metrics_addr);
-    for (reason, at_least) in [("bad_tag", 1.0), ("replay", 1.0), ("malformed", 2.0), ("unknown_circuit", 1.0)] {
-        let n = sum(&m, "relayd_drops_total", &format!("reason=\"{reason}\""));
+    let expected = [("bad_tag", 1.0), ("replay", 1.0), ("malformed", 2.0), ("unknown_circuit", 1.0)];
+    let drops = |m: &std::collections::HashMap<String, f64>, reason: &str| {
+        sum(m, "relayd_drops_total", &format!("reason=\"{reason}\""))
+    };
+    let m = metrics_when(metrics_addr, |m| expected.iter().all(|&(reason, n)| drops(m, reason) >= n));
+    for (reason, at_least) in expected {
+        let n = drops(&m, reason);
         assert!(n >= at_least, "{reason}: {n}");
     }
     r.handle.shutdown();
@@ -162,33 +172,60 @@ fn junk_is_dropped_and_counted() {
 
 /// A CREATE flood from one source hits the limit (3/s, burst 90) while another source still
 /// builds a circuit. (Without cookies: the relay is never under load here; `tests/flood.rs`
-/// has the same flood under load, where the cookie comes first.)
+/// has the same flood under load, where the cookie comes first.) The exact token arithmetic is
+/// tested with an injected clock (`ratelimit::tests`); end to end the bound is loose: the burst,
+/// plus what refilled while the relay worked through the flood.
 #[test]
 fn create_flood_is_rate_limited_per_source() {
     let r = start_relay("flood", 2, "auto", "[limits]\nload_create_rate = 1e9\n[metrics]\nlisten = \"127.0.0.1:1\"\n");
+    let metrics_addr = r.handle.metrics_addr.unwrap();
     let flooder = UdpSocket::bind("127.0.0.1:0").unwrap();
-    flooder.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    flooder.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let req = ClientRequest { hop: 1, offer_aes: true, link_secret: None };
-    for i in 0..300u32 {
-        let hs = ClientHandshake::start(&r.hop.keys, &req, &mut OsRng).unwrap();
-        let mut cell = [0u8; CELL_LEN];
-        encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
-        flooder.send_to(&cell, r.hop.addr).unwrap();
+    let creates: Vec<[u8; CELL_LEN]> = (0..300u32)
+        .map(|i| {
+            let hs = ClientHandshake::start(&r.hop.keys, &req, &mut OsRng).unwrap();
+            let mut cell = [0u8; CELL_LEN];
+            encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
+            cell
+        })
+        .collect();
+    let start = Instant::now();
+    for cell in &creates {
+        flooder.send_to(cell, r.hop.addr).unwrap();
     }
-    let mut answered = 0;
+    // Wait until the relay has decided on every CREATE: answered, refused, or shed.
+    let handshakes = |m: &std::collections::HashMap<String, f64>, result: &str| {
+        sum(m, "relayd_handshakes_total", &format!("result=\"{result}\""))
+    };
+    let decided = |m: &std::collections::HashMap<String, f64>| {
+        ["ok", "failed", "rate_limited"].iter().map(|res| handshakes(m, res)).sum::<f64>()
+            + sum(m, "relayd_drops_total", "reason=\"overload\"")
+    };
+    let m = metrics_when(metrics_addr, |m| decided(m) >= 300.0);
+    let elapsed = start.elapsed().as_secs_f64();
+    assert_eq!(decided(&m), 300.0, "{m:?}");
+    assert_eq!((handshakes(&m, "failed"), sum(&m, "relayd_drops_total", "reason=\"overload\"")), (0.0, 0.0));
+    let ok = handshakes(&m, "ok");
+    // Every answer the relay sent arrives (loopback); wait for them all.
+    let mut answered = 0.0;
     let mut buf = [0u8; 2048];
-    while let Ok((n, _)) = flooder.recv_from(&mut buf) {
-        if n == CELL_LEN {
-            answered += 1;
+    wait_until(Duration::from_secs(10), || {
+        if let Ok((n, _)) = flooder.recv_from(&mut buf)
+            && n == CELL_LEN
+        {
+            answered += 1.0;
         }
-    }
-    assert!((90..=95).contains(&answered), "flooder got {answered} circuits");
+        answered >= ok
+    });
+    assert_eq!(answered, ok, "answers received vs handshakes the relay counted");
+    let most = 90.0 + 3.0 * elapsed + 1.0;
+    assert!((90.0..=most).contains(&answered), "flooder got {answered} circuits in {elapsed:.2} s (at most {most:.0})");
+    assert_eq!(handshakes(&m, "rate_limited"), 300.0 - answered);
     // Another source (127.0.0.2 is loopback too) is unaffected.
     let mut other = UdpClient::new("127.0.0.2:0", vec![r.hop]);
     other.build(Duration::from_secs(5));
     assert!(other.ping(1, 9));
-    let m = metrics(r.handle.metrics_addr.unwrap());
-    assert!(m["relayd_handshakes_total{result=\"rate_limited\"}"] >= 200.0);
     r.handle.shutdown();
 }
 
@@ -263,14 +300,16 @@ fn destroy_propagates_through_relays() {
     let exit = EchoExit::start();
     let mut client = UdpClient::new("127.0.0.1:0", vec![a.hop, b.hop, exit.hop]);
     client.build(Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(300));
     let circuits = |r: &TestRelay| sum(&metrics(r.handle.metrics_addr.unwrap()), "relayd_circuits", "");
-    assert_eq!((circuits(&a), circuits(&b)), (1.0, 1.0));
+    let both = || (circuits(&a), circuits(&b));
+    // Tables are published every 100 ms: wait for each state rather than sleeping.
+    wait_until(Duration::from_secs(10), || both() == (1.0, 1.0));
+    assert_eq!(both(), (1.0, 1.0));
     let mut cell = [0u8; CELL_LEN];
     let to = client.circuit.close(&mut cell, &mut OsRng).unwrap();
     client.socket.send_to(&cell, to).unwrap();
-    std::thread::sleep(Duration::from_millis(400));
-    assert_eq!((circuits(&a), circuits(&b)), (0.0, 0.0), "a relay kept the circuit");
+    wait_until(Duration::from_secs(10), || both() == (0.0, 0.0));
+    assert_eq!(both(), (0.0, 0.0), "a relay kept the circuit");
     a.handle.shutdown();
     b.handle.shutdown();
 }

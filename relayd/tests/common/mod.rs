@@ -65,6 +65,33 @@ pub fn metrics(addr: SocketAddr) -> HashMap<String, f64> {
         .collect()
 }
 
+/// Polls `cond` every 10 ms until it holds or `timeout` has passed; returns whether it held.
+/// Tests wait for the condition they assert, never for a guessed time.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reads the metrics endpoint until `cond` holds on a reading (the relay publishes its
+/// counters every 100 ms) or 10 s have passed, and returns the last reading: the caller then
+/// asserts on it, so a timeout fails with the values in the message.
+pub fn metrics_when(addr: SocketAddr, cond: impl Fn(&HashMap<String, f64>) -> bool) -> HashMap<String, f64> {
+    let mut m = HashMap::new();
+    wait_until(Duration::from_secs(10), || {
+        m = metrics(addr);
+        cond(&m)
+    });
+    m
+}
+
 /// Sum of a metric over all label sets matching `filter`.
 pub fn sum(m: &HashMap<String, f64>, name: &str, filter: &str) -> f64 {
     m.iter().filter(|(k, _)| k.starts_with(name) && k.contains(filter)).map(|(_, v)| v).sum()
