@@ -358,6 +358,15 @@ impl Net {
         (to, cell)
     }
 
+    /// The payloads of the DATA the client received, in order.
+    pub fn data_events(&self) -> Vec<Vec<u8>> {
+        self.events
+            .iter()
+            .filter(|(e, _)| matches!(e, Event::Delivered { cmd: Command::Data, .. }))
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
     /// Sends one payload as DATA to the exit and runs the network until quiet.
     pub fn send(&mut self, data: &[u8]) {
         let (to, cell) = self.seal(data);

@@ -9,14 +9,6 @@ use cellproto::relay::DropReason;
 use cellproto::sim::*;
 use std::net::SocketAddr;
 
-fn data_events(net: &Net) -> Vec<Vec<u8>> {
-    net.events
-        .iter()
-        .filter(|(e, _)| matches!(e, Event::Delivered { cmd: Command::Data, .. }))
-        .map(|(_, p)| p.clone())
-        .collect()
-}
-
 /// The last cell the log shows going from `from` to `to`.
 fn last_cell(net: &Net, from: SocketAddr, to: SocketAddr) -> Cell {
     net.log.iter().rev().find(|(f, t, _)| *f == from && *t == to).map(|(_, _, c)| *c).expect("no such cell in the log")
@@ -40,7 +32,7 @@ fn spoofed_backward_counter_cannot_blind_the_middle() {
     flip_counter_bit(&mut forged, 15);
     let _ = net.relays[1].handle(net.now, addr(3), &mut forged);
     net.send(b"second");
-    assert_eq!(data_events(&net), vec![b"tsrif".to_vec(), b"dnoces".to_vec()], "the real reply was dropped");
+    assert_eq!(net.data_events(), vec![b"tsrif".to_vec(), b"dnoces".to_vec()], "the real reply was dropped");
 }
 
 /// Hundreds of such forged cells must not kill the circuit either (today each one could jump the
@@ -59,7 +51,7 @@ fn spoofed_backward_cells_cannot_kill_the_circuit() {
     let idle = std::time::Duration::from_secs(3600);
     assert!(net.relays[1].circuits.iter().all(|c| !c.expired(net.now, idle)), "forged cells expired the circuit");
     net.send(b"second");
-    assert_eq!(data_events(&net).last().map(Vec::as_slice), Some(&b"dnoces"[..]));
+    assert_eq!(net.data_events().last().map(Vec::as_slice), Some(&b"dnoces"[..]));
 }
 
 /// A hostile exit colluding with the guard must not be able to signal through the counters: the
@@ -159,7 +151,7 @@ fn tampering_guard_is_noticed() {
         net.run(vec![(addr(CLIENT), to, cell)], &mut |_, _, _| true);
     }
     assert_eq!(net.circuit.close_reason(), Some(CloseReason::Tampered { hop: 2 }));
-    assert!(data_events(&net).is_empty(), "a tampered reply was delivered");
+    assert!(net.data_events().is_empty(), "a tampered reply was delivered");
 }
 
 /// The same modification made on the link between middle and guard by someone on that path is
@@ -198,7 +190,7 @@ fn link_control_from_another_address_is_ignored() {
     assert!(out.is_empty());
     assert_eq!(net.relays[1].circuits.len(), 1, "a DESTROY from a stranger's address removed the circuit");
     net.send(b"still up");
-    assert_eq!(data_events(&net).last().map(Vec::as_slice), Some(&b"pu llits"[..]));
+    assert_eq!(net.data_events().last().map(Vec::as_slice), Some(&b"pu llits"[..]));
 }
 
 fn extend_body(target: SocketAddr) -> (Cell, usize) {
@@ -284,7 +276,7 @@ fn cookies_under_load() {
     }
     net.build();
     net.send(b"through cookies");
-    assert_eq!(data_events(&net), vec![b"seikooc hguorht".to_vec()]);
+    assert_eq!(net.data_events(), vec![b"seikooc hguorht".to_vec()]);
     let mut spoofed = [0u8; CELL_LEN];
     let req = cellproto::handshake::ClientRequest { hop: 1, offer_aes: true, link_secret: None };
     let hs = cellproto::handshake::ClientHandshake::start(&net.relays[0].keys, &req, &mut rng(8)).unwrap();

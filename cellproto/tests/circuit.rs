@@ -7,14 +7,6 @@ use cellproto::relay::DropReason;
 use cellproto::sim::*;
 use proptest::prelude::*;
 
-fn data_events(net: &Net) -> Vec<Vec<u8>> {
-    net.events
-        .iter()
-        .filter(|(e, _)| matches!(e, Event::Delivered { cmd: Command::Data, .. }))
-        .map(|(_, p)| p.clone())
-        .collect()
-}
-
 #[test]
 fn three_hops_data_both_ways() {
     let mut net = Net::new(3, 1, |_| true);
@@ -22,7 +14,7 @@ fn three_hops_data_both_ways() {
     net.send(b"hello exit");
     assert_eq!(net.relays[2].delivered.len(), 1);
     assert_eq!(net.relays[2].delivered[0].1, b"hello exit");
-    assert_eq!(data_events(&net), vec![b"tixe olleh".to_vec()]);
+    assert_eq!(net.data_events(), vec![b"tixe olleh".to_vec()]);
 }
 
 proptest! {
@@ -45,7 +37,7 @@ proptest! {
         let exit = &net.relays[hops - 1];
         prop_assert_eq!(exit.delivered.iter().map(|d| d.1.clone()).collect::<Vec<_>>(), payloads.clone());
         let back: Vec<Vec<u8>> = payloads.iter().map(|p| p.iter().rev().copied().collect()).collect();
-        prop_assert_eq!(data_events(&net), back);
+        prop_assert_eq!(net.data_events(), back);
     }
 }
 

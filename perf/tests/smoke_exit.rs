@@ -3,44 +3,16 @@
 //! the JSON it ends with. Needs root (namespaces, TUN, nftables), as exitd's end-to-end test
 //! does. No timing assertions: the figures depend on the machine; only their presence and sanity.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use common::run_perf;
 
 #[test]
 fn perf_exit_reports_json() {
     assert!(nix::unistd::geteuid().is_root(), "perf exit's smoke test needs root (netns, TUN, nftables), as CI has");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_perf"))
-        .args(["exit", "--packets", "2000", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start perf exit");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).unwrap();
-        text
-    });
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("perf exit did not finish in 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = reader.join().unwrap();
-    println!("{text}");
-    assert!(status.success(), "perf exit failed: {status}");
-    let last = text.lines().last().expect("no output");
-    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    let v = run_perf(&["exit", "--packets", "2000", "--json"]);
     for key in ["packets_per_s", "gbps", "p50_us", "p99_us", "losses", "vs_plain", "cpu_us_per_packet"] {
-        assert!(v[key].is_number(), "{key} missing or not a number in {last}");
+        assert!(v[key].is_number(), "{key} missing or not a number in {v}");
     }
     for run in ["exitd", "plain"] {
         let r = &v[run];

@@ -3,42 +3,30 @@
 //! is there and the goals' ratios are computed. No timing assertions: the figures depend on
 //! the machine (the benchmark itself says whether the goals are met).
 
-use std::io::Read;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use common::run_perf;
 
 #[test]
 fn perf_flood_reports_json() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_perf"))
-        .args(["flood", "--cells", "20000", "--circuits", "4", "--workers", "1", "--pairs", "1"])
-        .args(["--flood-rate", "3000", "--extend-rate", "1000", "--honest-rate", "10", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start perf flood");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        stdout.read_to_string(&mut text).unwrap();
-        text
-    });
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("perf flood did not finish in 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = reader.join().unwrap();
-    println!("{text}");
-    assert!(status.success(), "perf flood failed: {status}");
-    let last = text.lines().last().expect("no output");
-    let v: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
+    let v = run_perf(&[
+        "flood",
+        "--cells",
+        "20000",
+        "--circuits",
+        "4",
+        "--workers",
+        "1",
+        "--pairs",
+        "1",
+        "--flood-rate",
+        "3000",
+        "--extend-rate",
+        "1000",
+        "--honest-rate",
+        "10",
+        "--json",
+    ]);
     // The goals' ratios, computed from the phases.
     let ratio = v["throughput_ratio"].as_f64().expect("throughput_ratio");
     let base = v["baseline"]["cells_per_s"].as_f64().unwrap();
@@ -57,7 +45,7 @@ fn perf_flood_reports_json() {
     for phase in ["baseline", "flood"] {
         let p = &v[phase];
         for key in ["cells_per_s", "gbps", "secs", "relay_cores", "control_cores"] {
-            assert!(p[key].is_number(), "{phase}.{key} missing in {last}");
+            assert!(p[key].is_number(), "{phase}.{key} missing in {v}");
         }
         assert_eq!(p["sent"], 20_000, "{phase}: not every cell was sent");
         for key in ["handshakes_ok", "cookies_sent", "drops_cookie_limit", "creates_arrived", "under_load_entered"] {
