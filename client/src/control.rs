@@ -100,6 +100,9 @@ pub struct Status {
     /// Times the exit answered a resume with a new session (new inner addresses).
     #[serde(default)] // absent from an older daemon's answer
     pub session_changes: u64,
+    /// Circuits closed because their cells showed tampering on the path.
+    #[serde(default)] // absent from an older daemon's answer
+    pub tampered: u64,
     /// When the directory in use expires (unix seconds).
     #[serde(default)] // absent from an older daemon's answer
     pub directory_expires: u64,
@@ -169,7 +172,7 @@ impl fmt::Display for Status {
         }
         writeln!(f, "suites:       {}", self.suites.join(", "))?;
         if let Some(b) = self.circuit_build_ms {
-            writeln!(f, "circuit:      built in {b:.1} ms, {} rebuilds", self.rebuilds)?;
+            writeln!(f, "circuit:      built in {b:.1} ms, {} rebuilds, {} tampered", self.rebuilds, self.tampered)?;
         }
         let guards: Vec<String> = self.guards.iter().map(|g| g.chars().take(16).collect()).collect();
         writeln!(f, "guards:       {}", if guards.is_empty() { "-".into() } else { guards.join(", ") })?;

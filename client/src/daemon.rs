@@ -448,6 +448,7 @@ impl Driver<'_> {
             rebuilds: c.rebuilds,
             exit_changes: c.exit_changes,
             session_changes: c.session_changes,
+            tampered: c.tampered,
             directory_expires: t.relays().expires,
             directory_expired: t.directory_expired(now),
             guards: t.guards().entries().iter().map(|g| g.id.to_string()).collect(),
