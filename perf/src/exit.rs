@@ -1027,7 +1027,10 @@ fn config_text(args: &ExitArgs, key_dir: &Path) -> String {
          exit_burst = {unlimited}\n\
          attach_rate = {unlimited}\n\
          attach_burst = 1000000\n\
-         sessions_per_source = 1000000\n",
+         sessions_per_source = 1000000\n\
+         [policy]\n\
+         # The echo host is on the benchmarking range (RFC 2544), which exits deny by default.\n\
+         allow = [\"198.18.0.0/24\"]\n",
         key_dir.display(),
         args.workers,
         !args.no_pin,
