@@ -1,6 +1,7 @@
 //! `exitd run` as a library function, so tests and `perf` can run an exit in-process.
 
 use crate::config::ExitConfig;
+use crate::conntrack::{Conntrack, ConntrackError};
 use crate::exit::{ExitShared, ExitTerminal};
 use crate::policy::ExitPolicy;
 use crate::pool::{AddressPool, AttachError, Outcome, PoolLimits};
@@ -10,11 +11,17 @@ use relayd::relay::RelayHandle;
 use relayd::reload::Reloader;
 use relayd::terminal::Terminal;
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::info;
+use tracing::{info, warn};
+
+/// Released addresses flushed per tick of the session thread at most.
+const FLUSH_BATCH: usize = 256;
+/// A failing flush is logged at most this often.
+const FLUSH_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Turns forwarding on (logged), or refuses with what to do.
 fn forwarding(enable: bool) -> Result<()> {
@@ -65,6 +72,17 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     })?;
     let exit = &config.exit;
     forwarding(exit.enable_forwarding)?;
+    // Whatever an earlier exitd left of its users' flows (a crash, a restart) must not reach
+    // whoever gets their addresses now; and an exit that cannot delete conntrack entries
+    // cannot free an address safely, so it does not start.
+    let pools = [ipnet::IpNet::V4(exit.pool_v4), ipnet::IpNet::V6(exit.pool_v6)];
+    let mut conntrack = Conntrack::open().context("cannot open the kernel's conntrack (netlink)")?;
+    let left = conntrack
+        .flush_prefixes(&pools)
+        .context("cannot delete the conntrack entries of the pools (needs nf_conntrack_netlink: modprobe it)")?;
+    if left > 0 {
+        info!(entries = left, "deleted conntrack entries of the pools left by an earlier run");
+    }
     let workers = config.relay.worker_count();
     let limits = PoolLimits {
         grace: Duration::from_secs(exit.session_grace_secs),
@@ -109,6 +127,7 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
         handoff_ready,
         dns: (gw4, gw6),
         stats: (0..workers).map(|_| Mutex::new(Default::default())).collect(),
+        conntrack_deleted: AtomicU64::new(left),
     });
     let mut queues: Vec<_> = tun.into_queues().into_iter().map(Some).collect();
     let now = Instant::now();
@@ -123,13 +142,26 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     if let Some(m) = relay.metrics_addr {
         info!("metrics on http://{m}/metrics");
     }
+    // Sessions expire and released addresses are flushed on a thread of their own: a flush
+    // lists the kernel's table (about a second per 300 000 entries), which must delay neither
+    // a reload nor the stop.
+    let sessions = {
+        let (shared, stop) = (shared.clone(), stop.clone());
+        let mut flusher = Flusher { conntrack: Some(conntrack), failures: 0, last_log: None };
+        std::thread::Builder::new()
+            .name("exitd-sessions".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    flusher.tick(&shared, Instant::now());
+                }
+            })
+            .context("cannot start the session thread")?
+    };
     let status = format!("exit on {}, out of {}", relay.local_addr, exit.wan);
     notify(Notify::Ready, &status);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
-        if let Ok(mut pool) = shared.pool.lock() {
-            pool.expire(Instant::now());
-        }
         if let Some((hup, reloader)) = &mut reloader
             && hup.swap(false, Ordering::Relaxed)
         {
@@ -139,9 +171,84 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     notify(Notify::Stopping, "sending DESTROY for live circuits, removing the nftables table");
     info!("shutting down: sending DESTROY for live circuits");
     relay.shutdown();
+    let _ = sessions.join();
     crate::nft::remove(&nat.table).context("cannot remove the nftables table")?;
-    info!("stopped; nftables table removed");
+    // No flow state of the users is left behind (the next start would delete it anyway).
+    match Conntrack::open().and_then(|mut c| c.flush_prefixes(&pools)) {
+        Ok(n) => info!(entries = n, "stopped; nftables table removed, conntrack entries of the pools deleted"),
+        Err(e) => warn!("stopped; nftables table removed, but the pools' conntrack entries stay: {e}"),
+    }
     Ok(())
+}
+
+/// Deletes the conntrack entries of the addresses the pool released, every 100 ms on the
+/// session thread, outside the pool's mutex (a flush lists the kernel's table). The pool keeps
+/// each address out of use until its flush is reported done.
+struct Flusher {
+    /// The netlink socket; reopened after an I/O or parse error.
+    conntrack: Option<Conntrack>,
+    /// Failed flushes since the last log line.
+    failures: u64,
+    last_log: Option<Instant>,
+}
+
+impl Flusher {
+    /// Expires sessions, then flushes the released addresses that are due.
+    fn tick(&mut self, shared: &ExitShared, now: Instant) {
+        let batch = match shared.pool.lock() {
+            Ok(mut pool) => {
+                pool.expire(now);
+                pool.take_flushes(now, FLUSH_BATCH)
+            }
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let sources: Vec<IpAddr> = batch.iter().flat_map(|f| [IpAddr::V4(f.v4), IpAddr::V6(f.v6)]).collect();
+        let result = self.flush(&sources);
+        match &result {
+            Ok(deleted) => {
+                shared.conntrack_deleted.fetch_add(*deleted, Ordering::Relaxed);
+            }
+            Err(e) => self.failed(batch.len(), e, now),
+        }
+        // A poisoned pool keeps the batch taken: its addresses are never leased again.
+        if let Ok(mut pool) = shared.pool.lock() {
+            for f in &batch {
+                pool.flushed(f.slot, result.is_ok(), now);
+            }
+        }
+    }
+
+    fn flush(&mut self, sources: &[IpAddr]) -> Result<u64, ConntrackError> {
+        let conntrack = match &mut self.conntrack {
+            Some(c) => c,
+            None => self.conntrack.insert(Conntrack::open()?),
+        };
+        let result = conntrack.flush_sources(sources);
+        if matches!(result, Err(ConntrackError::Io(_) | ConntrackError::Decode(_))) {
+            // Whatever the socket still holds is of no use: a fresh one for the retry.
+            self.conntrack = None;
+        }
+        result
+    }
+
+    /// Counted by the pool per address; logged at most every [`FLUSH_LOG_EVERY`], without
+    /// addresses (no client's address goes to the log).
+    fn failed(&mut self, addresses: usize, e: &ConntrackError, now: Instant) {
+        self.failures += 1;
+        if self.last_log.is_some_and(|t| now.saturating_duration_since(t) < FLUSH_LOG_EVERY) {
+            return;
+        }
+        warn!(
+            addresses,
+            failures = self.failures,
+            "cannot delete released addresses' conntrack entries; they stay out of the pool and are tried again: {e}"
+        );
+        self.failures = 0;
+        self.last_log = Some(now);
+    }
 }
 
 /// The nftables table `exitd run` installs for `config`, its TUN device `tun` and `policy`.
@@ -239,8 +346,13 @@ fn render(shared: &ExitShared) -> String {
         for (outcome, n) in [Outcome::New, Outcome::Resumed, Outcome::Same].iter().zip(stats.served) {
             let _ = writeln!(out, "exitd_attach_total{{result=\"{}\"}} {n}", outcome.label());
         }
-        let refusals =
-            [AttachError::Exhausted, AttachError::SourceCap, AttachError::CircuitRate, AttachError::SourceRate];
+        let refusals = [
+            AttachError::Exhausted,
+            AttachError::SourceCap,
+            AttachError::CircuitRate,
+            AttachError::SourceRate,
+            AttachError::Flushing,
+        ];
         for (e, n) in refusals.iter().zip(stats.refused) {
             let _ = writeln!(out, "exitd_attach_total{{result=\"{}\"}} {n}", e.label());
         }
@@ -250,6 +362,22 @@ fn render(shared: &ExitShared) -> String {
         );
         let _ = writeln!(out, "exitd_sessions_ended_total{{why=\"expired\"}} {}", stats.expired);
         let _ = writeln!(out, "exitd_sessions_ended_total{{why=\"reclaimed\"}} {}", stats.reclaimed);
+        let _ = writeln!(
+            out,
+            "# HELP exitd_conntrack_flushes_total Released inner addresses whose conntrack entries were deleted (ok), or attempts that failed (the address stays out of the pool and is tried again).\n# TYPE exitd_conntrack_flushes_total counter"
+        );
+        let _ = writeln!(out, "exitd_conntrack_flushes_total{{result=\"ok\"}} {}", stats.flushed);
+        let _ = writeln!(out, "exitd_conntrack_flushes_total{{result=\"failed\"}} {}", stats.flush_failed);
+        let _ = writeln!(
+            out,
+            "# HELP exitd_addresses_flushing Released inner addresses whose conntrack entries are not deleted yet (out of the pool until they are).\n# TYPE exitd_addresses_flushing gauge"
+        );
+        let _ = writeln!(out, "exitd_addresses_flushing {}", pool.flushing());
     }
+    let _ = writeln!(
+        out,
+        "# HELP exitd_conntrack_deleted_total Conntrack entries deleted: of released inner addresses, and of the whole pools at start.\n# TYPE exitd_conntrack_deleted_total counter"
+    );
+    let _ = writeln!(out, "exitd_conntrack_deleted_total {}", shared.conntrack_deleted.load(Ordering::Relaxed));
     out
 }

@@ -62,6 +62,8 @@ pub struct ExitShared {
     pub handoff_ready: Vec<EventFd>,
     /// Each worker's counters, published every 100 ms.
     pub stats: Vec<Mutex<Counts>>,
+    /// Conntrack entries deleted so far (released addresses, and the pools at start).
+    pub conntrack_deleted: std::sync::atomic::AtomicU64,
 }
 
 /// One worker's exit state.

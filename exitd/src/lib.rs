@@ -7,6 +7,7 @@
 //! | [`filter`] | per worker: DNS to the tunnel resolver, the policy, later fragments only behind an allowed first one |
 //! | [`pool`] | inner IPv4/IPv6 addresses and resumable sessions; the only writer of the table |
 //! | [`table`] | inner address → circuit, the one map every worker reads |
+//! | [`conntrack`] | deleting a released inner address's conntrack entries (ctnetlink) before it is leased again |
 //! | [`limits`] | ATTACH rate limits per circuit and per source |
 //! | [`counts`] | a worker's packet counters (fixed slots) and its rate-limited drop log |
 //! | [`bucket`] | token buckets for per-circuit and per-exit limits |
@@ -17,6 +18,7 @@
 
 pub mod bucket;
 pub mod config;
+pub mod conntrack;
 pub mod counts;
 pub mod daemon;
 pub mod exit;

@@ -13,12 +13,19 @@
 //! moves the circuit to the session it resumes); ATTACH is rate-limited per circuit and per
 //! source ([`crate::limits`]); one source holds at most `sessions_per_source` sessions; and when
 //! every address is taken, the session detached longest ago gives its address up first.
+//!
+//! An address whose session ends (its grace period is over, or it is reclaimed) is not free
+//! yet: the kernel's conntrack still maps late replies on the old user's flows to it. It waits,
+//! out of the pool, until the daemon has deleted those entries ([`AddressPool::take_flushes`],
+//! then [`AddressPool::flushed`]); a failed flush keeps it out and is tried again after
+//! [`FLUSH_RETRY`]. So an ATTACH that needs a reclaimed address is refused
+//! ([`AttachError::Flushing`]) and the client's next one gets it.
 
 use crate::limits::{AttachLimiter, Refusal, SourceKey};
 use crate::table::AddressTable;
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand_core::CryptoRngCore;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +49,10 @@ pub enum AttachError {
     /// The source sent too many ATTACHes.
     #[error("too many ATTACHes from this source")]
     SourceRate,
+    /// No address is free until a released one's conntrack entries are deleted (a later
+    /// ATTACH gets it).
+    #[error("no address is free while released ones are flushed")]
+    Flushing,
 }
 
 impl AttachError {
@@ -52,6 +63,7 @@ impl AttachError {
             AttachError::SourceCap => "source_cap",
             AttachError::CircuitRate => "circuit_rate",
             AttachError::SourceRate => "source_rate",
+            AttachError::Flushing => "flushing",
         }
     }
 }
@@ -107,12 +119,50 @@ pub struct PoolLimits {
 pub struct PoolStats {
     /// Served, by [`Outcome`] (new, resumed, same).
     pub served: [u64; 3],
-    /// Refused, by [`AttachError`] (exhausted, source_cap, circuit_rate, source_rate).
-    pub refused: [u64; 4],
+    /// Refused, by [`AttachError`] (exhausted, source_cap, circuit_rate, source_rate, flushing).
+    pub refused: [u64; 5],
     /// Detached sessions whose addresses were taken before their grace ended (pool full).
     pub reclaimed: u64,
     /// Sessions whose grace period ended.
     pub expired: u64,
+    /// Released addresses whose conntrack entries were deleted (back in the pool).
+    pub flushed: u64,
+    /// Failed attempts to delete a released address's conntrack entries (it stays out).
+    pub flush_failed: u64,
+}
+
+/// How long an address whose flush failed waits before it is tried again.
+pub const FLUSH_RETRY: Duration = Duration::from_secs(5);
+
+/// A released address whose conntrack entries must be deleted before it is leased again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flush {
+    /// The slot, to report the outcome with [`AddressPool::flushed`].
+    pub slot: usize,
+    /// Its IPv4 address.
+    pub v4: Ipv4Addr,
+    /// Its IPv6 address.
+    pub v6: Ipv6Addr,
+}
+
+/// What a slot of the pool is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Free to lease.
+    Free,
+    /// Held by the session with this token.
+    Held(Token),
+    /// Released; its conntrack entries are not deleted yet (see [`Dirty`]).
+    Dirty,
+}
+
+/// A released slot waiting for its flush.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dirty {
+    /// Handed to the daemon and not reported yet.
+    taken: bool,
+    /// Not before then (after a failure).
+    due: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -134,8 +184,10 @@ pub struct AddressPool {
     first: usize,
     last: usize,
     next: usize,
-    /// The session holding each slot.
-    holder: Vec<Option<Token>>,
+    /// What each slot is doing: free, held by a session, or waiting for its flush.
+    holder: Vec<Slot>,
+    /// The slots waiting for their flush.
+    dirty: BTreeMap<usize, Dirty>,
     sessions: HashMap<Token, Session>,
     by_circuit: HashMap<u32, Token>,
     per_source: HashMap<SourceKey, usize>,
@@ -152,7 +204,8 @@ impl AddressPool {
         let last = table.len().saturating_sub(2).max(2);
         Self {
             limiter: AttachLimiter::new(limits.attach_rate, limits.attach_burst),
-            holder: vec![None; table.len()],
+            holder: vec![Slot::Free; table.len()],
+            dirty: BTreeMap::new(),
             table,
             limits,
             first: 2,
@@ -223,12 +276,12 @@ impl AddressPool {
         if self.per_source.get(&source).copied().unwrap_or(0) >= self.limits.sessions_per_source {
             return Err(AttachError::SourceCap);
         }
-        let slot = self.free_slot().ok_or(AttachError::Exhausted)?;
+        let slot = self.free_slot()?;
         let (v4, v6) = self.table.addresses(slot);
         let mut token = [0u8; 32];
         rng.fill_bytes(&mut token);
         let lease = Lease { token, v4, v6 };
-        self.holder[slot] = Some(token);
+        self.holder[slot] = Slot::Held(token);
         *self.per_source.entry(source).or_insert(0) += 1;
         self.sessions.insert(token, Session { lease, slot, source, circuit: Some(circuit), detached_at: None });
         self.by_circuit.insert(circuit, token);
@@ -287,30 +340,70 @@ impl AddressPool {
         }
     }
 
+    /// Ends a session: its slot waits for its flush (never free before).
     fn release(&mut self, at: Instant, token: Token) {
         self.detached.remove(&(at, token));
         if let Some(s) = self.sessions.remove(&token) {
-            self.holder[s.slot] = None;
+            self.holder[s.slot] = Slot::Dirty;
+            self.dirty.insert(s.slot, Dirty { taken: false, due: None });
             self.table.set(s.slot, None);
             decrement(&mut self.per_source, s.source);
         }
     }
 
-    /// A free slot, round robin (an address is reused as late as possible); when there is
-    /// none, the slot of the session detached longest ago.
-    fn free_slot(&mut self) -> Option<usize> {
+    /// A free slot, round robin (an address is reused as late as possible). When there is
+    /// none, the session detached longest ago gives its address up, to be flushed first: this
+    /// ATTACH is refused, a later one gets the address.
+    fn free_slot(&mut self) -> Result<usize, AttachError> {
         for _ in self.first..=self.last {
             let slot = self.next;
             self.next = if slot >= self.last { self.first } else { slot + 1 };
-            if self.holder.get(slot).is_some_and(Option::is_none) {
-                return Some(slot);
+            if self.holder.get(slot) == Some(&Slot::Free) {
+                return Ok(slot);
             }
         }
-        let &(at, token) = self.detached.first()?;
-        let slot = self.sessions.get(&token)?.slot;
-        self.release(at, token);
-        self.stats.reclaimed += 1;
-        Some(slot)
+        if let Some(&(at, token)) = self.detached.first() {
+            self.release(at, token);
+            self.stats.reclaimed += 1;
+        }
+        Err(if self.dirty.is_empty() { AttachError::Exhausted } else { AttachError::Flushing })
+    }
+
+    /// Up to `max` released addresses to flush now (none is handed out twice before its
+    /// outcome is reported). Each must be reported with [`AddressPool::flushed`].
+    pub fn take_flushes(&mut self, now: Instant, max: usize) -> Vec<Flush> {
+        let mut out = Vec::new();
+        for (&slot, dirty) in self.dirty.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
+            if dirty.taken || dirty.due.is_some_and(|due| now < due) {
+                continue;
+            }
+            dirty.taken = true;
+            let (v4, v6) = self.table.addresses(slot);
+            out.push(Flush { slot, v4, v6 });
+        }
+        out
+    }
+
+    /// The outcome of a flush from [`AddressPool::take_flushes`]: deleted, the address is free
+    /// again; failed, it stays out of the pool and is tried again after [`FLUSH_RETRY`].
+    pub fn flushed(&mut self, slot: usize, ok: bool, now: Instant) {
+        let Some(dirty) = self.dirty.get_mut(&slot) else { return };
+        if ok {
+            self.dirty.remove(&slot);
+            self.holder[slot] = Slot::Free;
+            self.stats.flushed += 1;
+        } else {
+            *dirty = Dirty { taken: false, due: Some(now + FLUSH_RETRY) };
+            self.stats.flush_failed += 1;
+        }
+    }
+
+    /// Released addresses not yet flushed (kept out of the pool).
+    pub fn flushing(&self) -> usize {
+        self.dirty.len()
     }
 
     /// Sessions holding addresses (attached or within their grace period).

@@ -23,6 +23,13 @@ fn src(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(192, 0, 2, n))
 }
 
+/// Reports every flush due as done.
+fn flush_all(p: &mut AddressPool, now: Instant) {
+    for f in p.take_flushes(now, usize::MAX) {
+        p.flushed(f.slot, true, now);
+    }
+}
+
 /// Every address the table routes, with its circuit.
 fn routes(p: &AddressPool) -> Vec<(Ipv4Addr, u32)> {
     (0..p.table.len())
@@ -103,8 +110,10 @@ fn switching_sessions_on_a_circuit_unroutes_the_old_one() {
     assert_eq!(p.detached_sessions(), 1);
     // Resuming with its own token again is the same session.
     assert_eq!(p.attach(2, src(1), Some(old.token), t0, &mut OsRng), Ok((old, Outcome::Same)));
-    // After the grace period, the other session's address goes to someone else, routed to them.
+    // After the grace period and its flush, the other session's address goes to someone else,
+    // routed to them.
     p.expire(t0 + GRACE);
+    flush_all(&mut p, t0 + GRACE);
     for c in 3..=6 {
         p.attach(c, src(3), None, t0 + GRACE, &mut OsRng).unwrap();
     }
@@ -183,12 +192,79 @@ fn a_full_pool_reclaims_the_oldest_detached_session_never_an_attached_one() {
     assert_eq!(p.attach(99, src(99), None, t0, &mut OsRng), Err(AttachError::Exhausted));
     p.detach(3, t0 + Duration::from_secs(2));
     p.detach(1, t0 + Duration::from_secs(1));
-    let (got, _) = p.attach(99, src(99), None, t0 + Duration::from_secs(3), &mut OsRng).unwrap();
-    assert_eq!(got.v4, leases[1].v4, "the session detached first gives its address up first");
+    // The session detached first gives its address up first, but only once it is flushed.
+    let t3 = t0 + Duration::from_secs(3);
+    assert_eq!(p.attach(99, src(99), None, t3, &mut OsRng), Err(AttachError::Flushing));
     assert_eq!(p.stats().reclaimed, 1);
+    flush_all(&mut p, t3);
+    let (got, _) = p.attach(99, src(99), None, t3, &mut OsRng).unwrap();
+    assert_eq!(got.v4, leases[1].v4);
     assert_eq!(routes(&p).iter().filter(|(_, c)| *c == 1).count(), 0);
-    assert_eq!(p.attach(7, src(7), Some(leases[1].token), t0, &mut OsRng).unwrap().0.v4, leases[3].v4);
-    assert_eq!(p.attach(8, src(8), None, t0, &mut OsRng), Err(AttachError::Exhausted));
+    // Its old token resumes nothing; the other detached session gives its address up next.
+    assert_eq!(p.attach(7, src(7), Some(leases[1].token), t3, &mut OsRng), Err(AttachError::Flushing));
+    flush_all(&mut p, t3);
+    assert_eq!(p.attach(7, src(7), Some(leases[1].token), t3, &mut OsRng).unwrap().0.v4, leases[3].v4);
+    assert_eq!(p.attach(8, src(8), None, t3, &mut OsRng), Err(AttachError::Exhausted));
+    assert_eq!(p.stats().reclaimed, 2);
+}
+
+/// The conntrack attack at the pool: an address whose session ended (expired or reclaimed) is
+/// leased to nobody until its flush is reported done, and a failed flush keeps it out (tried
+/// again after FLUSH_RETRY, never lost).
+#[test]
+fn a_released_address_is_never_leased_before_its_conntrack_entries_are_deleted() {
+    let t0 = Instant::now();
+    let mut p = pool("10.9.0.0/29");
+    let leases: Vec<Lease> = (0..5).map(|c| p.attach(c, src(1), None, t0, &mut OsRng).unwrap().0).collect();
+    p.detach(0, t0);
+    let t1 = t0 + GRACE;
+    p.expire(t1);
+    assert_eq!((p.sessions(), p.flushing()), (4, 1));
+    assert_eq!(p.attach(10, src(2), None, t1, &mut OsRng), Err(AttachError::Flushing), "not before its flush");
+    let batch = p.take_flushes(t1, 8);
+    let (v4, v6) = (leases[0].v4, leases[0].v6);
+    assert_eq!(batch, vec![Flush { slot: 2, v4, v6 }]);
+    assert_eq!(p.take_flushes(t1, 8), vec![], "handed out once until reported");
+    assert_eq!(p.attach(11, src(2), None, t1, &mut OsRng), Err(AttachError::Flushing), "nor while it runs");
+    // It fails: still out, and not tried again before FLUSH_RETRY.
+    p.flushed(2, false, t1);
+    assert_eq!((p.flushing(), p.stats().flush_failed), (1, 1));
+    assert_eq!(p.attach(12, src(2), None, t1, &mut OsRng), Err(AttachError::Flushing));
+    assert_eq!(p.take_flushes(t1 + FLUSH_RETRY - Duration::from_millis(1), 8), vec![]);
+    let retry = p.take_flushes(t1 + FLUSH_RETRY, 8);
+    assert_eq!(retry.len(), 1);
+    assert_eq!(p.attach(13, src(2), None, t1 + FLUSH_RETRY, &mut OsRng), Err(AttachError::Flushing));
+    // Done: the address is free and leased (to a circuit that has not used its ATTACHes).
+    p.flushed(2, true, t1 + FLUSH_RETRY);
+    assert_eq!((p.flushing(), p.stats().flushed), (0, 1));
+    let (got, _) = p.attach(14, src(2), None, t1 + FLUSH_RETRY, &mut OsRng).unwrap();
+    assert_eq!((got.v4, got.v6), (v4, v6));
+    // A report for a slot that is not waiting changes nothing.
+    p.flushed(2, true, t1);
+    p.flushed(3, false, t1);
+    assert_eq!(p.circuit_of(v4.into()), Some(14));
+    assert_eq!(p.flushing(), 0);
+}
+
+#[test]
+fn flushes_are_handed_out_in_batches() {
+    let t0 = Instant::now();
+    let mut p = pool("10.9.0.0/28");
+    for c in 0..10 {
+        p.attach(c, src(1), None, t0, &mut OsRng).unwrap();
+        p.detach(c, t0);
+    }
+    p.expire(t0 + GRACE);
+    assert_eq!(p.flushing(), 10);
+    let first = p.take_flushes(t0 + GRACE, 4);
+    let rest = p.take_flushes(t0 + GRACE, 100);
+    assert_eq!((first.len(), rest.len()), (4, 6));
+    assert!(first.iter().all(|f| !rest.contains(f)));
+    for f in first.iter().chain(&rest) {
+        assert_eq!(p.table.addresses(f.slot), (f.v4, f.v6));
+        p.flushed(f.slot, true, t0 + GRACE);
+    }
+    assert_eq!(p.flushing(), 0);
 }
 
 #[derive(Debug, Clone)]
@@ -196,6 +272,7 @@ enum Op {
     Attach { circuit: u32, source: u8, resume: Option<usize> },
     Detach { circuit: u32 },
     Tick { secs: u64 },
+    Flush { ok: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -204,6 +281,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(circuit, source, resume)| Op::Attach { circuit, source, resume }),
         2 => (0u32..12).prop_map(|circuit| Op::Detach { circuit }),
         1 => (0u64..40).prop_map(|secs| Op::Tick { secs }),
+        1 => any::<bool>().prop_map(|ok| Op::Flush { ok }),
     ]
 }
 
@@ -211,7 +289,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     /// Whatever circuits do, the table routes each address to the circuit holding its
-    /// session and to nothing else, no circuit holds two sessions, and the counts add up.
+    /// session and to nothing else, no circuit holds two sessions, the counts add up, and no
+    /// address is leased again between the end of its session and a successful flush.
     #[test]
     fn the_table_is_exactly_the_sessions(ops in proptest::collection::vec(op(), 1..80)) {
         let mut now = Instant::now();
@@ -219,12 +298,18 @@ proptest! {
             grace: Duration::from_secs(30), sessions_per_source: 6, attach_rate: 1000.0, attach_burst: 1000.0,
         });
         let mut tokens: Vec<Token> = Vec::new();
+        // Addresses whose session ended and whose flush has not succeeded (the model).
+        let mut unflushed: std::collections::HashSet<Ipv4Addr> = Default::default();
         for op in ops {
+            let before: Vec<(Token, Ipv4Addr)> = p.sessions.iter().map(|(t, s)| (*t, s.lease.v4)).collect();
             match op {
                 Op::Attach { circuit, source, resume } => {
                     let resume = resume.and_then(|i| tokens.get(i).copied());
-                    if let Ok((lease, _)) = p.attach(circuit, src(source), resume, now, &mut OsRng) {
+                    if let Ok((lease, how)) = p.attach(circuit, src(source), resume, now, &mut OsRng) {
                         prop_assert_eq!(p.lease_of(circuit), Some(lease));
+                        if how == Outcome::New {
+                            prop_assert!(!unflushed.contains(&lease.v4), "{} leased before its flush", lease.v4);
+                        }
                         if !tokens.contains(&lease.token) {
                             tokens.push(lease.token);
                         }
@@ -235,7 +320,22 @@ proptest! {
                     now += Duration::from_secs(secs);
                     p.expire(now);
                 }
+                Op::Flush { ok } => {
+                    for f in p.take_flushes(now, usize::MAX) {
+                        prop_assert!(unflushed.contains(&f.v4), "{} flushed but never released", f.v4);
+                        p.flushed(f.slot, ok, now);
+                        if ok {
+                            unflushed.remove(&f.v4);
+                        }
+                    }
+                }
             }
+            for (token, v4) in before {
+                if !p.sessions.contains_key(&token) {
+                    unflushed.insert(v4);
+                }
+            }
+            prop_assert_eq!(unflushed.len(), p.flushing());
             let routed = routes(&p);
             for &(addr, circuit) in &routed {
                 let lease = p.lease_of(circuit);
@@ -248,7 +348,11 @@ proptest! {
             for (circuit, token) in &p.by_circuit {
                 prop_assert_eq!(p.sessions[token].circuit, Some(*circuit));
             }
-            prop_assert_eq!(p.sessions.len(), p.holder.iter().flatten().count());
+            prop_assert_eq!(p.sessions.len(), p.holder.iter().filter(|s| matches!(s, Slot::Held(_))).count());
+            prop_assert_eq!(p.dirty.len(), p.holder.iter().filter(|s| **s == Slot::Dirty).count());
+            for addr in &unflushed {
+                prop_assert_eq!(p.circuit_of((*addr).into()), None, "{} routed before its flush", addr);
+            }
             prop_assert_eq!(p.sessions.len(), p.per_source.values().sum::<usize>());
             prop_assert_eq!(p.detached.len(), p.sessions.values().filter(|s| s.circuit.is_none()).count());
             prop_assert_eq!(p.by_circuit.len() + p.detached.len(), p.sessions.len());

@@ -8,7 +8,7 @@
 //! held to it (loosely: the exact logic is `bucket::RateLimits`, tested with an injected
 //! clock); the nftables table is there while exitd runs (READY=1 to systemd only once it is);
 //! SIGHUP reloads and the exit still forwards, a broken file is refused; SIGTERM removes the
-//! table (STOPPING=1). Counters are polled until every packet sent is counted, never read after
+//! table and the pools' conntrack entries (STOPPING=1). Counters are polled until every packet sent is counted, never read after
 //! a fixed sleep. Addresses exist only in these namespaces; every wait is bounded. A crash and
 //! restart are `tests/restart.rs`.
 
@@ -286,6 +286,13 @@ fn exit_end_to_end() {
     let status = child.wait_exit();
     assert!(status.success(), "exitd exited with {status}");
     assert!(!lab.nft(&["list", "tables"]).contains("meshvpn_exit"), "table left after stop");
+    let left = Lab::run_in(&lab.exit, || {
+        let pools = ["10.8.0.0/16".parse().unwrap(), "fd6d:6573:6800::/64".parse().unwrap()];
+        exitd::conntrack::Conntrack::open().unwrap().count_prefixes(&pools).unwrap()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(left, 0, "the users' conntrack entries (flows, NAT state) left after stop");
 
     stop.store(true, Ordering::Relaxed);
     for s in servers {

@@ -1,8 +1,10 @@
 //! exitd across a crash, as root in namespaces (see `common`): kill -9 leaves the nftables
 //! table behind (nothing can clean up after SIGKILL), a stale rule and chain are added to it
 //! (as an older or crashed exitd might leave), and the next exitd, once it says READY=1, has
-//! replaced it: the same rules as the first run, each exactly once, the stale ones gone; and
-//! packets go through the restarted exit both ways.
+//! replaced it: the same rules as the first run, each exactly once, the stale ones gone; the
+//! conntrack entries of the first run's users (their NAT state, which would map late replies
+//! to whoever gets their addresses next) are deleted before it serves; and packets go through
+//! the restarted exit both ways.
 
 mod common;
 
@@ -31,6 +33,16 @@ fn table(lab: &Lab) -> (Vec<String>, Vec<(String, String)>) {
     chains.sort();
     rules.sort();
     (chains, rules)
+}
+
+/// Conntrack entries in the exit namespace whose original source is in the default pools.
+fn pool_entries(lab: &Lab) -> usize {
+    Lab::run_in(&lab.exit, || {
+        let pools = ["10.8.0.0/16".parse().unwrap(), "fd6d:6573:6800::/64".parse().unwrap()];
+        exitd::conntrack::Conntrack::open().unwrap().count_prefixes(&pools).unwrap()
+    })
+    .join()
+    .unwrap()
 }
 
 /// A new circuit, ATTACHed, sends a datagram to the internet's echo and gets it back.
@@ -76,6 +88,7 @@ fn restart_after_kill_replaces_stale_rules_and_forwards() {
 
     first.0.kill().unwrap();
     let _ = first.0.wait();
+    assert!(pool_entries(&lab) >= 1, "kill -9 leaves the first user's NAT state in conntrack");
     assert_eq!(table(&lab), (chains.clone(), rules.clone()), "kill -9 cannot clean up: the table stays as it was");
     lab.nft(&["add", "rule", "inet", "meshvpn_exit", "forward", "counter", "comment", "\"stale\""]);
     lab.nft(&["add", "chain", "inet", "meshvpn_exit", "old"]);
@@ -86,6 +99,7 @@ fn restart_after_kill_replaces_stale_rules_and_forwards() {
     let ready = notify.ready();
     assert!(ready.contains("out of wan0"), "{ready}");
     assert_eq!(table(&lab), (chains, rules), "after the restart: the same rules, each once, nothing stale");
+    assert_eq!(pool_entries(&lab), 0, "the first run's conntrack entries are deleted before READY=1");
     echo_through(&lab, 0x7211_0002, b"after the restart");
     stop.store(true, Ordering::Relaxed);
     echo.join().unwrap();

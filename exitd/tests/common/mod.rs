@@ -314,6 +314,14 @@ impl Client {
         None
     }
 
+    /// Closes the circuit: a DESTROY to the exit, which ends the circuit (its session detaches).
+    pub fn close(&mut self) {
+        let mut cell = [0u8; CELL_LEN];
+        if let Some(to) = self.circuit.close(&mut cell, &mut OsRng) {
+            self.socket.send_to(&cell, to).unwrap();
+        }
+    }
+
     /// The next command delivered to us within `wait`, with its body.
     pub fn recv(&mut self, wait: Duration) -> Option<(Command, Vec<u8>)> {
         let deadline = Instant::now() + wait;
@@ -391,7 +399,12 @@ fn udp(sport: u16, dport: u16, data: &[u8], checksum: impl Fn(&UdpPacket<'_>) ->
 
 /// UDP/IPv4 from port 40000.
 pub fn udp4(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
-    let body = udp(40000, dport, data, |u| udp::ipv4_checksum(u, &src, &dst));
+    udp4_from(src, 40000, dst, dport, data)
+}
+
+/// UDP/IPv4 from `sport`.
+pub fn udp4_from(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
+    let body = udp(sport, dport, data, |u| udp::ipv4_checksum(u, &src, &dst));
     ip4(src, dst, IpNextHeaderProtocols::Udp, &body)
 }
 
@@ -399,6 +412,34 @@ pub fn udp4(src: Ipv4Addr, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
 pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, dport: u16, data: &[u8]) -> Vec<u8> {
     let body = udp(40000, dport, data, |u| udp::ipv6_checksum(u, &src, &dst));
     ip6(src, dst, IpNextHeaderProtocols::Udp, &body)
+}
+
+/// A TCP segment over IPv4 (no options): `flags` as in the header (0x10 ACK, 0x02 SYN, ...).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    data: &[u8],
+) -> Vec<u8> {
+    use pnet_packet::tcp::MutableTcpPacket;
+    let mut tcp = vec![0u8; 20 + data.len()];
+    let mut t = MutableTcpPacket::new(&mut tcp).unwrap();
+    t.set_source(sport);
+    t.set_destination(dport);
+    t.set_sequence(seq);
+    t.set_acknowledgement(ack);
+    t.set_data_offset(5);
+    t.set_flags(flags);
+    t.set_window(65535);
+    t.set_payload(data);
+    let c = pnet_packet::tcp::ipv4_checksum(&t.to_immutable(), &src, &dst);
+    t.set_checksum(c);
+    ip4(src, dst, IpNextHeaderProtocols::Tcp, &tcp)
 }
 
 /// An ICMP echo request.
