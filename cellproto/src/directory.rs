@@ -232,10 +232,10 @@ impl Directory {
     }
 
     /// Parses a directory body (everything but the trailing signature) WITHOUT checking the
-    /// authority's signature (each descriptor's signatures are still checked). Only for
-    /// fuzzing and for diagnosing a document that failed verification; never trust its result.
-    #[doc(hidden)]
-    pub fn decode_unverified_for_fuzzing(body: &[u8], now: u64) -> Result<Self, DirectoryError> {
+    /// authority's signature (each descriptor's signatures are still checked), only to name
+    /// what is wrong with a document that failed verification (a truncated file fails the
+    /// signature first). Never trust what it returns.
+    pub fn diagnose_unverified(body: &[u8], now: u64) -> Result<Self, DirectoryError> {
         Self::decode_body(body, now, Signatures::Check)
     }
 

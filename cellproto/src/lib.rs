@@ -8,13 +8,13 @@
 //! | --- | --- |
 //! | [`cell`] | wire constants, cell geometry, command codes |
 //! | [`crypto`] | the only module touching AEAD, AES, X25519 and HKDF implementations |
-//! | [`onion`] | onion layers and header protection on one cell, in place |
+//! | [`onion`] | onion layers, header protection and link tags on one cell, in place |
 //! | [`replay`] | RFC 6479 sliding replay window |
 //! | [`handshake`] | ntor-v3-style circuit handshake |
-//! | [`link`] | CREATE/CREATED and authenticated link-control cells |
+//! | [`link`] | CREATE/CREATED/COOKIE and authenticated link-control cells |
 //! | [`command`] | bodies of EXTEND, EXTENDED, DESTROY, PING, ATTACH… |
-//! | [`client`] | the client's circuit state machine |
-//! | [`relay`] | the relay/exit per-circuit state and the batch hot path |
+//! | [`client`] | the client's circuit state machine; [`client::tamper`], the evidence of tampering |
+//! | [`relay`] | the relay/exit per-circuit state, the batch hot path, the control plane, cookies |
 //! | [`identity`], [`descriptor`], [`directory`] | relay keys, signed descriptors, the signed directory |
 //! | [`stun`] | STUN (RFC 8489/5780) codec and demultiplexing against cells |
 //! | [`codec`] | bounds-checked byte reading and writing shared by all decoders |

@@ -563,7 +563,7 @@ proptest! {
         let _ = SignedOnionKeyCert::decode_and_verify(&bytes, now);
         let _ = RelayDescriptor::decode_and_verify(&bytes, now);
         let _ = Directory::decode_and_verify(&bytes, &IdentityKey([7; 32]), now);
-        let _ = Directory::decode_unverified_for_fuzzing(&bytes, now);
+        let _ = Directory::diagnose_unverified(&bytes, now);
     }
 
     #[test]

@@ -106,7 +106,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path, authority: &IdentityKey, now: u64) 
         // unverified, only to name the real problem.
         if matches!(source, DirectoryError::BadSignature { .. })
             && let Some(body) = bytes.len().checked_sub(64).map(|n| &bytes[..n])
-            && let Err(DirectoryError::Codec(e)) = Directory::decode_unverified_for_fuzzing(body, now)
+            && let Err(DirectoryError::Codec(e)) = Directory::diagnose_unverified(body, now)
         {
             return LoadError::Damaged { path: path.into(), detail: e.to_string() };
         }
