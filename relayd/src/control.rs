@@ -5,7 +5,6 @@
 //! CREATEs with a valid cookie get here at all (the workers check it, see [`crate::cookies`]).
 
 use crate::config::Config;
-use crate::cookies::CookieSeed;
 use crate::datapath::{Outgoing, Waker};
 use crate::extend::ExtendTargets;
 use crate::metrics::{ControlStats, REFUSED_CIRCUIT_CAP, Registry, refusal_index};
@@ -13,7 +12,7 @@ use crate::ratelimit::{LOAD_TICK, LoadMonitor, ReplyLimits, SourceKey, SourceLim
 use cellproto::cell::{CELL_LEN, is_valid_lcid, lcid};
 use cellproto::command::{Extend, Extended, reason};
 use cellproto::relay::control::{Answer, ControlError, ControlPlane, Created, Expired};
-use cellproto::relay::cookie::COOKIE_ROTATION;
+use cellproto::relay::cookie::{COOKIE_ROTATION, CookieJar};
 use cellproto::relay::{HopCircuit, Link};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipnet::IpNet;
@@ -98,7 +97,7 @@ pub enum ToWorker {
     /// Cells on this LCID are no longer CREATEDs (the EXTEND's circuit closed).
     ForgetCreated(u32),
     /// The cookie secret: the first seed, or the next one (rotation).
-    Cookies(CookieSeed),
+    Cookies(Box<CookieJar>),
     /// Limits on the answers the worker sends unasked-for (at start and on SIGHUP).
     Limits {
         /// STUN answers.
@@ -164,6 +163,8 @@ pub struct Control {
     sources: HashMap<u32, Option<SourceKey>>,
     max_circuits: usize,
     load: LoadMonitor,
+    /// The relay's cookie secrets; the workers get copies (crate::cookies).
+    cookies: CookieJar,
     rotated: Instant,
     registry: Arc<Registry>,
     updates: Option<Receiver<ControlUpdate>>,
@@ -194,21 +195,21 @@ impl Control {
             sources: HashMap::new(),
             max_circuits: l.max_circuits as usize,
             load: LoadMonitor::new(now),
+            cookies: CookieJar::new(now, &mut OsRng),
             rotated: now,
             registry,
             updates: None,
         };
         // Queued before the workers start: their first round takes the secret and the limits.
-        this.send_cookie_seed();
+        this.send_cookie_jar();
         this.send_limits(l, config.stun.replies());
         this
     }
 
-    /// A fresh cookie secret for every worker (at start, then every [`COOKIE_ROTATION`]).
-    fn send_cookie_seed(&self) {
-        let seed = CookieSeed::generate();
+    /// A copy of the cookie jar for every worker (at start, then after every rotation).
+    fn send_cookie_jar(&self) {
         for w in 0..self.workers.len() {
-            self.send(w, ToWorker::Cookies(seed.clone()));
+            self.send(w, ToWorker::Cookies(Box::new(self.cookies.clone())));
         }
     }
 
@@ -316,7 +317,8 @@ impl Control {
         }
         if now.saturating_duration_since(self.rotated) >= COOKIE_ROTATION {
             self.rotated = now;
-            self.send_cookie_seed();
+            self.cookies.rotate_if_due(now, &mut OsRng);
+            self.send_cookie_jar();
         }
     }
 

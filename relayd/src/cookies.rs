@@ -2,56 +2,19 @@
 //! MAC before anything is queued for the control thread, and answer cookie-less CREATEs with a
 //! COOKIE themselves (rate-limited: a spoofed source could aim those at someone else).
 //!
-//! Every worker holds the same [`CookieJar`]: the control thread draws a fresh [`CookieSeed`]
-//! every [`COOKIE_ROTATION`] and sends it to all workers over their channels; each worker
-//! derives the jar's secret from it with a ChaCha20 generator seeded by it, so that all of them
-//! compute identical secrets, and a cookie one worker issued is valid at every other. The jar's
-//! own clock is the rotation count (the control thread decides when to rotate).
+//! The control thread owns the relay's one [`CookieJar`], rotates it every
+//! [`COOKIE_ROTATION`](cellproto::relay::cookie::COOKIE_ROTATION) and sends every worker a
+//! copy, so a cookie one worker issued is valid at every other.
 
 use crate::datapath::Outgoing;
 use crate::ratelimit::{Bucket, LoadState, LocalTrigger, ReplyLimiter, ReplyLimits};
 use cellproto::cell::CELL_LEN;
-use cellproto::relay::cookie::{COOKIE_ROTATION, CookieJar};
+use cellproto::relay::cookie::CookieJar;
 use ipnet::IpNet;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, SeedableRng};
 use std::net::SocketAddr;
 use std::time::Instant;
-use zeroize::Zeroize;
-
-/// 32 random bytes from which every worker derives the same cookie secret.
-pub struct CookieSeed([u8; 32]);
-
-impl CookieSeed {
-    /// A fresh seed from the operating system.
-    pub fn generate() -> Self {
-        let mut seed = [0u8; 32];
-        rand_core::RngCore::fill_bytes(&mut OsRng, &mut seed);
-        Self(seed)
-    }
-
-    fn rng(&self) -> ChaCha20Rng {
-        ChaCha20Rng::from_seed(self.0)
-    }
-}
-
-impl Clone for CookieSeed {
-    fn clone(&self) -> Self {
-        Self(self.0)
-    }
-}
-
-impl std::fmt::Debug for CookieSeed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CookieSeed(..)")
-    }
-}
-
-impl Drop for CookieSeed {
-    fn drop(&mut self) {
-        self.0.zeroize();
-    }
-}
 
 /// A worker's limits under load.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -90,8 +53,6 @@ fn check_burst(rate: f64) -> f64 {
 /// A worker's cookie state.
 pub struct CreateGuard {
     jar: Option<CookieJar>,
-    /// The jar's clock: advanced by [`COOKIE_ROTATION`] at each rotation.
-    clock: Instant,
     trigger: LocalTrigger,
     replies: ReplyLimiter,
     checks: Bucket,
@@ -112,26 +73,18 @@ impl CreateGuard {
     pub fn new(now: Instant, limits: CookieLimits, exempt: Vec<IpNet>) -> Self {
         Self {
             jar: None,
-            clock: now,
             trigger: LocalTrigger::new(now),
             replies: ReplyLimiter::new(limits.replies, now),
             checks: Bucket::full(check_burst(limits.checks), now),
             check_rate: limits.checks,
             exempt,
-            rng: ChaCha20Rng::from_rng(OsRng).unwrap_or_else(|_| ChaCha20Rng::from_seed(CookieSeed::generate().0)),
+            rng: ChaCha20Rng::from_rng(OsRng).unwrap_or_else(|_| ChaCha20Rng::from_entropy()),
         }
     }
 
-    /// Takes a seed from the control thread: the first one makes the jar, later ones rotate it
-    /// (the previous secret stays valid for one more period).
-    pub fn seed(&mut self, seed: &CookieSeed) {
-        match &mut self.jar {
-            None => self.jar = Some(CookieJar::new(self.clock, &mut seed.rng())),
-            Some(jar) => {
-                self.clock += COOKIE_ROTATION;
-                jar.rotate_if_due(self.clock, &mut seed.rng());
-            }
-        }
+    /// Takes the control thread's cookie jar (at start, then after each rotation).
+    pub fn set_jar(&mut self, jar: CookieJar) {
+        self.jar = Some(jar);
     }
 
     /// New limits and exempt sources (SIGHUP).
@@ -216,11 +169,11 @@ mod tests {
         let keys = RelayKeys { identity: [1; 32], onion_key: *OnionSecret::generate(&mut OsRng).public() };
         let now = Instant::now();
         let load = LoadState::new(0.0);
-        let seed = CookieSeed::generate();
+        let mut jar = CookieJar::new(now, &mut OsRng);
         let mut a = CreateGuard::new(now, limits(), Vec::new());
         let mut b = CreateGuard::new(now, limits(), Vec::new());
-        a.seed(&seed);
-        b.seed(&seed);
+        a.set_jar(jar.clone());
+        b.set_jar(jar.clone());
         let from: SocketAddr = "192.0.2.1:4000".parse().unwrap();
         let (cell, message) = create(&keys, None, None);
         let mut out = Vec::new();
@@ -237,11 +190,12 @@ mod tests {
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:4000".parse().unwrap();
         assert_eq!(b.check(&load, now, mapped, &with_cookie, &mut out), CreateCheck::ForwardWithCookie);
         // Still valid after one rotation, not after two.
-        for g in [&mut a, &mut b] {
-            g.seed(&CookieSeed::generate());
-        }
+        let rotation = cellproto::relay::cookie::COOKIE_ROTATION;
+        jar.rotate_if_due(now + rotation, &mut OsRng);
+        a.set_jar(jar.clone());
         assert_eq!(a.check(&load, now, from, &with_cookie, &mut out), CreateCheck::ForwardWithCookie);
-        a.seed(&CookieSeed::generate());
+        jar.rotate_if_due(now + 2 * rotation, &mut OsRng);
+        a.set_jar(jar.clone());
         assert_eq!(a.check(&load, now, from, &with_cookie, &mut out), CreateCheck::CookieSent);
     }
 
@@ -254,7 +208,7 @@ mod tests {
         let mut out = Vec::new();
         let (cell, _) = create(&keys, None, None);
         assert_eq!(g.check(&load, now, "192.0.2.1:1".parse().unwrap(), &cell, &mut out), CreateCheck::NoSecret);
-        g.seed(&CookieSeed::generate());
+        g.set_jar(CookieJar::new(now, &mut OsRng));
         let spoofed: SocketAddr = "192.0.2.1:1".parse().unwrap();
         let sent =
             (0..100).filter(|_| g.check(&load, now, spoofed, &cell, &mut out) == CreateCheck::CookieSent).count();
@@ -276,7 +230,7 @@ mod tests {
         let load = LoadState::new(0.0);
         let limits = CookieLimits { replies: ReplyLimits { rate: 1e6, burst: 1000, global_rate: 1e6 }, checks: 1000.0 };
         let mut g = CreateGuard::new(now, limits, Vec::new());
-        g.seed(&CookieSeed::generate());
+        g.set_jar(CookieJar::new(now, &mut OsRng));
         let (cell, _) = create(&keys, None, None);
         let mut out = Vec::new();
         let from: SocketAddr = "192.0.2.1:1".parse().unwrap();

@@ -237,7 +237,7 @@ impl Worker {
                 ToWorker::ForgetCreated(reply_lcid) => {
                     self.pending.remove(&reply_lcid);
                 }
-                ToWorker::Cookies(seed) => self.guard.seed(&seed),
+                ToWorker::Cookies(jar) => self.guard.set_jar(*jar),
                 ToWorker::Limits { stun, cookie, exempt } => self.set_limits(stun, cookie, exempt),
                 ToWorker::ExtendFailed { circuit, reason, reply_lcid } => {
                     if let Some(id) = reply_lcid {

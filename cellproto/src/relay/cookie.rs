@@ -19,7 +19,9 @@ use zeroize::Zeroize;
 /// How long one cookie secret is current (WireGuard uses two minutes too).
 pub const COOKIE_ROTATION: Duration = Duration::from_secs(120);
 
-/// The relay's cookie secrets.
+/// The relay's cookie secrets. A relay with several workers rotates one jar and gives each
+/// worker a copy, so that a cookie any of them issued is valid at all.
+#[derive(Clone)]
 pub struct CookieJar {
     current: [u8; 32],
     previous: [u8; 32],
