@@ -134,7 +134,9 @@ fn spoofed_create_flood_under_load_costs_no_handshakes() {
     let mut client = UdpClient::new("127.0.0.3:0", vec![r.hop]);
     client.build(Duration::from_secs(30));
     assert!(client.ping(1, 2));
-    let m = metrics(r.handle.metrics_addr.unwrap());
+    // Worker counters are published every 100 ms and a loaded machine floods slowly: wait (with
+    // the flood still on) until the relay has answered a hundred COOKIEs, then judge.
+    let m = metrics_until(&r, |m| sum(m, "relayd_cookies_total", "result=\"sent\"") >= 100.0);
     drop(flood);
     assert_eq!(handshakes(&m) - before, 1.0, "spoofed CREATEs cost handshakes under load");
     assert!(under_load(&m), "the relay left load during the flood");
@@ -231,7 +233,8 @@ fn stun_flood_from_one_source_gets_at_most_the_bucket() {
     let n = Message::binding_request([9; 12]).encode(&mut req, true).unwrap();
     other.send_to(&req[..n], r.hop.addr).unwrap();
     assert!(other.recv_from(&mut buf).is_ok(), "another source got no STUN answer");
-    let m = metrics(r.handle.metrics_addr.unwrap());
+    // Worker counters are published every 100 ms: wait until the drops are counted.
+    let m = metrics_until(&r, |m| sum(m, "relayd_drops_total", "reason=\"stun_limit\"") >= 150.0);
     assert!(sum(&m, "relayd_drops_total", "reason=\"stun_limit\"") >= 150.0);
     r.handle.shutdown();
 }
