@@ -10,7 +10,7 @@
 //! 3. the input's body re-signed by `AUTHORITY_SEED`, so the verified path parses the
 //!    directory's own fields and the descriptors whose signatures survived the mutation.
 //!
-//! The body parser without the authority's signature (`decode_unverified_for_fuzzing`, which
+//! The body parser without the authority's signature (`diagnose_unverified`, which
 //! the client uses to name what is wrong with a damaged file) gets the body as well.
 #![no_main]
 
@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
     // 3. The body signed by the authority.
     if let Some(body_len) = data.len().checked_sub(SIGNATURE_LEN) {
         let body = &data[..body_len];
-        let _ = Directory::decode_unverified_for_fuzzing(body, NOW);
+        let _ = Directory::diagnose_unverified(body, NOW);
         let mut signed = body.to_vec();
         signed.extend_from_slice(&key.sign(DIRECTORY_CONTEXT, body));
         if let Ok(dir) = Directory::decode_and_verify(&signed, public, NOW) {
