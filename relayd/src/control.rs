@@ -12,7 +12,7 @@ use crate::ratelimit::{LOAD_TICK, LoadMonitor, ReplyLimits, SourceKey, SourceLim
 use cellproto::cell::{CELL_LEN, is_valid_lcid, lcid};
 use cellproto::command::{Extend, Extended, reason};
 use cellproto::relay::control::{Answer, ControlError, ControlPlane, Created, Expired};
-use cellproto::relay::cookie::{COOKIE_ROTATION, CookieJar};
+use cellproto::relay::cookie::CookieJar;
 use cellproto::relay::{HopCircuit, Link};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ipnet::IpNet;
@@ -96,7 +96,7 @@ pub enum ToWorker {
     },
     /// Cells on this LCID are no longer CREATEDs (the EXTEND's circuit closed).
     ForgetCreated(u32),
-    /// The cookie secret: the first seed, or the next one (rotation).
+    /// A copy of the relay's cookie jar: at start, then after each rotation.
     Cookies(Box<CookieJar>),
     /// Limits on the answers the worker sends unasked-for (at start and on SIGHUP).
     Limits {
@@ -165,7 +165,6 @@ pub struct Control {
     load: LoadMonitor,
     /// The relay's cookie secrets; the workers get copies (crate::cookies).
     cookies: CookieJar,
-    rotated: Instant,
     registry: Arc<Registry>,
     updates: Option<Receiver<ControlUpdate>>,
 }
@@ -196,7 +195,6 @@ impl Control {
             max_circuits: l.max_circuits as usize,
             load: LoadMonitor::new(now),
             cookies: CookieJar::new(now, &mut OsRng),
-            rotated: now,
             registry,
             updates: None,
         };
@@ -315,9 +313,7 @@ impl Control {
             Some(false) => info!("no longer under load"),
             None => {}
         }
-        if now.saturating_duration_since(self.rotated) >= COOKIE_ROTATION {
-            self.rotated = now;
-            self.cookies.rotate_if_due(now, &mut OsRng);
+        if self.cookies.rotate_if_due(now, &mut OsRng) {
             self.send_cookie_jar();
         }
     }

@@ -12,7 +12,7 @@ use cellproto::cell::CELL_LEN;
 use cellproto::relay::cookie::CookieJar;
 use ipnet::IpNet;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{OsRng, SeedableRng};
+use rand_core::SeedableRng;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -78,7 +78,7 @@ impl CreateGuard {
             checks: Bucket::full(check_burst(limits.checks), now),
             check_rate: limits.checks,
             exempt,
-            rng: ChaCha20Rng::from_rng(OsRng).unwrap_or_else(|_| ChaCha20Rng::from_entropy()),
+            rng: ChaCha20Rng::from_entropy(),
         }
     }
 
@@ -144,6 +144,7 @@ mod tests {
     use super::*;
     use cellproto::handshake::{ClientHandshake, ClientRequest, OnionSecret, RelayKeys};
     use cellproto::link::{decode_cookie_reply, encode_create};
+    use rand_core::OsRng;
 
     fn create(
         keys: &RelayKeys,

@@ -44,13 +44,15 @@ impl CookieJar {
         Self { current, previous, rotated: now }
     }
 
-    /// Rotates the secret if it is older than [`COOKIE_ROTATION`].
-    pub fn rotate_if_due(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
-        if now.saturating_duration_since(self.rotated) >= COOKIE_ROTATION {
-            self.previous = self.current;
-            rng.fill_bytes(&mut self.current);
-            self.rotated = now;
+    /// Rotates the secret if it is older than [`COOKIE_ROTATION`]; whether it did.
+    pub fn rotate_if_due(&mut self, now: Instant, rng: &mut impl CryptoRngCore) -> bool {
+        if now.saturating_duration_since(self.rotated) < COOKIE_ROTATION {
+            return false;
         }
+        self.previous = self.current;
+        rng.fill_bytes(&mut self.current);
+        self.rotated = now;
+        true
     }
 
     fn cookie(secret: &[u8; 32], from: SocketAddr) -> [u8; COOKIE_LEN] {
