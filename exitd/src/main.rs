@@ -60,7 +60,7 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let log = relayd::cli::init_logging_with("info");
+    let log = daemonkit::log::init_logging_with("info");
     match cli.command {
         Cmd::Keygen { dir } => {
             let keys = relayd::keys::keygen(&dir)?;
@@ -71,13 +71,13 @@ fn main() -> Result<()> {
             println!("onion {}", public.iter().map(|b| format!("{b:02x}")).collect::<String>());
             eprintln!("new onion key in {}; reload the exit (SIGHUP), then publish a new descriptor", dir.display());
         }
-        Cmd::GenerateDocs { dir } => relayd::cli::write_docs(Cli::command(), &dir)?,
+        Cmd::GenerateDocs { dir } => daemonkit::docs::write_docs(Cli::command(), &dir)?,
         Cmd::Descriptor { config } => {
             let config = ExitConfig::load(&config)?;
             let keys = relayd::keys::load(&config.relay.key_dir)
                 .with_context(|| format!("cannot load keys from {} (key_dir)", config.relay.key_dir.display()))?;
             let summary = ExitPolicy::new(&config.policy).summary();
-            let signed = relayd::descriptor::signed(&config.relay, &keys, relayd::cli::unix_now(), Some(summary))?;
+            let signed = relayd::descriptor::signed(&config.relay, &keys, daemonkit::unix_now(), Some(summary))?;
             println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
         }
         Cmd::Run { config } => {

@@ -1,8 +1,8 @@
-//! relayd as a library: the relay engine that `relayd` runs and `exitd` reuses.
+//! relayd as a library: the relay engine that `relayd` runs and `exitd` reuses. The daemon
+//! plumbing (logging, systemd notifications, docs, TOML, key files, time) is `daemonkit`'s.
 //!
 //! | module | concern |
 //! | --- | --- |
-//! | [`cli`] | what the daemons' command lines share (logging, time) |
 //! | [`config`] | TOML configuration |
 //! | [`keys`] | key files (0600) |
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
@@ -18,7 +18,6 @@
 //! | [`terminal`] | the hook an exit plugs into each worker |
 //! | [`descriptor`] | the relay's signed descriptor |
 
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod cookies;

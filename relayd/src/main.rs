@@ -3,7 +3,8 @@
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{CommandFactory, Parser, Subcommand};
-use relayd::cli::{LogControl, Notify, notify};
+use daemonkit::log::LogControl;
+use daemonkit::notify::{Notify, notify};
 use relayd::config::Config;
 use relayd::relay::RelayHandle;
 use relayd::reload::Reloader;
@@ -123,7 +124,7 @@ fn authority(cmd: AuthorityCmd) -> Result<()> {
         AuthorityCmd::Sign { dir, out, lifetime_secs, descriptors } => {
             let id = relayd::keys::load_authority(&dir)?;
             let mut signed = Vec::with_capacity(descriptors.len());
-            let now = relayd::cli::unix_now();
+            let now = daemonkit::unix_now();
             for path in &descriptors {
                 let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
                 let bytes = base64::engine::general_purpose::STANDARD
@@ -143,7 +144,7 @@ fn authority(cmd: AuthorityCmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let log = relayd::cli::init_logging_with("info");
+    let log = daemonkit::log::init_logging_with("info");
     match cli.command {
         Cmd::Keygen { dir } => {
             let keys = relayd::keys::keygen(&dir)?;
@@ -163,11 +164,11 @@ fn main() -> Result<()> {
             let config = Config::load(&config)?;
             let keys = relayd::keys::load(&config.key_dir)
                 .with_context(|| format!("cannot load keys from {} (key_dir)", config.key_dir.display()))?;
-            let signed = relayd::descriptor::signed(&config, &keys, relayd::cli::unix_now(), None)?;
+            let signed = relayd::descriptor::signed(&config, &keys, daemonkit::unix_now(), None)?;
             println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
         }
         Cmd::Run { config } => run(&config, log)?,
-        Cmd::GenerateDocs { dir } => relayd::cli::write_docs(Cli::command(), &dir)?,
+        Cmd::GenerateDocs { dir } => daemonkit::docs::write_docs(Cli::command(), &dir)?,
     }
     Ok(())
 }
