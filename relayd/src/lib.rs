@@ -4,7 +4,8 @@
 //! | module | concern |
 //! | --- | --- |
 //! | [`config`] | TOML configuration |
-//! | [`keys`] | key files (0600) |
+//! | [`keys`] | the relay's key files (0600) |
+//! | [`keycli`] | `keygen`, `rotate-onion`, `descriptor`: the subcommands relayd and exitd share |
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
 //! | [`worker`] | the data-plane pipeline: classify → process in place → route |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
@@ -24,6 +25,7 @@ pub mod cookies;
 pub mod datapath;
 pub mod descriptor;
 pub mod extend;
+pub mod keycli;
 pub mod keys;
 pub mod metrics;
 pub mod ratelimit;
