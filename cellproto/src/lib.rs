@@ -16,7 +16,7 @@
 //! | [`client`] | the client's circuit state machine; [`client::tamper`], the evidence of tampering |
 //! | [`relay`] | the relay/exit per-circuit state, the batch hot path, the control plane, cookies |
 //! | [`identity`], [`descriptor`], [`directory`] | relay keys, signed descriptors, the signed directory |
-//! | [`stun`] | STUN (RFC 8489/5780) codec and demultiplexing against cells |
+//! | [`stun`] | STUN (RFC 8489/5780) codec, demultiplexing against cells, the relay's Binding answer |
 //! | [`codec`] | bounds-checked byte reading and writing shared by all decoders |
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -17,12 +17,14 @@
 use anyhow::{Context, Result, bail};
 use cellproto::cell::{CELL_LEN, Command};
 use cellproto::command::Attached;
+use cellproto::handshake::OnionSecret;
+use cellproto::identity::RelayIdentity;
 use cellproto::onion::payload_mut;
 use cellproto::sim::TestRelay;
 use rand_core::{OsRng, RngCore};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 struct Args {
@@ -50,6 +52,18 @@ fn args() -> Result<Args> {
     })
 }
 
+/// The guard's identity and current onion key, from the key directory `relayd keygen` made
+/// (`identity.key`, `onion.key`: relayd::keys' file names; the client does not depend on relayd).
+fn keys(dir: &Path) -> Result<(RelayIdentity, OnionSecret)> {
+    let mut seed = daemonkit::keyfile::read_key(&dir.join("identity.key"))?;
+    let identity = RelayIdentity::from_seed(&seed);
+    seed.fill(0);
+    let mut secret = daemonkit::keyfile::read_key(&dir.join("onion.key"))?;
+    let onion = OnionSecret::from_bytes(&secret);
+    secret.fill(0);
+    Ok((identity, onion))
+}
+
 /// The forgery of `kind`, with `me` (the guard) as the resolver where it can be.
 fn forgery(kind: &str, me: IpAddr) -> Result<Attached> {
     let me4 = match me {
@@ -72,11 +86,10 @@ fn forgery(kind: &str, me: IpAddr) -> Result<Attached> {
 
 fn main() -> Result<()> {
     let args = args()?;
-    let keys =
-        relayd::keys::load(&args.keys).with_context(|| format!("cannot load keys from {}", args.keys.display()))?;
-    let onion = keys.onion.into_iter().next().context("no onion key")?;
+    let (identity, onion) =
+        keys(&args.keys).with_context(|| format!("cannot load keys from {}", args.keys.display()))?;
     let mut relay =
-        TestRelay::with_keys(1, keys.identity.public().0, onion, cellproto::crypto::local_aes_hw(), OsRng.next_u64());
+        TestRelay::with_keys(1, identity.public().0, onion, cellproto::crypto::local_aes_hw(), OsRng.next_u64());
     let socket = UdpSocket::bind(args.listen).with_context(|| format!("cannot bind {}", args.listen))?;
     socket.set_read_timeout(Some(Duration::from_millis(20)))?;
     println!("hostile guard listening on {}", args.listen);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Why a configuration file was refused: the same cases, and messages, as relayd's.
-pub use relayd::config::ConfigError;
+pub use daemonkit::config::ConfigError;
 
 /// The whole configuration, as read (relative paths already resolved against the file).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -126,9 +126,7 @@ fn opt_identity_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ide
 impl Config {
     /// Reads and checks `path`; relative paths in it are relative to its directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut config: Config =
-            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let mut config: Config = daemonkit::config::read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [&mut config.directory, &mut config.state_dir, &mut config.control_socket] {
             if p.is_relative() {

@@ -21,9 +21,9 @@ use crate::udp::CellSocket;
 use anyhow::{Context, Result, bail};
 use cellproto::cell::{CELL_LEN, TUN_MTU};
 use cellproto::onion::{payload, payload_mut};
+use daemonkit::notify::{Notify, notify};
 use ipnet::{Ipv4Net, Ipv6Net};
 use rand_core::OsRng;
-use relayd::cli::{Notify, notify};
 use std::io::{BufRead, Seek};
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -152,7 +152,7 @@ async fn drive(
         timers: config.timers,
         offer_aes: config.offer_aes,
         guards: Guards::load(&config.state_dir),
-        unix_now: relayd::cli::unix_now(),
+        unix_now: daemonkit::unix_now(),
     };
     let socket = CellSocket::bind().await.context("cannot open a UDP socket")?;
     let listener = bind_control(&config.control_socket)?;
@@ -195,7 +195,7 @@ async fn drive(
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 let now = Instant::now();
-                driver.tunnel.set_unix_time(now, relayd::cli::unix_now());
+                driver.tunnel.set_unix_time(now, daemonkit::unix_now());
                 driver.tunnel.handle_timeout(now, &mut OsRng);
             }
             conn = listener.accept() => {

@@ -109,7 +109,7 @@ fn main() -> Result<()> {
                 bail!("--hops: {key} {problem}");
             }
             if foreground {
-                relayd::cli::init_logging();
+                daemonkit::log::init_logging();
                 meshvpn::daemon::run(cfg, &config, hops)
             } else {
                 meshvpn::daemon::spawn_background(&config, &cfg, hops)
@@ -131,7 +131,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::GenerateDocs { dir } => relayd::cli::write_docs(<Cli as clap::CommandFactory>::command(), &dir),
+        Cmd::GenerateDocs { dir } => Ok(daemonkit::docs::write_docs(<Cli as clap::CommandFactory>::command(), &dir)?),
         Cmd::Netcheck { config, json } => {
             let cfg = Config::load(&config)?;
             let relays = meshvpn::relays::load_directory(&cfg)?;

@@ -95,7 +95,7 @@ pub const MAX_UNMEASURED_BANDWIDTH: u64 = 12_500_000;
 pub fn load_directory(config: &Config) -> Result<Relays, LoadError> {
     let path = &config.directory;
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.clone(), source })?;
-    from_bytes(&bytes, path, &config.authority, relayd::cli::unix_now())
+    from_bytes(&bytes, path, &config.authority, daemonkit::unix_now())
 }
 
 /// Verifies a directory's bytes (`path` only names it in errors).

@@ -1,5 +1,5 @@
 //! `meshvpn netcheck` against fake relays on loopback: real sockets, answers made by
-//! `relayd::stun::reply` exactly as a relay makes them. A NAT cannot be built on loopback, so
+//! `cellproto::stun::server::reply` exactly as a relay makes them. A NAT cannot be built on loopback, so
 //! the fakes simulate one where needed by reporting a rewritten reflexive address.
 //!
 //! Timing is not asserted here beyond loose bounds: the retransmission schedule and the end of
@@ -105,7 +105,8 @@ fn serve(socket: UdpSocket, other: Option<UdpSocket>, b: Behaviour, stop: Arc<At
                     socket.send_to(&junk, from).unwrap();
                 }
             }
-            let Some(answer) = relayd::stun::reply((b.nat)(from, local), local, other_addr, &buf[..n]) else {
+            let Some(answer) = cellproto::stun::server::reply((b.nat)(from, local), local, other_addr, &buf[..n])
+            else {
                 continue;
             };
             let out = match (answer.from_other, b.change_port, &other) {

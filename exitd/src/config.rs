@@ -2,8 +2,9 @@
 //! `[exit]` table and a `[policy]` table. Every option is documented in `exitd.example.toml`.
 
 use crate::policy::PolicyConfig;
+use daemonkit::config::ConfigError;
 use ipnet::{Ipv4Net, Ipv6Net};
-use relayd::config::{Config as RelayConfig, ConfigError};
+use relayd::config::Config as RelayConfig;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -125,8 +126,7 @@ pub struct ExitConfig {
 impl ExitConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut config = Self::parse(&text, path)?;
+        let mut config = Self::parse(&daemonkit::config::read(path)?, path)?;
         if config.relay.key_dir.is_relative()
             && let Some(parent) = path.parent()
         {
@@ -138,7 +138,7 @@ impl ExitConfig {
     /// Parses: `[exit]` and `[policy]` are taken out, the rest is relayd's configuration.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let parse_err = |message: String| ConfigError::Parse { path: PathBuf::from(path), message };
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let mut table: toml::Table = daemonkit::config::parse_toml(text, path)?;
         let exit =
             table.remove("exit").ok_or_else(|| parse_err("missing [exit] table (with at least `wan`)".into()))?;
         let exit: ExitOptions = exit.try_into().map_err(|e: toml::de::Error| parse_err(format!("in [exit]: {e}")))?;

@@ -6,7 +6,8 @@ use crate::exit::{ExitShared, ExitTerminal};
 use crate::policy::ExitPolicy;
 use crate::pool::{AddressPool, AttachError, Outcome, PoolLimits};
 use anyhow::{Context, Result, bail};
-use relayd::cli::{LogControl, Notify, notify};
+use daemonkit::log::LogControl;
+use daemonkit::notify::{Notify, notify};
 use relayd::relay::RelayHandle;
 use relayd::reload::Reloader;
 use relayd::terminal::Terminal;
@@ -17,6 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
+
+/// The MTU of the exit's TUN device: the largest IP packet one cell carries through a
+/// full-length circuit (`cellproto::cell::TUN_MTU`). tundev knows nothing of cells, so the exit
+/// passes it.
+pub const TUN_MTU: u32 = cellproto::cell::TUN_MTU as u32;
 
 /// Released addresses flushed per tick of the session thread at most.
 const FLUSH_BATCH: usize = 256;
@@ -99,7 +105,7 @@ pub fn run_with(path: &Path, stop: Arc<AtomicBool>, reload: Option<ReloadOn>) ->
     tun.enable_offloads().context("cannot enable the TUN device's offloads")?;
     let gw4_net = ipnet::Ipv4Net::new(gw4, exit.pool_v4.prefix_len())?;
     let gw6_net = ipnet::Ipv6Net::new(gw6, exit.pool_v6.prefix_len())?;
-    tundev::configure(tun.name(), tundev::DEFAULT_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;
+    tundev::configure(tun.name(), TUN_MTU, gw4_net, gw6_net).context("cannot configure the TUN device")?;
     let policy = ExitPolicy::new(&config.policy).with_exit_host(host_addresses()?);
     let nat = nat_config(&config, tun.name(), &policy);
     crate::nft::install(&nat).context("cannot install the nftables table")?;
@@ -380,4 +386,14 @@ fn render(shared: &ExitShared) -> String {
     );
     let _ = writeln!(out, "exitd_conntrack_deleted_total {}", shared.conntrack_deleted.load(Ordering::Relaxed));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tun_mtu_is_the_cell_payload() {
+        assert_eq!(TUN_MTU, 1304);
+    }
 }

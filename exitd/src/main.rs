@@ -1,10 +1,10 @@
 //! `exitd`: the meshvpn exit server.
 
 use anyhow::{Context, Result};
-use base64::Engine as _;
 use clap::{CommandFactory, Parser, Subcommand};
 use exitd::config::ExitConfig;
 use exitd::policy::ExitPolicy;
+use relayd::keycli::{self, DescriptorSource, KeyCmd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -22,25 +22,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create the identity and onion keys (files mode 0600; never overwrites).
-    Keygen {
-        /// Directory for identity.key and onion.key (created 0700 if missing).
-        #[arg(long)]
-        dir: PathBuf,
-    },
-    /// Onion key rotation: onion.key becomes onion.key.prev and a new onion.key is made; a
-    /// running exit takes both on SIGHUP (`systemctl reload exitd`). Publish a new descriptor.
-    RotateOnion {
-        /// The key directory (`key_dir`).
-        #[arg(long)]
-        dir: PathBuf,
-    },
-    /// Print this exit's signed descriptor (base64): exit flag and policy summary included.
-    Descriptor {
-        /// Configuration file (see exitd.example.toml).
-        #[arg(long)]
-        config: PathBuf,
-    },
+    #[command(flatten)]
+    Keys(KeyCmd),
     /// Run the exit until SIGTERM or SIGINT (needs CAP_NET_ADMIN: TUN, nftables, sysctls);
     /// SIGHUP re-reads the configuration (relayd's live keys; `[exit]` and `[policy]` need a
     /// restart, which the log says).
@@ -60,26 +43,13 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let log = relayd::cli::init_logging_with("info");
+    let log = daemonkit::log::init_logging_with("info");
     match cli.command {
-        Cmd::Keygen { dir } => {
-            let keys = relayd::keys::keygen(&dir)?;
-            println!("identity {}", keys.identity.public());
-        }
-        Cmd::RotateOnion { dir } => {
-            let public = relayd::keys::rotate_onion(&dir)?;
-            println!("onion {}", public.iter().map(|b| format!("{b:02x}")).collect::<String>());
-            eprintln!("new onion key in {}; reload the exit (SIGHUP), then publish a new descriptor", dir.display());
-        }
-        Cmd::GenerateDocs { dir } => relayd::cli::write_docs(Cli::command(), &dir)?,
-        Cmd::Descriptor { config } => {
-            let config = ExitConfig::load(&config)?;
-            let keys = relayd::keys::load(&config.relay.key_dir)
-                .with_context(|| format!("cannot load keys from {} (key_dir)", config.relay.key_dir.display()))?;
-            let summary = ExitPolicy::new(&config.policy).summary();
-            let signed = relayd::descriptor::signed(&config.relay, &keys, relayd::cli::unix_now(), Some(summary))?;
-            println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
-        }
+        Cmd::Keys(cmd) => keycli::run(cmd, "exitd", |path| {
+            let config = ExitConfig::load(path)?;
+            Ok(DescriptorSource { exit_policy: Some(ExitPolicy::new(&config.policy).summary()), relay: config.relay })
+        })?,
+        Cmd::GenerateDocs { dir } => daemonkit::docs::write_docs(Cli::command(), &dir)?,
         Cmd::Run { config } => {
             let stop = Arc::new(AtomicBool::new(false));
             let hup = Arc::new(AtomicBool::new(false));

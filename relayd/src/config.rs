@@ -7,38 +7,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use thiserror::Error;
 
-/// Why a configuration file was refused.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// TOML syntax, an unknown key, or a value of the wrong type (the message names the key).
-    #[error("invalid config {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, naming the key.
-        message: String,
-    },
-    /// A value out of range.
-    #[error("invalid config {path}: `{key}` {problem}")]
-    Value {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: &'static str,
-        /// What is wrong.
-        problem: String,
-    },
-}
+pub use daemonkit::config::ConfigError;
 
 /// Which data path to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -308,8 +278,7 @@ fn default_reply_global_rate() -> f64 {
 impl Config {
     /// Reads and validates a configuration file. Relative `key_dir` is relative to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut config = Self::parse(&text, path)?;
+        let mut config = Self::parse(&daemonkit::config::read(path)?, path)?;
         if let Some(parent) = path.parent() {
             if config.key_dir.is_relative() {
                 config.key_dir = parent.join(&config.key_dir);
@@ -323,8 +292,7 @@ impl Config {
 
     /// Parses and validates configuration text (`path` only names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+        let config: Config = daemonkit::config::parse_toml(text, path)?;
         let bad = |key, problem: &str| ConfigError::Value { path: path.into(), key, problem: problem.into() };
         let nick_ok =
             (1..=19).contains(&config.nickname.len()) && config.nickname.chars().all(|c| c.is_ascii_alphanumeric());
@@ -370,7 +338,7 @@ impl Config {
         if config.stun.alternate_port.is_some_and(|p| p == 0 || p == config.listen.port()) {
             return Err(bad("stun.alternate_port", "must be a port other than 0 and other than listen's"));
         }
-        if tracing_subscriber::EnvFilter::try_new(&config.log_level).is_err() {
+        if !daemonkit::log::is_valid_filter(&config.log_level) {
             return Err(bad("log_level", "is not a log filter (e.g. \"info\" or \"relayd=debug,warn\")"));
         }
         if config.bench.null_forwarder && !cfg!(feature = "bench") {

@@ -62,7 +62,7 @@ impl ExtendTargets {
     /// The policy `config` asks for, its directory read and verified now.
     pub fn from_config(extend: &crate::config::ExtendPolicy) -> Result<Self> {
         match (&extend.directory, &extend.authority) {
-            (Some(path), Some(authority)) => Self::load(extend.allow_private, path, authority, crate::cli::unix_now()),
+            (Some(path), Some(authority)) => Self::load(extend.allow_private, path, authority, daemonkit::unix_now()),
             _ => Ok(Self::any_public(extend.allow_private)),
         }
     }

@@ -1,15 +1,16 @@
-//! Key files: the relay's Ed25519 identity seed and X25519 onion key, 32 raw bytes each,
-//! mode 0600 in a 0700 directory. `keygen` refuses to overwrite; loading refuses files that
-//! group or others can read, as ssh does, so a misconfigured deployment fails loudly.
+//! The relay's keys: its Ed25519 identity seed and X25519 onion key, 32 raw bytes each, mode
+//! 0600 in a 0700 directory, written and read by [`daemonkit::keyfile`]. `keygen` refuses to
+//! overwrite; loading refuses files that group or others can read, as ssh does, so a
+//! misconfigured deployment fails loudly.
 
 use cellproto::handshake::OnionSecret;
 use cellproto::identity::RelayIdentity;
+use daemonkit::keyfile::{create_dir, io_err, read_key, write_new};
 use rand_core::{OsRng, RngCore};
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use thiserror::Error;
+use std::fs;
+use std::path::Path;
+
+pub use daemonkit::keyfile::KeyError;
 
 /// File name of the identity seed inside the key directory.
 pub const IDENTITY_FILE: &str = "identity.key";
@@ -19,38 +20,6 @@ pub const ONION_FILE: &str = "onion.key";
 pub const ONION_PREV_FILE: &str = "onion.key.prev";
 /// File name of a directory authority's identity seed (`relayd authority keygen`).
 pub const AUTHORITY_FILE: &str = "authority.key";
-
-/// Why keys could not be created or loaded.
-#[derive(Debug, Error)]
-pub enum KeyError {
-    /// A key file already exists (keygen never overwrites).
-    #[error("{0} already exists; refusing to overwrite a key (move it away first)")]
-    Exists(PathBuf),
-    /// A file system error.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is readable by group or others.
-    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
-    Permissions {
-        /// The file.
-        path: PathBuf,
-        /// Its mode bits.
-        mode: u32,
-    },
-    /// The file does not hold a 32-byte key.
-    #[error("{path} is not a key file: expected 32 bytes, found {len}")]
-    Length {
-        /// The file.
-        path: PathBuf,
-        /// Its length.
-        len: u64,
-    },
-}
 
 /// A relay's long-term keys.
 pub struct RelayKeys {
@@ -73,20 +42,9 @@ impl RelayKeys {
     }
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
-    move |source| KeyError::Io { path: path.into(), source }
-}
-
-fn write_new(path: &Path, bytes: &[u8; 32]) -> Result<(), KeyError> {
-    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists { KeyError::Exists(path.into()) } else { io_err(path)(e) }
-    })?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(io_err(path))
-}
-
 /// Creates `dir` (0700) with a new identity and onion key; refuses to overwrite either.
 pub fn keygen(dir: &Path) -> Result<RelayKeys, KeyError> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+    create_dir(dir)?;
     for name in [IDENTITY_FILE, ONION_FILE] {
         let path = dir.join(name);
         if path.exists() {
@@ -104,16 +62,6 @@ pub fn keygen(dir: &Path) -> Result<RelayKeys, KeyError> {
     seed.fill(0);
     onion_secret.fill(0);
     Ok(RelayKeys { identity, onion: vec![onion], previous_since: None })
-}
-
-fn read_key(path: &Path) -> Result<[u8; 32], KeyError> {
-    let meta = fs::metadata(path).map_err(io_err(path))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(KeyError::Permissions { path: path.into(), mode });
-    }
-    let bytes = fs::read(path).map_err(io_err(path))?;
-    bytes.as_slice().try_into().map_err(|_| KeyError::Length { path: path.into(), len: meta.len() })
 }
 
 /// Loads the keys from `dir`.
@@ -164,7 +112,7 @@ pub fn rotate_onion(dir: &Path) -> Result<[u8; 32], KeyError> {
 
 /// Creates `dir` (0700) with a new directory-authority identity; refuses to overwrite it.
 pub fn authority_keygen(dir: &Path) -> Result<RelayIdentity, KeyError> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io_err(dir))?;
+    create_dir(dir)?;
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let identity = RelayIdentity::from_seed(&seed);
@@ -184,6 +132,8 @@ pub fn load_authority(dir: &Path) -> Result<RelayIdentity, KeyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
 
     fn tmp(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("relayd-keys-{name}-{}", std::process::id()));
@@ -213,7 +163,7 @@ mod tests {
         assert_eq!(loaded.identity.public(), made.identity.public());
         assert_eq!(loaded.onion.iter().map(|k| *k.public()).collect::<Vec<_>>(), vec![new, first]);
         // The previous key is accepted for one descriptor lifetime after the rotation.
-        let now = crate::cli::unix_now();
+        let now = daemonkit::unix_now();
         let since = loaded.previous_since.expect("rotation time");
         assert!(since.abs_diff(now) <= 5, "rotation time {since} vs now {now}");
         let until = loaded.previous_until(86_400, now).unwrap();

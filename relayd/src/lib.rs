@@ -1,10 +1,11 @@
-//! relayd as a library: the relay engine that `relayd` runs and `exitd` reuses.
+//! relayd as a library: the relay engine that `relayd` runs and `exitd` reuses. The daemon
+//! plumbing (logging, systemd notifications, docs, TOML, key files, time) is `daemonkit`'s.
 //!
 //! | module | concern |
 //! | --- | --- |
-//! | [`cli`] | what the daemons' command lines share (logging, time) |
 //! | [`config`] | TOML configuration |
-//! | [`keys`] | key files (0600) |
+//! | [`keys`] | the relay's key files (0600) |
+//! | [`keycli`] | `keygen`, `rotate-onion`, `descriptor`: the subcommands relayd and exitd share |
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
 //! | [`worker`] | the data-plane pipeline: classify → process in place → route |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
@@ -18,13 +19,13 @@
 //! | [`terminal`] | the hook an exit plugs into each worker |
 //! | [`descriptor`] | the relay's signed descriptor |
 
-pub mod cli;
 pub mod config;
 pub mod control;
 pub mod cookies;
 pub mod datapath;
 pub mod descriptor;
 pub mod extend;
+pub mod keycli;
 pub mod keys;
 pub mod metrics;
 pub mod ratelimit;

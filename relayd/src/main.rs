@@ -3,8 +3,10 @@
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{CommandFactory, Parser, Subcommand};
-use relayd::cli::{LogControl, Notify, notify};
+use daemonkit::log::LogControl;
+use daemonkit::notify::{Notify, notify};
 use relayd::config::Config;
+use relayd::keycli::{self, DescriptorSource, KeyCmd};
 use relayd::relay::RelayHandle;
 use relayd::reload::Reloader;
 use std::path::PathBuf;
@@ -25,25 +27,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Create the identity and onion keys (files mode 0600; never overwrites).
-    Keygen {
-        /// Directory for identity.key and onion.key (created 0700 if missing).
-        #[arg(long)]
-        dir: PathBuf,
-    },
-    /// Onion key rotation: onion.key becomes onion.key.prev and a new onion.key is made; a
-    /// running relay takes both on SIGHUP (`systemctl reload relayd`). Publish a new descriptor.
-    RotateOnion {
-        /// The key directory (`key_dir`).
-        #[arg(long)]
-        dir: PathBuf,
-    },
-    /// Print this relay's signed descriptor (base64), for the directory.
-    Descriptor {
-        /// Configuration file (see relayd.example.toml).
-        #[arg(long)]
-        config: PathBuf,
-    },
+    #[command(flatten)]
+    Keys(KeyCmd),
     /// Directory authority: make its key, sign a directory of relay descriptors.
     #[command(subcommand)]
     Authority(AuthorityCmd),
@@ -123,7 +108,7 @@ fn authority(cmd: AuthorityCmd) -> Result<()> {
         AuthorityCmd::Sign { dir, out, lifetime_secs, descriptors } => {
             let id = relayd::keys::load_authority(&dir)?;
             let mut signed = Vec::with_capacity(descriptors.len());
-            let now = relayd::cli::unix_now();
+            let now = daemonkit::unix_now();
             for path in &descriptors {
                 let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
                 let bytes = base64::engine::general_purpose::STANDARD
@@ -143,37 +128,16 @@ fn authority(cmd: AuthorityCmd) -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let log = relayd::cli::init_logging_with("info");
+    let log = daemonkit::log::init_logging_with("info");
     match cli.command {
-        Cmd::Keygen { dir } => {
-            let keys = relayd::keys::keygen(&dir)?;
-            println!("identity {}", keys.identity.public());
-            eprintln!("keys written to {} (mode 0600)", dir.display());
-        }
-        Cmd::RotateOnion { dir } => {
-            let public = relayd::keys::rotate_onion(&dir)?;
-            println!("onion {}", hex(&public));
-            eprintln!(
-                "new onion key in {}; the previous one is kept as onion.key.prev. Reload the relay (SIGHUP), then publish a new descriptor",
-                dir.display()
-            );
+        Cmd::Keys(cmd) => {
+            keycli::run(cmd, "relayd", |path| Ok(DescriptorSource { relay: Config::load(path)?, exit_policy: None }))?
         }
         Cmd::Authority(cmd) => authority(cmd)?,
-        Cmd::Descriptor { config } => {
-            let config = Config::load(&config)?;
-            let keys = relayd::keys::load(&config.key_dir)
-                .with_context(|| format!("cannot load keys from {} (key_dir)", config.key_dir.display()))?;
-            let signed = relayd::descriptor::signed(&config, &keys, relayd::cli::unix_now(), None)?;
-            println!("{}", base64::engine::general_purpose::STANDARD.encode(signed));
-        }
         Cmd::Run { config } => run(&config, log)?,
-        Cmd::GenerateDocs { dir } => relayd::cli::write_docs(Cli::command(), &dir)?,
+        Cmd::GenerateDocs { dir } => daemonkit::docs::write_docs(Cli::command(), &dir)?,
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn run(path: &std::path::Path, log: LogControl) -> Result<()> {

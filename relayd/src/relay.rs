@@ -119,7 +119,7 @@ pub fn start_with(
         Some(n) => info!(relays = n, "EXTEND limited to the relays of extend.directory"),
         None => warn!("extend.directory is not set: EXTEND may go to any public address a client names"),
     }
-    let previous_until = keys.previous_until(config.descriptor_lifetime_secs, crate::cli::unix_now());
+    let previous_until = keys.previous_until(config.descriptor_lifetime_secs, daemonkit::unix_now());
     if keys.onion.len() > 1 {
         info!(
             secs = previous_until.map(|t| t.saturating_duration_since(std::time::Instant::now()).as_secs()),

@@ -9,13 +9,13 @@
 //! old value, which later reloads keep comparing against. A new file that does not parse, or
 //! keys that do not load, change nothing.
 
-use crate::cli::LogControl;
 use crate::config::Config;
 use crate::control::ControlUpdate;
 use crate::keys::RelayKeys;
 use crate::relay::RelayHandle;
 use anyhow::{Context, Result, bail};
 use cellproto::identity::IdentityKey;
+use daemonkit::log::LogControl;
 use tracing::{info, warn};
 
 /// What a changed key needs.
@@ -115,7 +115,7 @@ impl Reloader {
         let targets = crate::extend::ExtendTargets::from_config(&new.extend)?;
         // The previous onion key lives as long as the longest-lived descriptor that named it.
         let lifetime = self.running.descriptor_lifetime_secs.max(new.descriptor_lifetime_secs);
-        let previous_until = keys.previous_until(lifetime, crate::cli::unix_now());
+        let previous_until = keys.previous_until(lifetime, daemonkit::unix_now());
         relay.update(ControlUpdate {
             limits: new.limits.clone(),
             stun: new.stun.replies(),

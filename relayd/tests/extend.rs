@@ -87,7 +87,7 @@ fn extend_goes_only_to_the_directorys_relays() {
     // B's descriptor, signed with B's key, in a directory signed by a test authority.
     let b_key_dir = std::env::temp_dir().join(format!("relayd-test-xdirb-{}", std::process::id()));
     let b_keys = relayd::keys::load(&b_key_dir).unwrap();
-    let now = relayd::cli::unix_now();
+    let now = daemonkit::unix_now();
     let b_config = relayd::config::Config::parse(
         &format!("listen = \"{}\"\nkey_dir = \"k\"\nnickname = \"xdirb\"\n", b.handle.local_addr),
         std::path::Path::new("b.toml"),

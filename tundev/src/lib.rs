@@ -47,12 +47,9 @@ pub mod tso;
 pub use setup::configure;
 
 /// The size of one packet buffer in a batch: room for any packet at an MTU up to 2048 (exitd
-/// uses [`DEFAULT_MTU`], 1304).
+/// and the client give their devices 1304, the largest IP packet one cell carries through a
+/// full-length circuit, `cellproto::cell::TUN_MTU`; the caller passes it to [`configure`]).
 pub const PACKET_BUF_LEN: usize = 2048;
-
-/// The MTU exitd gives its device: the largest IP packet one cell carries through a full-length
-/// circuit ([`cellproto::cell::TUN_MTU`]).
-pub const DEFAULT_MTU: u32 = cellproto::cell::TUN_MTU as u32;
 
 /// Length of the `struct virtio_net_hdr` before each packet of an `IFF_VNET_HDR` device (the
 /// kernel's default `TUNSETVNETHDRSZ`).
@@ -505,10 +502,5 @@ mod tests {
         assert_eq!(ip_length(&[0x60, 0, 0, 0, 0x05]), None);
         assert_eq!(ip_length(&[0x15; 40]), None);
         assert_eq!(ip_length(&[]), None);
-    }
-
-    #[test]
-    fn default_mtu_is_the_cell_payload() {
-        assert_eq!(DEFAULT_MTU, 1304);
     }
 }

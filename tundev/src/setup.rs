@@ -22,7 +22,7 @@ use super::{MAX_MTU, MIN_MTU, context, validate_name};
 ///
 /// `ip` runs in the calling thread's network namespace (a child inherits its creator's), so
 /// call it where the device was created. `mtu` must be between [`MIN_MTU`] and [`MAX_MTU`];
-/// exitd passes [`DEFAULT_MTU`](super::DEFAULT_MTU).
+/// exitd and the client pass the largest packet a cell carries (`cellproto::cell::TUN_MTU`).
 pub fn configure(name: &str, mtu: u32, v4: Ipv4Net, v6: Ipv6Net) -> io::Result<()> {
     validate_name(name, false)?;
     if !(MIN_MTU..=MAX_MTU).contains(&mtu) {

@@ -22,7 +22,10 @@ use pnet_packet::ipv4::{self, Ipv4Flags, Ipv4Packet, MutableIpv4Packet};
 use pnet_packet::ipv6::{Ipv6Packet, MutableIpv6Packet};
 use pnet_packet::udp::{self, MutableUdpPacket, UdpPacket};
 use rand_core::{OsRng, RngCore};
-use tundev::{self as tun, DEFAULT_MTU, PACKET_BUF_LEN, Tun, TunQueue};
+use tundev::{self as tun, PACKET_BUF_LEN, Tun, TunQueue};
+
+/// The MTU exitd gives its device (`exitd::daemon::TUN_MTU`, from `cellproto::cell::TUN_MTU`).
+const DEFAULT_MTU: u32 = 1304;
 
 const DEV: &str = "mvexit0";
 const WAIT: Duration = Duration::from_secs(5);

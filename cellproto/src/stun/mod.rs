@@ -5,6 +5,8 @@
 //! [`is_stun`] tells the two kinds of datagram apart (RFC 7983 style, on the first byte and the
 //! magic cookie); [`decode`] and [`Message::encode`] are the codec. Both are sans-IO: bytes in,
 //! values out, and encoding writes into a caller-owned buffer without allocating.
+//! [`server::reply`] is the relay's answer to a request, a pure function that relayd sends and
+//! the client's tests use to play a relay.
 //!
 //! Supported: the RFC 8489 header and class/method interleaving, the address attributes (plain
 //! and XOR'd), the RFC 5780 NAT-behaviour-discovery attributes, SOFTWARE, USERNAME, ERROR-CODE,
@@ -13,6 +15,7 @@
 //! verified: the relay does not authenticate STUN.
 
 mod attr;
+pub mod server;
 
 pub use attr::Attribute;
 
