@@ -13,6 +13,7 @@
 
 use crate::config::Config;
 use crate::control::{self, Answer, HopStatus, Request, Status};
+use crate::directory::{self, DirectorySource, SignedFile};
 use crate::guards::Guards;
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
@@ -67,7 +68,7 @@ pub fn run(config: Config, config_path: &Path, hops: Option<usize>) -> Result<()
     if !nix::unistd::geteuid().is_root() {
         bail!("meshvpn up needs root (it creates a TUN device and changes routes, DNS and nftables); run it with sudo");
     }
-    let mut relays = relays::load_directory(&config)?;
+    let mut relays = directory::load_directory(&config)?;
     let mut system = System::begin(&config.state_dir)?;
     if config.rtt_probes {
         relays.measure_rtts(RTT_PROBE);
@@ -262,7 +263,8 @@ impl Driver<'_> {
                     warn!(keys = ?restart, "these changes apply at the next start (`meshvpn down` and `up`, or `systemctl restart meshvpn`)");
                 }
                 self.tunnel.set_timers(new.timers);
-                let fresh = relays::load_directory(self.config).map_err(|e| e.to_string());
+                let source = SignedFile::from_config(self.config);
+                let fresh = source.load(relayd::cli::unix_now()).map_err(|e| e.to_string());
                 match fresh.and_then(|f| self.tunnel.relays().check_replacement(&f).map(|()| f)) {
                     Ok(fresh) => {
                         info!(

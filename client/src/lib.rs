@@ -3,7 +3,9 @@
 //! | module | concern |
 //! | --- | --- |
 //! | [`config`] | the TOML configuration (`meshvpn.example.toml`) |
-//! | [`relays`] | loading the signed directory; path selection (guard, middles, exit) |
+//! | [`directory`] | where the relays come from: the signed directory file (a [`directory::DirectorySource`]) |
+//! | [`relays`] | the usable relays of a verified directory |
+//! | [`path`] | path selection (guard, middles, exit), pure policy |
 //! | [`guards`] | the kept guard set: retried with backoff, replaced only after a day of failures |
 //! | [`tunnel`] | sans-IO: the circuit, keepalive, rebuild to the same exit with the session token, who may say what |
 //! | [`session`] | what the exit's ATTACHED may contain before anything is configured |
@@ -16,8 +18,10 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod directory;
 pub mod guards;
 pub mod netcheck;
+pub mod path;
 pub mod relays;
 pub mod session;
 pub mod system;

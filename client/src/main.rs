@@ -134,7 +134,7 @@ fn main() -> Result<()> {
         Cmd::GenerateDocs { dir } => relayd::cli::write_docs(<Cli as clap::CommandFactory>::command(), &dir),
         Cmd::Netcheck { config, json } => {
             let cfg = Config::load(&config)?;
-            let relays = meshvpn::relays::load_directory(&cfg)?;
+            let relays = meshvpn::directory::load_directory(&cfg)?;
             let report = meshvpn::netcheck::run_blocking(&relays.stun_servers())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

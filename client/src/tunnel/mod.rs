@@ -563,9 +563,7 @@ impl Tunnel {
         if let Some(exit) = self.session_exit
             && self.request.exit.is_none()
             && failed.contains(&exit)
-            && guards
-                .iter()
-                .any(|g| self.relays.select(&PathRequest { exit: None, guard: *g, ..req.clone() }, rng).is_ok())
+            && self.relays.another_exit_fits(req, guards, rng)
         {
             let name = self.path.last().map(|r| r.desc.nickname.clone()).unwrap_or_default();
             warn!(
@@ -576,24 +574,7 @@ impl Tunnel {
             self.counters.exit_changes += 1;
             req.exit = None;
         }
-        if guards.is_empty() {
-            // No guard in the set: the directory lists none that fits. Let path selection say
-            // whether the exit is the problem too; a path it draws is not used (guards come
-            // only from the set).
-            req.guard = None;
-            return self.relays.select(req, rng).and(Err(PathError::NoGuard));
-        }
-        let mut last = Err(PathError::NoGuard);
-        for guard in guards {
-            req.guard = *guard;
-            // Suspects are avoided if the network allows; failed relays always are.
-            let wary = PathRequest { avoid: [failed, &self.suspects[..]].concat(), ..req.clone() };
-            last = self.relays.select(&wary, rng).or_else(|_| self.relays.select(req, rng));
-            if last.is_ok() {
-                break;
-            }
-        }
-        last
+        self.relays.select_through(req, guards, failed, &self.suspects, rng)
     }
 
     fn no_path(&mut self, now: Instant, why: String) {
