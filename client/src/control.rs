@@ -73,6 +73,10 @@ pub struct Status {
     pub packets_dropped: u64,
     /// Received datagrams that were not valid cells of the current circuit.
     pub cells_rejected: u64,
+    /// Received datagrams that were neither a relay's cell nor an answer to a STUN request of
+    /// ours (counted, logged at powers of two).
+    #[serde(default)] // absent from an older daemon's answer
+    pub stray_datagrams: u64,
     /// Authentic cells refused: a control answer from a hop that may not send it or that
     /// answers nothing asked, or an exit's unusable ATTACHED (a hostile or broken relay).
     #[serde(default)] // absent from an older daemon's answer
@@ -158,9 +162,10 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "dropped:      {} while down, {} bad cells, {} refused, {} send errors, {} TUN write and {} read errors",
+            "dropped:      {} while down, {} bad cells, {} stray datagrams, {} refused, {} send errors, {} TUN write and {} read errors",
             self.packets_dropped,
             self.cells_rejected,
+            self.stray_datagrams,
             self.control_refused,
             self.send_errors,
             self.tun_write_errors,

@@ -14,11 +14,11 @@
 use crate::config::Config;
 use crate::control::{self, Answer, HopStatus, Request, Status};
 use crate::directory::{self, DirectorySource, SignedFile};
+use crate::endpoint::{BATCH, Endpoint};
 use crate::guards::Guards;
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
 use crate::tunnel::{Options, State, Tunnel, TunnelEvent};
-use crate::udp::CellSocket;
 use anyhow::{Context, Result, bail};
 use cellproto::cell::{CELL_LEN, TUN_MTU};
 use cellproto::onion::{payload, payload_mut};
@@ -41,8 +41,6 @@ use tundev::gro::Gro;
 use tundev::tso;
 use tundev::{Tun, TunQueue, VNET_HDR_LEN};
 
-/// Datagrams or packets handled per wake-up before timers are looked at again.
-const BATCH: usize = 64;
 /// How long the relays' round trips are measured before the first path is chosen.
 const RTT_PROBE: Duration = Duration::from_millis(500);
 /// How long `meshvpn up` waits for the background client to report the tunnel up.
@@ -68,11 +66,8 @@ pub fn run(config: Config, config_path: &Path, hops: Option<usize>) -> Result<()
     if !nix::unistd::geteuid().is_root() {
         bail!("meshvpn up needs root (it creates a TUN device and changes routes, DNS and nftables); run it with sudo");
     }
-    let mut relays = directory::load_directory(&config)?;
+    let relays = directory::load_directory(&config)?;
     let mut system = System::begin(&config.state_dir)?;
-    if config.rtt_probes {
-        relays.measure_rtts(RTT_PROBE);
-    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(drive(&config, (config_path, hops), relays, &mut system));
     let _ = std::fs::remove_file(&config.control_socket);
@@ -118,7 +113,7 @@ struct Driver<'a> {
     config: &'a Config,
     system: &'a mut System,
     tunnel: Tunnel,
-    socket: CellSocket,
+    endpoint: Endpoint,
     tun: Option<AsyncFd<TunQueue>>,
     addresses: Option<(Ipv4Net, Ipv6Net)>,
     started: Instant,
@@ -138,9 +133,17 @@ struct Driver<'a> {
 async fn drive(
     config: &Config,
     (config_path, hops): (&Path, Option<usize>),
-    relays: relays::Relays,
+    mut relays: relays::Relays,
     system: &mut System,
 ) -> Result<Stop> {
+    let mut endpoint = Endpoint::bind(&relays).await.context("cannot open a UDP socket")?;
+    if config.rtt_probes {
+        // From the data socket, before the first path is chosen: the relays see the address
+        // the cells will come from, and no second NAT mapping is made.
+        endpoint.measure_rtts(&mut relays, RTT_PROBE, |_, _| {}).await;
+        let answered = relays.relays.iter().filter(|r| r.rtt.is_some()).count();
+        info!(answered, relays = relays.relays.len(), "round trips measured");
+    }
     let now = Instant::now();
     let request = PathRequest {
         hops: config.hops,
@@ -155,13 +158,12 @@ async fn drive(
         guards: Guards::load(&config.state_dir),
         unix_now: relayd::cli::unix_now(),
     };
-    let socket = CellSocket::bind().await.context("cannot open a UDP socket")?;
     let listener = bind_control(&config.control_socket)?;
     let mut driver = Driver {
         config,
         system,
         tunnel: Tunnel::new(relays, request, options, now),
-        socket,
+        endpoint,
         tun: None,
         addresses: None,
         started: now,
@@ -186,7 +188,7 @@ async fn drive(
             _ = term.recv() => { info!("SIGTERM: stopping"); break Stop::Signal("SIGTERM") }
             _ = int.recv() => { info!("SIGINT: stopping"); break Stop::Signal("SIGINT") }
             _ = hup.recv() => driver.reload(config_path, hops),
-            ready = driver.socket.readable() => {
+            ready = driver.endpoint.readable() => {
                 ready?;
                 driver.receive().await;
             }
@@ -211,9 +213,9 @@ async fn drive(
         }
     };
     if let Some(to) = driver.tunnel.close(&mut cell, &mut OsRng)
-        && driver.socket.send(to, &cell).await.is_ok()
+        && driver.endpoint.socket().send(to, &cell).await.is_ok()
     {
-        let _ = driver.socket.flush().await;
+        let _ = driver.endpoint.socket().flush().await;
     }
     Ok(stop)
 }
@@ -272,6 +274,7 @@ impl Driver<'_> {
                             expires = fresh.expires,
                             "configuration and directory reloaded"
                         );
+                        self.endpoint.set_relays(&fresh);
                         self.tunnel.set_relays(fresh);
                     }
                     Err(e) => warn!("keeping the directory already loaded: {e}"),
@@ -344,13 +347,13 @@ impl Driver<'_> {
     /// Queues a cell; a failed send is logged (rate-limited by its cause: the kill switch
     /// or a dead route) and the cell is lost, as on any UDP path.
     async fn send(&mut self, to: std::net::SocketAddr, cell: &[u8; CELL_LEN]) {
-        if let Err(e) = self.socket.send(to, cell).await {
+        if let Err(e) = self.endpoint.socket().send(to, cell).await {
             self.send_failed(e);
         }
     }
 
     async fn send_flush(&mut self) {
-        if let Err(e) = self.socket.flush().await {
+        if let Err(e) = self.endpoint.socket().flush().await {
             self.send_failed(e);
         }
     }
@@ -362,21 +365,18 @@ impl Driver<'_> {
         }
     }
 
-    /// Drains the UDP socket: cells in, IP packets to the TUN device (TCP runs joined), and
-    /// writes out the run held back at the end, so nothing waits for the next datagram.
+    /// Drains the UDP socket through the endpoint's demultiplexer: cells in, IP packets to the
+    /// TUN device (TCP runs joined), and writes out the run held back at the end, so nothing
+    /// waits for the next datagram.
     async fn receive(&mut self) {
         let now = Instant::now();
-        for _ in 0..BATCH {
-            let Ok((len, segment, from)) = self.socket.try_recv() else { break };
-            if segment != CELL_LEN {
-                continue;
+        let (tunnel, gro) = (&mut self.tunnel, &mut self.gro);
+        let (tun, errors) = (&mut self.tun, &mut self.tun_write_errors);
+        self.endpoint.receive(now, |from, cell| {
+            if let Some(n) = tunnel.handle_cell(now, from, cell, &mut OsRng) {
+                gro.push(payload(cell, n), &mut tun_writer(tun, errors));
             }
-            for chunk in self.socket.rx[..len].chunks_exact_mut(CELL_LEN) {
-                let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(chunk) else { continue };
-                let Some(n) = self.tunnel.handle_cell(now, from, cell, &mut OsRng) else { continue };
-                self.gro.push(payload(cell, n), &mut tun_writer(&mut self.tun, &mut self.tun_write_errors));
-            }
-        }
+        });
         self.gro.flush(&mut tun_writer(&mut self.tun, &mut self.tun_write_errors));
     }
 
@@ -390,7 +390,7 @@ impl Driver<'_> {
                 self.tun_left = false;
                 break;
             };
-            let (tunnel, socket) = (&mut self.tunnel, &mut self.socket);
+            let (tunnel, socket) = (&mut self.tunnel, self.endpoint.socket());
             let (read_errors, send_errors) = (&mut self.tun_read_errors, &mut self.send_errors);
             let segmented = tso::segment(&self.tun_rx[..n], &mut self.tso_scratch, &mut |packet| {
                 if packet.len() > TUN_MTU {
@@ -407,7 +407,7 @@ impl Driver<'_> {
             if segmented.is_err() {
                 self.tun_read_errors += 1;
             }
-            if self.socket.queued() >= crate::udp::GSO_CELLS {
+            if self.endpoint.socket().queued() >= crate::udp::GSO_CELLS {
                 self.send_flush().await;
             }
         }
@@ -438,6 +438,7 @@ impl Driver<'_> {
             packets_received: c.packets_received,
             packets_dropped: c.dropped_no_circuit,
             cells_rejected: c.dropped_bad_cells,
+            stray_datagrams: self.endpoint.counters().stray,
             control_refused: c.control_refused,
             send_errors: self.send_errors,
             tun_write_errors: self.tun_write_errors,

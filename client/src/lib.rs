@@ -12,6 +12,7 @@
 //! | [`system`] | what `up` changes on the machine (routes, DNS, kill switch) and its undo journal |
 //! | [`control`] | the control socket: `status` and `down` |
 //! | [`daemon`] | the tokio driver: UDP socket, TUN, timers, control socket, signals |
+//! | [`endpoint`] | the one UDP endpoint: cells and STUN on one socket, demultiplexed, strays counted |
 //! | [`udp`] | the UDP socket to the guard: GSO batches out, GRO runs in |
 //! | [`netcheck`] | STUN against relays: reflexive address, NAT mapping and filtering (RFC 5780) |
 
@@ -19,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod directory;
+pub mod endpoint;
 pub mod guards;
 pub mod netcheck;
 pub mod path;

@@ -5,10 +5,7 @@ use crate::netcheck::StunServer;
 use cellproto::client::PathHop;
 use cellproto::descriptor::RelayDescriptor;
 use cellproto::identity::IdentityKey;
-use rand_core::RngCore;
-use std::collections::HashMap;
-use std::net::UdpSocket;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use crate::path::{MAX_UNMEASURED_BANDWIDTH, PathError, PathRequest};
 
@@ -58,37 +55,6 @@ impl Relays {
     /// Every relay as a STUN server (relays answer STUN on their cell port).
     pub fn stun_servers(&self) -> Vec<StunServer> {
         self.relays.iter().map(|r| StunServer { name: r.desc.nickname.clone(), addr: r.hop.addr }).collect()
-    }
-
-    /// Measures the round trip to every relay with one STUN Binding each, all at once from one
-    /// socket, waiting at most `timeout`. Relays that do not answer keep `rtt = None`.
-    pub fn measure_rtts(&mut self, timeout: Duration) {
-        let Ok(socket) = UdpSocket::bind("0.0.0.0:0") else { return };
-        let start = Instant::now();
-        let mut ids = HashMap::new();
-        for (i, r) in self.relays.iter().enumerate() {
-            let mut tid = [0u8; 12];
-            rand_core::OsRng.fill_bytes(&mut tid);
-            let mut buf = [0u8; 64];
-            if let Ok(n) = cellproto::stun::Message::binding_request(tid).encode(&mut buf, true) {
-                let _ = socket.send_to(&buf[..n], r.hop.addr);
-                ids.insert(tid, i);
-            }
-        }
-        let mut buf = [0u8; 512];
-        while !ids.is_empty() {
-            let left = timeout.saturating_sub(start.elapsed());
-            if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
-                break;
-            }
-            let Ok((n, _)) = socket.recv_from(&mut buf) else { break };
-            if let Ok(m) = cellproto::stun::decode(&buf[..n])
-                && let Some(i) = ids.remove(&m.transaction_id)
-                && let Some(r) = self.relays.get_mut(i)
-            {
-                r.rtt = Some(start.elapsed());
-            }
-        }
     }
 }
 

@@ -30,6 +30,7 @@ fn status() -> Status {
         packets_received: 2000,
         packets_dropped: 3,
         cells_rejected: 4,
+        stray_datagrams: 9,
         send_errors: 5,
         tun_write_errors: 6,
         tun_read_errors: 7,

@@ -1,0 +1,234 @@
+//! The client's one UDP endpoint: cells to and from the guard, and STUN to any relay, leave
+//! from the same socket, so that every relay sees one address and the NAT holds one mapping
+//! (a second socket would be a second mapping, which makes hole punching impossible and tells
+//! nothing about the first). Tailscale's magicsock does the same, demultiplexing by first bytes.
+//!
+//! Every received datagram is sorted by [`classify`] (pure):
+//!
+//! | datagram | goes to |
+//! | --- | --- |
+//! | cell-sized, from a relay of the directory | the circuit ([`crate::tunnel`], which checks it is the guard's) |
+//! | STUN (first byte and magic cookie) | the STUN exchange in progress ([`netcheck::Exchange`]), which matches it by transaction id |
+//! | anything else, or STUN that answers nothing we asked | counted as stray ([`Counters::stray`]) and logged at powers of two |
+
+use crate::netcheck::{Exchange, Outcome, ProbeResult};
+use crate::relays::Relays;
+use crate::udp::CellSocket;
+use cellproto::cell::CELL_LEN;
+use cellproto::stun::{self, Message};
+use rand_core::{OsRng, RngCore};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
+
+/// Datagrams handled per wake-up before timers are looked at again.
+pub const BATCH: usize = 64;
+
+/// What a received datagram is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A cell from a relay of the directory.
+    Cell,
+    /// A STUN message (it may still answer nothing we asked).
+    Stun,
+    /// Neither: the wrong size for a cell, or from an address that is no relay.
+    Stray,
+}
+
+/// Sorts one datagram from `from` (sans-IO): a cell by its size and sender, a STUN message by
+/// its first byte and magic cookie (RFC 7983's rule).
+pub fn classify(datagram: &[u8], from: SocketAddr, relays: &HashSet<SocketAddr>) -> Kind {
+    if datagram.len() == CELL_LEN && relays.contains(&from) {
+        // No STUN message a relay sends is a cell long, so a cell is never taken for one.
+        Kind::Cell
+    } else if stun::is_stun(datagram) {
+        Kind::Stun
+    } else {
+        Kind::Stray
+    }
+}
+
+/// What the endpoint counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    /// Datagrams that were neither a relay's cell nor an answer to our STUN requests.
+    pub stray: u64,
+    /// STUN answers taken by an exchange.
+    pub stun_answers: u64,
+}
+
+/// A STUN exchange in progress over the endpoint's socket.
+struct Probing {
+    exchange: Exchange,
+    /// Every transaction id it issued (to tell late answers from foreign ones).
+    issued: HashSet<[u8; 12]>,
+    /// Answers so far: (request index, result).
+    answers: Vec<(usize, ProbeResult)>,
+}
+
+/// The socket and its demultiplexer.
+pub struct Endpoint {
+    socket: CellSocket,
+    /// Where cells may come from: every relay of the directory.
+    relays: HashSet<SocketAddr>,
+    /// The STUN exchange in progress.
+    probing: Option<Probing>,
+    counters: Counters,
+}
+
+impl Endpoint {
+    /// Binds the socket (IPv4, ephemeral port; see [`CellSocket::bind`]); cells are accepted from
+    /// the relays of `relays`.
+    pub async fn bind(relays: &Relays) -> std::io::Result<Self> {
+        let mut endpoint = Self {
+            socket: CellSocket::bind().await?,
+            relays: HashSet::new(),
+            probing: None,
+            counters: Counters::default(),
+        };
+        endpoint.set_relays(relays);
+        Ok(endpoint)
+    }
+
+    /// A fresh directory: cells are accepted from its relays from now on.
+    pub fn set_relays(&mut self, relays: &Relays) {
+        self.relays = relays.relays.iter().map(|r| r.hop.addr).collect();
+    }
+
+    /// The local address (unspecified IP, the bound port).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// What was counted.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The cell socket, to send cells.
+    pub fn socket(&mut self) -> &mut CellSocket {
+        &mut self.socket
+    }
+
+    /// Waits until a datagram may be read.
+    pub async fn readable(&self) -> std::io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Drains up to [`BATCH`] reads: each cell goes to `on_cell` (with its sender), STUN to the
+    /// exchange in progress, the rest is counted as stray.
+    pub fn receive(&mut self, now: Instant, mut on_cell: impl FnMut(SocketAddr, &mut [u8; CELL_LEN])) {
+        for _ in 0..BATCH {
+            let Ok((len, segment, from)) = self.socket.try_recv() else { break };
+            // A GRO run holds datagrams of one size from one sender: all cells, or all not.
+            let (rx, relays) = (&mut self.socket.rx[..len], &self.relays);
+            for datagram in rx.chunks_mut(segment) {
+                match classify(datagram, from, relays) {
+                    Kind::Cell => {
+                        if let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(datagram) {
+                            on_cell(from, cell);
+                        }
+                    }
+                    Kind::Stun => {
+                        let outcome = match &mut self.probing {
+                            Some(p) => match p.exchange.handle(now, datagram, from, &p.issued) {
+                                Outcome::Answer { probe, result } => {
+                                    p.answers.push((probe, result));
+                                    Outcome::Expected
+                                }
+                                other => other,
+                            },
+                            None => Outcome::Ignored,
+                        };
+                        match outcome {
+                            Outcome::Ignored => stray(&mut self.counters, from, "STUN that answers nothing asked"),
+                            _ => self.counters.stun_answers += 1,
+                        }
+                    }
+                    Kind::Stray => stray(&mut self.counters, from, "neither a relay's cell nor STUN"),
+                }
+            }
+        }
+    }
+
+    /// Measures the round trip to every relay of `relays` with one STUN Binding request each
+    /// (retransmitted as netcheck does), all from this socket, for at most `timeout`; relays that
+    /// answer get `rtt`. Cells that arrive meanwhile go to `on_cell`.
+    pub async fn measure_rtts(
+        &mut self,
+        relays: &mut Relays,
+        timeout: Duration,
+        mut on_cell: impl FnMut(SocketAddr, &mut [u8; CELL_LEN]),
+    ) {
+        let mut issued = HashSet::new();
+        let requests: Vec<_> = relays
+            .relays
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut id = [0u8; 12];
+                OsRng.fill_bytes(&mut id);
+                issued.insert(id);
+                (i, r.hop.addr, Message::binding_request(id))
+            })
+            .collect();
+        let Ok(exchange) = Exchange::new(requests, Instant::now(), timeout) else { return };
+        self.probing = Some(Probing { exchange, issued, answers: Vec::new() });
+        loop {
+            let now = Instant::now();
+            let Some(Probing { exchange, .. }) = self.probing.as_mut() else { break };
+            while let Some((i, to, request)) = exchange.poll_transmit(now) {
+                if let Err(e) = self.socket.send_datagram(to, request).await {
+                    debug!(%to, "STUN request not sent: {e}");
+                    exchange.send_failed(i);
+                }
+            }
+            let Some(wake) = exchange.poll_timeout(now) else { break };
+            tokio::select! {
+                ready = self.socket.readable() => {
+                    if ready.is_err() {
+                        break;
+                    }
+                    self.receive(Instant::now(), &mut on_cell);
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        let Some(probing) = self.probing.take() else { return };
+        for (i, result) in probing.answers {
+            if let (ProbeResult::Answered { rtt_ms, .. }, Some(r)) = (result, relays.relays.get_mut(i)) {
+                r.rtt = Some(Duration::from_secs_f64(rtt_ms / 1e3));
+            }
+        }
+    }
+}
+
+/// Counts a stray datagram and logs it at powers of two, so that a flood cannot fill the log.
+fn stray(counters: &mut Counters, from: SocketAddr, what: &str) {
+    counters.stray += 1;
+    if counters.stray.is_power_of_two() {
+        warn!(%from, stray = counters.stray, "dropped a datagram: {what}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagrams_are_sorted_by_first_bytes_size_and_sender() {
+        let relay: SocketAddr = "198.51.100.1:9001".parse().unwrap();
+        let other: SocketAddr = "203.0.113.9:9001".parse().unwrap();
+        let relays = HashSet::from([relay]);
+        let mut stun = [0u8; 64];
+        let n = Message::binding_success([3; 12], other).encode(&mut stun, true).unwrap();
+        assert_eq!(classify(&stun[..n], relay, &relays), Kind::Stun);
+        assert_eq!(classify(&stun[..n], other, &relays), Kind::Stun, "STUN is matched by transaction, not sender");
+        let cell = [0x40u8; CELL_LEN];
+        assert_eq!(classify(&cell, relay, &relays), Kind::Cell);
+        assert_eq!(classify(&cell, other, &relays), Kind::Stray, "a cell from no relay");
+        assert_eq!(classify(&cell[..100], relay, &relays), Kind::Stray, "not cell-sized");
+        assert_eq!(classify(&[], relay, &relays), Kind::Stray);
+    }
+}
