@@ -32,8 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -47,6 +46,8 @@ const RTT_PROBE: Duration = Duration::from_millis(500);
 const UP_WAIT: Duration = Duration::from_secs(60);
 
 type ControlRequest = (Request, oneshot::Sender<Answer>);
+/// What watchers of the control socket follow (see [`control::Changes`]).
+type Published = (State, Option<String>);
 
 /// Why the driver stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,9 +181,11 @@ async fn drive(
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(8);
+    let (changes, watching) = tokio::sync::watch::channel::<Published>((driver.tunnel.state(), None));
     let mut cell = Box::new([0u8; CELL_LEN]);
     let stop = loop {
         driver.flush(&mut cell).await?;
+        publish(&changes, &driver.tunnel);
         let deadline = driver.tunnel.poll_timeout();
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: stopping"); break Stop::Signal("SIGTERM") }
@@ -203,11 +206,12 @@ async fn drive(
             }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
-                    tokio::spawn(serve_control(stream, ctl_tx.clone()));
+                    tokio::spawn(control::serve(stream, ctl_tx.clone(), watching.clone()));
                 }
             }
             Some((req, reply)) = ctl_rx.recv() => match req {
-                Request::Status => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
+                // `watch` is served by its connection's task, one `status` at a time.
+                Request::Status | Request::Watch => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
                 Request::Down => { info!("`meshvpn down`: going down"); drop(reply); break Stop::Down }
             },
         }
@@ -218,6 +222,17 @@ async fn drive(
         let _ = driver.endpoint.socket().flush().await;
     }
     Ok(stop)
+}
+
+/// Tells watchers of the control socket when the state or its reason changed.
+fn publish(changes: &tokio::sync::watch::Sender<Published>, tunnel: &Tunnel) {
+    changes.send_if_modified(|(state, reason)| {
+        if *state == tunnel.state() && reason.as_deref() == tunnel.reason() {
+            return false;
+        }
+        (*state, *reason) = (tunnel.state(), tunnel.reason().map(str::to_owned));
+        true
+    });
 }
 
 /// Resolves when the TUN device has packets: at once if the last drain stopped at [`BATCH`]
@@ -474,38 +489,6 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("cannot listen on the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
-}
-
-async fn serve_control(stream: UnixStream, to_driver: mpsc::Sender<ControlRequest>) {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(control::MAX_REQUEST_LEN));
-    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
-    let Ok(Ok(_)) = read else { return };
-    let Ok(request) = Request::parse(&line) else {
-        let _ = write.write_all(b"{\"error\":\"bad request\"}\n").await;
-        return;
-    };
-    let (tx, rx) = oneshot::channel();
-    if request == Request::Down {
-        // Answer first: once the driver has the request it stops, and this task with it.
-        let _ = write_answer(&mut write, &Answer::Stopping).await;
-        let _ = to_driver.send((request, tx)).await;
-        return;
-    }
-    if to_driver.send((request, tx)).await.is_err() {
-        return;
-    }
-    if let Ok(answer) = rx.await {
-        let _ = write_answer(&mut write, &answer).await;
-    }
-}
-
-async fn write_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: &Answer) -> std::io::Result<()> {
-    let mut text = serde_json::to_string(answer).map_err(std::io::Error::other)?;
-    text.push('\n');
-    write.write_all(text.as_bytes()).await?;
-    write.flush().await
 }
 
 /// `meshvpn up` without `--foreground`: starts the client in the background (its log in

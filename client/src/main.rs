@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use meshvpn::config::Config;
 use meshvpn::control;
+use std::io::Write;
 use std::path::PathBuf;
 
 /// meshvpn: an onion-routed VPN. `up` sends all traffic through guard → middle → exit relays.
@@ -75,9 +76,14 @@ enum Cmd {
     Status {
         #[command(flatten)]
         target: Target,
-        /// Print JSON instead of text.
+        /// Print JSON instead of text (with --watch: one JSON object per line,
+        /// {"trigger": "start"|"change"|"tick", "status": {...}}).
         #[arg(long)]
         json: bool,
+        /// Keep printing: at once, whenever the state or its reason changes, and every second,
+        /// until meshvpn stops (or Ctrl-C).
+        #[arg(long)]
+        watch: bool,
     },
     /// Write man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
@@ -120,7 +126,27 @@ fn main() -> Result<()> {
             let state_dir = target.config().as_deref().map(Config::load).transpose()?.map(|c| c.state_dir);
             meshvpn::daemon::down(&socket, state_dir.as_deref())
         }
-        Cmd::Status { target, json } => {
+        Cmd::Status { target, json, watch: true } => {
+            let socket = target.socket()?;
+            let context = || format!("is meshvpn up? (no answer on {})", socket.display());
+            let mut out = std::io::stdout().lock();
+            control::watch(&socket, |update| {
+                let text = if json {
+                    format!("{}\n", serde_json::to_string(&update)?)
+                } else {
+                    let name = |v: serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+                    let (state, trigger) =
+                        (name(serde_json::to_value(update.status.state)?), name(serde_json::to_value(update.trigger)?));
+                    format!("--- {state} ({trigger}) ---\n{}", update.status)
+                };
+                // A closed pipe (`| head`) ends the watch quietly.
+                Ok(out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok())
+            })
+            .with_context(context)?;
+            eprintln!("meshvpn closed the control connection: it stopped");
+            Ok(())
+        }
+        Cmd::Status { target, json, watch: false } => {
             let socket = target.socket()?;
             let status = control::status(&socket)
                 .with_context(|| format!("is meshvpn up? (no answer on {})", socket.display()))?;
