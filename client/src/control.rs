@@ -41,6 +41,9 @@ pub enum Request {
     /// A stream of status updates ([`Answer::Update`]): at once, on each change of state or
     /// reason, and every [`WATCH_TICK`].
     Watch,
+    /// Netcheck's first phase from the client's data socket ([`Answer::Netcheck`]): the
+    /// reflexive address its cells use.
+    Netcheck,
 }
 
 impl Request {
@@ -228,6 +231,13 @@ pub enum Answer {
     Stopping,
     /// One update of a watch stream.
     Update(Box<Update>),
+    /// What `netcheck` found.
+    Netcheck(Box<crate::netcheck::Report>),
+    /// The request could not be served, and why.
+    Error {
+        /// Why.
+        error: String,
+    },
 }
 
 /// Why a watch stream sent an update.
@@ -278,7 +288,7 @@ pub fn status(socket: &Path) -> Result<Status> {
     match request(socket, Request::Status)? {
         Answer::Status(s) => Ok(*s),
         Answer::Stopping => bail!("meshvpn is stopping"),
-        Answer::Update(_) => bail!("meshvpn answered a status request with a watch update"),
+        other => bail!("meshvpn answered a status request with {other:?}"),
     }
 }
 
@@ -306,7 +316,8 @@ pub fn watch(socket: &Path, mut each: impl FnMut(Update) -> Result<bool>) -> Res
                 }
             }
             Answer::Stopping => return Ok(()),
-            Answer::Status(_) => bail!("meshvpn answered a watch request with a single status"),
+            Answer::Error { error } => bail!("meshvpn refused: {error}"),
+            other => bail!("meshvpn answered a watch request with {other:?}"),
         }
     }
 }
@@ -337,6 +348,14 @@ pub async fn serve(stream: AsyncUnixStream, to_driver: ToDriver, mut changes: Ch
             let _ = write_answer(&mut write, &Answer::Stopping).await;
             let (tx, _) = oneshot::channel();
             let _ = to_driver.send((request, tx)).await;
+        }
+        Request::Netcheck => {
+            let (tx, rx) = oneshot::channel();
+            if to_driver.send((request, tx)).await.is_ok()
+                && let Ok(answer) = rx.await
+            {
+                let _ = write_answer(&mut write, &answer).await;
+            }
         }
         Request::Status => {
             if let Some(status) = ask_status(&to_driver).await {

@@ -14,8 +14,9 @@
 use crate::config::Config;
 use crate::control::{self, Answer, HopStatus, Request, Status};
 use crate::directory::{self, DirectorySource, SignedFile};
-use crate::endpoint::{BATCH, Endpoint};
+use crate::endpoint::{self, BATCH, Endpoint};
 use crate::guards::Guards;
+use crate::netcheck::{self, Probe, ProbeResult, Test};
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
 use crate::tunnel::{Options, State, Tunnel, TunnelEvent};
@@ -42,6 +43,9 @@ use tundev::{Tun, TunQueue, VNET_HDR_LEN};
 
 /// How long the relays' round trips are measured before the first path is chosen.
 const RTT_PROBE: Duration = Duration::from_millis(500);
+/// How long `meshvpn netcheck` through the running client waits for answers (netcheck's own
+/// default phase length).
+const NETCHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long `meshvpn up` waits for the background client to report the tunnel up.
 const UP_WAIT: Duration = Duration::from_secs(60);
 
@@ -129,6 +133,8 @@ struct Driver<'a> {
     tso_scratch: Vec<u8>,
     /// The last drain of the TUN device stopped with packets left.
     tun_left: bool,
+    /// A `netcheck` request being run: its probes, the stray count when it began, the reply.
+    netcheck: Option<(Vec<Probe>, u64, oneshot::Sender<Answer>)>,
 }
 
 async fn drive(
@@ -176,6 +182,7 @@ async fn drive(
         tun_rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
         tso_scratch: Vec::with_capacity(2048),
         tun_left: false,
+        netcheck: None,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -187,6 +194,7 @@ async fn drive(
         driver.flush(&mut cell).await?;
         publish(&changes, &driver.tunnel);
         let deadline = driver.tunnel.poll_timeout();
+        let deadline = driver.endpoint.exchange_timeout(Instant::now()).map_or(deadline, |t| t.min(deadline));
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: stopping"); break Stop::Signal("SIGTERM") }
             _ = int.recv() => { info!("SIGINT: stopping"); break Stop::Signal("SIGINT") }
@@ -212,6 +220,7 @@ async fn drive(
             Some((req, reply)) = ctl_rx.recv() => match req {
                 // `watch` is served by its connection's task, one `status` at a time.
                 Request::Status | Request::Watch => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
+                Request::Netcheck => driver.start_netcheck(reply),
                 Request::Down => { info!("`meshvpn down`: going down"); drop(reply); break Stop::Down }
             },
         }
@@ -265,7 +274,81 @@ impl Driver<'_> {
             self.send(to, cell).await;
         }
         self.send_flush().await;
+        let now = Instant::now();
+        self.endpoint.send_due(now).await;
+        self.finish_netcheck(now);
         Ok(())
+    }
+
+    /// `meshvpn netcheck` while the client runs: netcheck's first phase (a Binding request to
+    /// each relay) from the data socket, so the report gives the reflexive address the cells
+    /// use. While the kill switch is on, only the guard is asked: nothing else may leave.
+    fn start_netcheck(&mut self, reply: oneshot::Sender<Answer>) {
+        let refuse = |why: &str| Answer::Error { error: why.to_owned() };
+        if self.netcheck.is_some() || self.endpoint.exchanging() {
+            let _ = reply.send(refuse("a STUN exchange is already running; try again in a second"));
+            return;
+        }
+        let Ok(bound) = self.endpoint.local_addr() else {
+            let _ = reply.send(refuse("the UDP socket has no local address"));
+            return;
+        };
+        let servers = match (self.kill_switch, self.tunnel.guard()) {
+            (false, _) => self.tunnel.relays().stun_servers(),
+            (true, Some(guard)) => {
+                let name = self.tunnel.path().first().filter(|r| r.hop.addr == guard).map(|r| r.desc.nickname.clone());
+                vec![netcheck::StunServer { name: name.unwrap_or_else(|| "guard".into()), addr: guard }]
+            }
+            (true, None) => Vec::new(),
+        };
+        let mut probes = Vec::new();
+        let mut requests = Vec::new();
+        for s in servers.into_iter().filter(|s| s.addr.is_ipv4() == bound.is_ipv4()) {
+            requests.push((probes.len(), s.addr, endpoint::binding_request()));
+            let local = netcheck::local_towards(bound, s.addr);
+            probes.push(Probe {
+                server: s.name,
+                addr: s.addr,
+                local,
+                test: Test::Binding,
+                result: ProbeResult::Timeout,
+            });
+        }
+        if probes.is_empty() {
+            let _ = reply.send(refuse("no relay to ask yet (no guard chosen)"));
+        } else if self.endpoint.start_exchange(requests, Instant::now(), NETCHECK_TIMEOUT) {
+            self.netcheck = Some((probes, self.endpoint.counters().stray, reply));
+        } else {
+            let _ = reply.send(refuse("cannot encode a Binding request"));
+        }
+    }
+
+    /// Answers the `netcheck` request once its exchange is over.
+    fn finish_netcheck(&mut self, now: Instant) {
+        if self.netcheck.is_none() {
+            return;
+        }
+        let Some(results) = self.endpoint.take_results(now) else { return };
+        let Some((mut probes, stray, reply)) = self.netcheck.take() else { return };
+        for (i, result) in results {
+            if let Some(p) = probes.get_mut(i) {
+                p.result = result;
+            }
+        }
+        let guard_only = self.kill_switch;
+        let answer = match netcheck::report(probes, self.endpoint.counters().stray - stray) {
+            Ok(mut report) => {
+                report.notes.push(if guard_only {
+                    "asked by the running client from its data socket; its kill switch lets only the guard be asked"
+                        .to_owned()
+                } else {
+                    "asked by the running client from its data socket".to_owned()
+                });
+                Answer::Netcheck(Box::new(report))
+            }
+            Err(e) => Answer::Error { error: format!("{e:#}") },
+        };
+        let _ = reply.send(answer);
     }
 
     /// SIGHUP: applies new timers and a fresh directory; anything else needs a restart, which

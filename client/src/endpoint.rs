@@ -152,6 +152,56 @@ impl Endpoint {
         }
     }
 
+    /// Starts a STUN exchange of `requests` (the caller's index, destination, message), over at
+    /// `now + timeout` at the latest. `false` (nothing started) while another one runs, or if a
+    /// request cannot be encoded.
+    pub fn start_exchange(
+        &mut self,
+        requests: Vec<(usize, SocketAddr, Message)>,
+        now: Instant,
+        timeout: Duration,
+    ) -> bool {
+        if self.probing.is_some() {
+            return false;
+        }
+        let issued = requests.iter().map(|(_, _, m)| m.transaction_id).collect();
+        let Ok(exchange) = Exchange::new(requests, now, timeout) else { return false };
+        self.probing = Some(Probing { exchange, issued, answers: Vec::new() });
+        true
+    }
+
+    /// Whether a STUN exchange runs.
+    pub fn exchanging(&self) -> bool {
+        self.probing.is_some()
+    }
+
+    /// Sends the STUN requests due at `now`; one that cannot be sent ends with an error.
+    pub async fn send_due(&mut self, now: Instant) {
+        let Some(p) = self.probing.as_mut() else { return };
+        while let Some((i, to, request)) = p.exchange.poll_transmit(now) {
+            if let Err(e) = self.socket.send_datagram(to, request).await {
+                debug!(%to, "STUN request not sent: {e}");
+                let probe = p.exchange.send_failed(i);
+                p.answers.push((probe, ProbeResult::Error { code: None, reason: format!("send to {to}: {e}") }));
+            }
+        }
+    }
+
+    /// When the exchange next needs [`Endpoint::send_due`], or is over (then `now`); `None`
+    /// without one.
+    pub fn exchange_timeout(&self, now: Instant) -> Option<Instant> {
+        Some(self.probing.as_ref()?.exchange.poll_timeout(now).unwrap_or(now))
+    }
+
+    /// Once the exchange is over (every request answered or failed, or its time up), its
+    /// results: (the caller's index, result) for each request that got one.
+    pub fn take_results(&mut self, now: Instant) -> Option<Vec<(usize, ProbeResult)>> {
+        if self.probing.as_ref()?.exchange.poll_timeout(now).is_some() {
+            return None;
+        }
+        self.probing.take().map(|p| p.answers)
+    }
+
     /// Measures the round trip to every relay of `relays` with one STUN Binding request each
     /// (retransmitted as netcheck does), all from this socket, for at most `timeout`; relays that
     /// answer get `rtt`. Cells that arrive meanwhile go to `on_cell`.
@@ -161,47 +211,42 @@ impl Endpoint {
         timeout: Duration,
         mut on_cell: impl FnMut(SocketAddr, &mut [u8; CELL_LEN]),
     ) {
-        let mut issued = HashSet::new();
-        let requests: Vec<_> = relays
-            .relays
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let mut id = [0u8; 12];
-                OsRng.fill_bytes(&mut id);
-                issued.insert(id);
-                (i, r.hop.addr, Message::binding_request(id))
-            })
-            .collect();
-        let Ok(exchange) = Exchange::new(requests, Instant::now(), timeout) else { return };
-        self.probing = Some(Probing { exchange, issued, answers: Vec::new() });
-        loop {
+        let requests = relays.relays.iter().enumerate().map(|(i, r)| (i, r.hop.addr, binding_request())).collect();
+        if !self.start_exchange(requests, Instant::now(), timeout) {
+            return;
+        }
+        let answers = loop {
             let now = Instant::now();
-            let Some(Probing { exchange, .. }) = self.probing.as_mut() else { break };
-            while let Some((i, to, request)) = exchange.poll_transmit(now) {
-                if let Err(e) = self.socket.send_datagram(to, request).await {
-                    debug!(%to, "STUN request not sent: {e}");
-                    exchange.send_failed(i);
-                }
+            self.send_due(now).await;
+            if let Some(answers) = self.take_results(now) {
+                break answers;
             }
-            let Some(wake) = exchange.poll_timeout(now) else { break };
+            let Some(wake) = self.exchange_timeout(now) else { return };
             tokio::select! {
                 ready = self.socket.readable() => {
                     if ready.is_err() {
-                        break;
+                        self.probing = None;
+                        return;
                     }
                     self.receive(Instant::now(), &mut on_cell);
                 }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
-        }
-        let Some(probing) = self.probing.take() else { return };
-        for (i, result) in probing.answers {
+        };
+        for (i, result) in answers {
             if let (ProbeResult::Answered { rtt_ms, .. }, Some(r)) = (result, relays.relays.get_mut(i)) {
                 r.rtt = Some(Duration::from_secs_f64(rtt_ms / 1e3));
             }
         }
     }
+}
+
+/// A Binding request with a fresh random transaction id (RFC 8489 §6: uniformly random, so
+/// that answers cannot be forged blind).
+pub fn binding_request() -> Message {
+    let mut id = [0u8; 12];
+    OsRng.fill_bytes(&mut id);
+    Message::binding_request(id)
 }
 
 /// Counts a stray datagram and logs it at powers of two, so that a flood cannot fill the log.

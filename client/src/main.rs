@@ -93,6 +93,9 @@ enum Cmd {
         dir: PathBuf,
     },
     /// Ask relays (STUN) for this machine's public address and its NAT's behaviour (RFC 5780).
+    /// With a client running (its control socket answers), the client asks from its own UDP
+    /// socket, so the address is the one its cells use; its kill switch lets only the guard be
+    /// asked then.
     Netcheck {
         /// Configuration file (relays come from its directory).
         #[arg(long)]
@@ -160,8 +163,16 @@ fn main() -> Result<()> {
         Cmd::GenerateDocs { dir } => relayd::cli::write_docs(<Cli as clap::CommandFactory>::command(), &dir),
         Cmd::Netcheck { config, json } => {
             let cfg = Config::load(&config)?;
-            let relays = meshvpn::directory::load_directory(&cfg)?;
-            let report = meshvpn::netcheck::run_blocking(&relays.stun_servers())?;
+            let report = match control::request(&cfg.control_socket, control::Request::Netcheck) {
+                Ok(control::Answer::Netcheck(report)) => *report,
+                Ok(control::Answer::Error { error }) => bail!("the running meshvpn could not run netcheck: {error}"),
+                Ok(other) => bail!("the running meshvpn answered netcheck with {other:?}"),
+                // No client running: probe from a socket of our own.
+                Err(_) => {
+                    let relays = meshvpn::directory::load_directory(&cfg)?;
+                    meshvpn::netcheck::run_blocking(&relays.stun_servers())?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

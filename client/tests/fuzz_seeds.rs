@@ -59,6 +59,7 @@ fn seeds() -> Vec<(&'static str, String)> {
         ("request-status", json(&Request::Status)),
         ("request-down", json(&Request::Down)),
         ("request-watch", json(&Request::Watch)),
+        ("request-netcheck", json(&Request::Netcheck)),
         ("answer-stopping", json(&Answer::Stopping)),
         ("answer-status", json(&Answer::Status(Box::new(status())))),
         ("answer-update", json(&Answer::Update(Box::new(Update { trigger: Trigger::Change, status: status() })))),

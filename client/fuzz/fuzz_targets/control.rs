@@ -37,6 +37,15 @@ fuzz_target!(|data: &[u8]| {
                 same(&a.status, &b.status);
             }
             (Answer::Stopping, Answer::Stopping) => {}
+            (Answer::Netcheck(a), Answer::Netcheck(b)) => {
+                assert_eq!(
+                    (a.local, a.reflexive, a.mapping, a.filtering),
+                    (b.local, b.reflexive, b.mapping, b.filtering)
+                );
+                assert_eq!(a.probes.len(), b.probes.len());
+                let _ = a.to_string();
+            }
+            (Answer::Error { error: a }, Answer::Error { error: b }) => assert_eq!(a, b),
             _ => panic!("the answer changed kind: {text}"),
         }
     }

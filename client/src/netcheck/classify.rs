@@ -3,13 +3,13 @@
 //! outcome is tested with made-up results and no NAT.
 
 use super::report::{Probe, ProbeResult, Test};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 
 /// NAT mapping behaviour (RFC 4787 §4.1): when is the same local address given the same
 /// reflexive address?
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mapping {
     /// The reflexive address is this machine's own address: there is no NAT.
@@ -55,7 +55,7 @@ impl fmt::Display for Mapping {
 ///
 /// There is no variant for endpoint-independent or address-dependent filtering alone: telling
 /// them apart needs an answer from another IP (CHANGE-REQUEST change-IP), and a relay has one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Filtering {
     /// An answer from the relay's other port came in: the filter does not look at the port.

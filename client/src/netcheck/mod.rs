@@ -141,9 +141,35 @@ pub fn run(servers: &[StunServer], options: &Options) -> anyhow::Result<Report> 
         prober.exchange(&mut probes, requests)?;
     }
 
+    report(probes, prober.ignored)
+}
+
+/// The report on `probes` (phase 1 at least, in the order sent): server A's reflexive address
+/// and the classification. Fails, naming each relay's outcome, if no relay answered.
+pub fn report(probes: Vec<Probe>, ignored: u64) -> anyhow::Result<Report> {
+    let Some(a) = choose_primary(&probes) else {
+        let list: Vec<String> =
+            probes.iter().map(|p| format!("{} ({}): {}", p.server, p.addr, brief(&p.result))).collect();
+        bail!("netcheck: no relay answered STUN, the relays are unreachable: {}", list.join(", "));
+    };
     let Classification { mapping, filtering, notes } = classify(&probes);
     let (local, reflexive) = (probes[a].local, probes[a].mapped().unwrap_or(probes[a].local));
-    Ok(Report { local, reflexive, primary: primary.name, mapping, filtering, notes, probes, ignored: prober.ignored })
+    let primary = probes[a].server.clone();
+    Ok(Report { local, reflexive, primary, mapping, filtering, notes, probes, ignored })
+}
+
+/// This host's address as `to` sees it without NAT: the bound port, and the bound IP or, if
+/// that is unspecified, the source IP the kernel routes from towards `to` (learnt by connecting
+/// a throwaway socket, which sends nothing).
+pub fn local_towards(bound: SocketAddr, to: SocketAddr) -> SocketAddr {
+    if !bound.ip().is_unspecified() {
+        return bound;
+    }
+    let routed = UdpSocket::bind(SocketAddr::new(bound.ip(), 0))
+        .and_then(|s| s.connect(to).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .unwrap_or(bound.ip());
+    SocketAddr::new(routed, bound.port())
 }
 
 /// The socket and the bookkeeping shared by the phases.
@@ -169,21 +195,7 @@ impl Prober {
 
     /// A probe record for a request to `to` on behalf of `server`.
     fn probe(&self, server: &StunServer, to: SocketAddr, test: Test, result: ProbeResult) -> Probe {
-        Probe { server: server.name.clone(), addr: to, local: self.local_towards(to), test, result }
-    }
-
-    /// Our address as `to` sees it without NAT: the bound port, and the bound IP or, if that is
-    /// unspecified, the source IP the kernel routes from towards `to` (learnt by connecting a
-    /// throwaway socket, which sends nothing).
-    fn local_towards(&self, to: SocketAddr) -> SocketAddr {
-        if !self.bound.ip().is_unspecified() {
-            return self.bound;
-        }
-        let routed = UdpSocket::bind(SocketAddr::new(self.bound.ip(), 0))
-            .and_then(|s| s.connect(to).and_then(|()| s.local_addr()))
-            .map(|a| a.ip())
-            .unwrap_or(self.bound.ip());
-        SocketAddr::new(routed, self.bound.port())
+        Probe { server: server.name.clone(), addr: to, local: local_towards(self.bound, to), test, result }
     }
 
     /// Sends `requests` (probe index, message), retransmits, and fills in the probes' results

@@ -2,12 +2,12 @@
 
 use super::classify::{Filtering, Mapping};
 use cellproto::stun::{Attribute, Class, Message};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::SocketAddr;
 
 /// Which RFC 5780 test a probe was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Test {
     /// A plain Binding request to a relay's STUN address (tests I and II).
@@ -30,7 +30,7 @@ impl fmt::Display for Test {
 }
 
 /// What came back for one probe.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ProbeResult {
     /// A Binding success response.
@@ -62,7 +62,7 @@ pub enum ProbeResult {
 }
 
 /// One request and its result.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Probe {
     /// The relay's nickname.
     pub server: String,
@@ -96,7 +96,7 @@ impl Probe {
 }
 
 /// What netcheck found.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// This machine's address towards the primary relay (bound port, routed source IP).
     pub local: SocketAddr,
