@@ -9,7 +9,7 @@
 //! | --- | --- |
 //! | cell-sized, from a relay of the directory | the circuit ([`crate::tunnel`], which checks it is the guard's) |
 //! | STUN (first byte and magic cookie) | the STUN exchange in progress ([`netcheck::Exchange`]), which matches it by transaction id |
-//! | anything else, or STUN that answers nothing we asked | counted as stray ([`Counters::stray`]) and logged at powers of two |
+//! | anything else, or STUN that answers nothing we asked (late answers to the last exchange excepted) | counted as stray ([`Counters::stray`]) and logged at powers of two |
 
 use crate::netcheck::{Exchange, Outcome, ProbeResult};
 use crate::relays::Relays;
@@ -74,6 +74,8 @@ pub struct Endpoint {
     relays: HashSet<SocketAddr>,
     /// The STUN exchange in progress.
     probing: Option<Probing>,
+    /// The transaction ids of the last exchange, so that its late answers are not stray.
+    finished: HashSet<[u8; 12]>,
     counters: Counters,
 }
 
@@ -85,6 +87,7 @@ impl Endpoint {
             socket: CellSocket::bind().await?,
             relays: HashSet::new(),
             probing: None,
+            finished: HashSet::new(),
             counters: Counters::default(),
         };
         endpoint.set_relays(relays);
@@ -139,7 +142,10 @@ impl Endpoint {
                                 }
                                 other => other,
                             },
-                            None => Outcome::Ignored,
+                            None => match stun::decode(datagram) {
+                                Ok(m) if self.finished.contains(&m.transaction_id) => Outcome::Expected,
+                                _ => Outcome::Ignored,
+                            },
                         };
                         match outcome {
                             Outcome::Ignored => stray(&mut self.counters, from, "STUN that answers nothing asked"),
@@ -199,7 +205,9 @@ impl Endpoint {
         if self.probing.as_ref()?.exchange.poll_timeout(now).is_some() {
             return None;
         }
-        self.probing.take().map(|p| p.answers)
+        let p = self.probing.take()?;
+        self.finished = p.issued;
+        Some(p.answers)
     }
 
     /// Measures the round trip to every relay of `relays` with one STUN Binding request each

@@ -10,7 +10,7 @@
 //! | [`tunnel`] | sans-IO: the circuit, keepalive, rebuild to the same exit with the session token, who may say what |
 //! | [`session`] | what the exit's ATTACHED may contain before anything is configured |
 //! | [`system`] | what `up` changes on the machine (routes, DNS, kill switch) and its undo journal |
-//! | [`control`] | the control socket: `status` and `down` |
+//! | [`control`] | the control socket: `status`, `status --watch`, `netcheck` through the client, `down` |
 //! | [`daemon`] | the tokio driver: UDP socket, TUN, timers, control socket, signals |
 //! | [`endpoint`] | the one UDP endpoint: cells and STUN on one socket, demultiplexed, strays counted |
 //! | [`udp`] | the UDP socket to the guard: GSO batches out, GRO runs in |
