@@ -1,6 +1,11 @@
 //! The control socket: a Unix stream socket where `meshvpn status` and `meshvpn down` reach
 //! the running client. One JSON request per line, one JSON answer per line; only root (the
-//! socket is mode 0600) may ask.
+//! socket is mode 0600) may ask. A `watch` request is answered by a stream of [`Update`]
+//! lines: one at once, one whenever the state or its reason changes, and one every
+//! [`WATCH_TICK`] otherwise, until either side closes the connection.
+//!
+//! The client side ([`request`], [`status`], [`watch`]) is blocking; the daemon's side
+//! ([`serve`]) runs as one tokio task per connection and asks the driver for each status.
 
 use crate::tunnel::State;
 use anyhow::{Context, Result, bail};
@@ -10,10 +15,20 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream as AsyncUnixStream;
+use tokio::sync::{mpsc, oneshot, watch as changes};
 
 /// Longest request line the daemon reads; whatever is longer is cut off there, and so refused
 /// as malformed.
 pub const MAX_REQUEST_LEN: u64 = 4096;
+/// How often a watch stream sends the status when nothing changes: often enough for counters
+/// and RTT to look live, rarely enough to cost nothing.
+pub const WATCH_TICK: Duration = Duration::from_secs(1);
+/// How long a watcher waits for the next line before it gives up on the daemon: several ticks.
+const WATCH_SILENCE: Duration = Duration::from_secs(5);
+/// How long the daemon waits for a request line after a connection opens.
+const REQUEST_WAIT: Duration = Duration::from_secs(5);
 
 /// What a command asks the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +38,12 @@ pub enum Request {
     Status,
     /// Tear down and exit.
     Down,
+    /// A stream of status updates ([`Answer::Update`]): at once, on each change of state or
+    /// reason, and every [`WATCH_TICK`].
+    Watch,
+    /// Netcheck's first phase from the client's data socket ([`Answer::Netcheck`]): the
+    /// reflexive address its cells use.
+    Netcheck,
 }
 
 impl Request {
@@ -73,6 +94,10 @@ pub struct Status {
     pub packets_dropped: u64,
     /// Received datagrams that were not valid cells of the current circuit.
     pub cells_rejected: u64,
+    /// Received datagrams that were neither a relay's cell nor an answer to a STUN request of
+    /// ours (counted, logged at powers of two).
+    #[serde(default)] // absent from an older daemon's answer
+    pub stray_datagrams: u64,
     /// Authentic cells refused: a control answer from a hop that may not send it or that
     /// answers nothing asked, or an exit's unusable ATTACHED (a hostile or broken relay).
     #[serde(default)] // absent from an older daemon's answer
@@ -158,9 +183,10 @@ impl fmt::Display for Status {
         )?;
         writeln!(
             f,
-            "dropped:      {} while down, {} bad cells, {} refused, {} send errors, {} TUN write and {} read errors",
+            "dropped:      {} while down, {} bad cells, {} stray datagrams, {} refused, {} send errors, {} TUN write and {} read errors",
             self.packets_dropped,
             self.cells_rejected,
+            self.stray_datagrams,
             self.control_refused,
             self.send_errors,
             self.tun_write_errors,
@@ -195,7 +221,7 @@ impl fmt::Display for Status {
     }
 }
 
-/// Answer to a request: a status, or an acknowledgement of `down`.
+/// Answer to a request: a status, an acknowledgement of `down`, or one line of a watch stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "answer")]
 pub enum Answer {
@@ -203,6 +229,36 @@ pub enum Answer {
     Status(Box<Status>),
     /// `down` accepted: the daemon is stopping.
     Stopping,
+    /// One update of a watch stream.
+    Update(Box<Update>),
+    /// What `netcheck` found.
+    Netcheck(Box<crate::netcheck::Report>),
+    /// The request could not be served, and why.
+    Error {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Why a watch stream sent an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// The first update, at once.
+    Start,
+    /// The state or its reason changed.
+    Change,
+    /// [`WATCH_TICK`] passed without a change.
+    Tick,
+}
+
+/// One update of a watch stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    /// Why it was sent.
+    pub trigger: Trigger,
+    /// The status at that moment.
+    pub status: Status,
 }
 
 impl Answer {
@@ -232,5 +288,113 @@ pub fn status(socket: &Path) -> Result<Status> {
     match request(socket, Request::Status)? {
         Answer::Status(s) => Ok(*s),
         Answer::Stopping => bail!("meshvpn is stopping"),
+        other => bail!("meshvpn answered a status request with {other:?}"),
     }
+}
+
+/// Watches the daemon at `socket`: `each` gets every update until it returns `false`, or the
+/// daemon closes the stream (it stopped), which returns `Ok`.
+pub fn watch(socket: &Path, mut each: impl FnMut(Update) -> Result<bool>) -> Result<()> {
+    let mut stream = UnixStream::connect(socket).with_context(|| format!("cannot connect to {}", socket.display()))?;
+    stream.set_read_timeout(Some(WATCH_SILENCE))?;
+    let mut line = serde_json::to_string(&Request::Watch)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut answer = String::new();
+        let n = reader
+            .read_line(&mut answer)
+            .with_context(|| format!("no update from meshvpn for {} s", WATCH_SILENCE.as_secs()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        match Answer::parse(&answer).context("malformed update from meshvpn")? {
+            Answer::Update(u) => {
+                if !each(*u)? {
+                    return Ok(());
+                }
+            }
+            Answer::Stopping => return Ok(()),
+            Answer::Error { error } => bail!("meshvpn refused: {error}"),
+            other => bail!("meshvpn answered a watch request with {other:?}"),
+        }
+    }
+}
+
+/// A request for the driver, and where its answer goes.
+pub type ToDriver = mpsc::Sender<(Request, oneshot::Sender<Answer>)>;
+
+/// What a watch stream follows: the state and its reason. The driver publishes it (only when
+/// it changed) after each wake-up.
+pub type Changes = changes::Receiver<(State, Option<String>)>;
+
+/// Serves one control connection: reads one request line (at most [`MAX_REQUEST_LEN`] bytes,
+/// within 5 s), asks the driver, writes the answer; for `watch`, keeps writing updates until
+/// the other side goes away or the driver stops.
+pub async fn serve(stream: AsyncUnixStream, to_driver: ToDriver, mut changes: Changes) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST_LEN));
+    let read = tokio::time::timeout(REQUEST_WAIT, reader.read_line(&mut line)).await;
+    let Ok(Ok(_)) = read else { return };
+    let Ok(request) = Request::parse(&line) else {
+        let _ = write.write_all(b"{\"error\":\"bad request\"}\n").await;
+        return;
+    };
+    match request {
+        Request::Down => {
+            // Answer first: once the driver has the request it stops, and this task with it.
+            let _ = write_answer(&mut write, &Answer::Stopping).await;
+            let (tx, _) = oneshot::channel();
+            let _ = to_driver.send((request, tx)).await;
+        }
+        Request::Netcheck => {
+            let (tx, rx) = oneshot::channel();
+            if to_driver.send((request, tx)).await.is_ok()
+                && let Ok(answer) = rx.await
+            {
+                let _ = write_answer(&mut write, &answer).await;
+            }
+        }
+        Request::Status => {
+            if let Some(status) = ask_status(&to_driver).await {
+                let _ = write_answer(&mut write, &Answer::Status(status)).await;
+            }
+        }
+        Request::Watch => {
+            changes.mark_unchanged();
+            let mut trigger = Trigger::Start;
+            while let Some(status) = ask_status(&to_driver).await {
+                let update = Answer::Update(Box::new(Update { trigger, status: *status }));
+                if write_answer(&mut write, &update).await.is_err() {
+                    return;
+                }
+                trigger = tokio::select! {
+                    changed = changes.changed() => match changed {
+                        Ok(()) => Trigger::Change,
+                        Err(_) => return, // the driver is gone
+                    },
+                    _ = tokio::time::sleep(WATCH_TICK) => Trigger::Tick,
+                };
+            }
+        }
+    }
+}
+
+/// The driver's status now, or `None` if it stopped.
+async fn ask_status(to_driver: &ToDriver) -> Option<Box<Status>> {
+    let (tx, rx) = oneshot::channel();
+    to_driver.send((Request::Status, tx)).await.ok()?;
+    match rx.await.ok()? {
+        Answer::Status(s) => Some(s),
+        _ => None,
+    }
+}
+
+async fn write_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: &Answer) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(answer).map_err(std::io::Error::other)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.flush().await
 }

@@ -13,11 +13,13 @@
 
 use crate::config::Config;
 use crate::control::{self, Answer, HopStatus, Request, Status};
+use crate::directory::{self, DirectorySource, SignedFile};
+use crate::endpoint::{self, BATCH, Endpoint};
 use crate::guards::Guards;
+use crate::netcheck::{self, Probe, ProbeResult, Test};
 use crate::relays::{self, PathRequest, Relay};
 use crate::system::{System, killswitch, routes};
 use crate::tunnel::{Options, State, Tunnel, TunnelEvent};
-use crate::udp::CellSocket;
 use anyhow::{Context, Result, bail};
 use cellproto::cell::{CELL_LEN, TUN_MTU};
 use cellproto::onion::{payload, payload_mut};
@@ -31,8 +33,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -40,14 +41,17 @@ use tundev::gro::Gro;
 use tundev::tso;
 use tundev::{Tun, TunQueue, VNET_HDR_LEN};
 
-/// Datagrams or packets handled per wake-up before timers are looked at again.
-const BATCH: usize = 64;
 /// How long the relays' round trips are measured before the first path is chosen.
 const RTT_PROBE: Duration = Duration::from_millis(500);
+/// How long `meshvpn netcheck` through the running client waits for answers (netcheck's own
+/// default phase length).
+const NETCHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long `meshvpn up` waits for the background client to report the tunnel up.
 const UP_WAIT: Duration = Duration::from_secs(60);
 
 type ControlRequest = (Request, oneshot::Sender<Answer>);
+/// What watchers of the control socket follow (see [`control::Changes`]).
+type Published = (State, Option<String>);
 
 /// Why the driver stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,11 +71,8 @@ pub fn run(config: Config, config_path: &Path, hops: Option<usize>) -> Result<()
     if !nix::unistd::geteuid().is_root() {
         bail!("meshvpn up needs root (it creates a TUN device and changes routes, DNS and nftables); run it with sudo");
     }
-    let mut relays = relays::load_directory(&config)?;
+    let relays = directory::load_directory(&config)?;
     let mut system = System::begin(&config.state_dir)?;
-    if config.rtt_probes {
-        relays.measure_rtts(RTT_PROBE);
-    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let result = runtime.block_on(drive(&config, (config_path, hops), relays, &mut system));
     let _ = std::fs::remove_file(&config.control_socket);
@@ -117,7 +118,7 @@ struct Driver<'a> {
     config: &'a Config,
     system: &'a mut System,
     tunnel: Tunnel,
-    socket: CellSocket,
+    endpoint: Endpoint,
     tun: Option<AsyncFd<TunQueue>>,
     addresses: Option<(Ipv4Net, Ipv6Net)>,
     started: Instant,
@@ -132,14 +133,24 @@ struct Driver<'a> {
     tso_scratch: Vec<u8>,
     /// The last drain of the TUN device stopped with packets left.
     tun_left: bool,
+    /// A `netcheck` request being run: its probes, the stray count when it began, the reply.
+    netcheck: Option<(Vec<Probe>, u64, oneshot::Sender<Answer>)>,
 }
 
 async fn drive(
     config: &Config,
     (config_path, hops): (&Path, Option<usize>),
-    relays: relays::Relays,
+    mut relays: relays::Relays,
     system: &mut System,
 ) -> Result<Stop> {
+    let mut endpoint = Endpoint::bind(&relays).await.context("cannot open a UDP socket")?;
+    if config.rtt_probes {
+        // From the data socket, before the first path is chosen: the relays see the address
+        // the cells will come from, and no second NAT mapping is made.
+        endpoint.measure_rtts(&mut relays, RTT_PROBE, |_, _| {}).await;
+        let answered = relays.relays.iter().filter(|r| r.rtt.is_some()).count();
+        info!(answered, relays = relays.relays.len(), "round trips measured");
+    }
     let now = Instant::now();
     let request = PathRequest {
         hops: config.hops,
@@ -154,13 +165,12 @@ async fn drive(
         guards: Guards::load(&config.state_dir),
         unix_now: daemonkit::unix_now(),
     };
-    let socket = CellSocket::bind().await.context("cannot open a UDP socket")?;
     let listener = bind_control(&config.control_socket)?;
     let mut driver = Driver {
         config,
         system,
         tunnel: Tunnel::new(relays, request, options, now),
-        socket,
+        endpoint,
         tun: None,
         addresses: None,
         started: now,
@@ -172,20 +182,24 @@ async fn drive(
         tun_rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
         tso_scratch: Vec::with_capacity(2048),
         tun_left: false,
+        netcheck: None,
     };
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ControlRequest>(8);
+    let (changes, watching) = tokio::sync::watch::channel::<Published>((driver.tunnel.state(), None));
     let mut cell = Box::new([0u8; CELL_LEN]);
     let stop = loop {
         driver.flush(&mut cell).await?;
+        publish(&changes, &driver.tunnel);
         let deadline = driver.tunnel.poll_timeout();
+        let deadline = driver.endpoint.exchange_timeout(Instant::now()).map_or(deadline, |t| t.min(deadline));
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: stopping"); break Stop::Signal("SIGTERM") }
             _ = int.recv() => { info!("SIGINT: stopping"); break Stop::Signal("SIGINT") }
             _ = hup.recv() => driver.reload(config_path, hops),
-            ready = driver.socket.readable() => {
+            ready = driver.endpoint.readable() => {
                 ready?;
                 driver.receive().await;
             }
@@ -200,21 +214,34 @@ async fn drive(
             }
             conn = listener.accept() => {
                 if let Ok((stream, _)) = conn {
-                    tokio::spawn(serve_control(stream, ctl_tx.clone()));
+                    tokio::spawn(control::serve(stream, ctl_tx.clone(), watching.clone()));
                 }
             }
             Some((req, reply)) = ctl_rx.recv() => match req {
-                Request::Status => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
+                // `watch` is served by its connection's task, one `status` at a time.
+                Request::Status | Request::Watch => { let _ = reply.send(Answer::Status(Box::new(driver.status()))); }
+                Request::Netcheck => driver.start_netcheck(reply),
                 Request::Down => { info!("`meshvpn down`: going down"); drop(reply); break Stop::Down }
             },
         }
     };
     if let Some(to) = driver.tunnel.close(&mut cell, &mut OsRng)
-        && driver.socket.send(to, &cell).await.is_ok()
+        && driver.endpoint.socket().send(to, &cell).await.is_ok()
     {
-        let _ = driver.socket.flush().await;
+        let _ = driver.endpoint.socket().flush().await;
     }
     Ok(stop)
+}
+
+/// Tells watchers of the control socket when the state or its reason changed.
+fn publish(changes: &tokio::sync::watch::Sender<Published>, tunnel: &Tunnel) {
+    changes.send_if_modified(|(state, reason)| {
+        if *state == tunnel.state() && reason.as_deref() == tunnel.reason() {
+            return false;
+        }
+        (*state, *reason) = (tunnel.state(), tunnel.reason().map(str::to_owned));
+        true
+    });
 }
 
 /// Resolves when the TUN device has packets: at once if the last drain stopped at [`BATCH`]
@@ -247,7 +274,81 @@ impl Driver<'_> {
             self.send(to, cell).await;
         }
         self.send_flush().await;
+        let now = Instant::now();
+        self.endpoint.send_due(now).await;
+        self.finish_netcheck(now);
         Ok(())
+    }
+
+    /// `meshvpn netcheck` while the client runs: netcheck's first phase (a Binding request to
+    /// each relay) from the data socket, so the report gives the reflexive address the cells
+    /// use. While the kill switch is on, only the guard is asked: nothing else may leave.
+    fn start_netcheck(&mut self, reply: oneshot::Sender<Answer>) {
+        let refuse = |why: &str| Answer::Error { error: why.to_owned() };
+        if self.netcheck.is_some() || self.endpoint.exchanging() {
+            let _ = reply.send(refuse("a STUN exchange is already running; try again in a second"));
+            return;
+        }
+        let Ok(bound) = self.endpoint.local_addr() else {
+            let _ = reply.send(refuse("the UDP socket has no local address"));
+            return;
+        };
+        let servers = match (self.kill_switch, self.tunnel.guard()) {
+            (false, _) => self.tunnel.relays().stun_servers(),
+            (true, Some(guard)) => {
+                let name = self.tunnel.path().first().filter(|r| r.hop.addr == guard).map(|r| r.desc.nickname.clone());
+                vec![netcheck::StunServer { name: name.unwrap_or_else(|| "guard".into()), addr: guard }]
+            }
+            (true, None) => Vec::new(),
+        };
+        let mut probes = Vec::new();
+        let mut requests = Vec::new();
+        for s in servers.into_iter().filter(|s| s.addr.is_ipv4() == bound.is_ipv4()) {
+            requests.push((probes.len(), s.addr, endpoint::binding_request()));
+            let local = netcheck::local_towards(bound, s.addr);
+            probes.push(Probe {
+                server: s.name,
+                addr: s.addr,
+                local,
+                test: Test::Binding,
+                result: ProbeResult::Timeout,
+            });
+        }
+        if probes.is_empty() {
+            let _ = reply.send(refuse("no relay to ask yet (no guard chosen)"));
+        } else if self.endpoint.start_exchange(requests, Instant::now(), NETCHECK_TIMEOUT) {
+            self.netcheck = Some((probes, self.endpoint.counters().stray, reply));
+        } else {
+            let _ = reply.send(refuse("cannot encode a Binding request"));
+        }
+    }
+
+    /// Answers the `netcheck` request once its exchange is over.
+    fn finish_netcheck(&mut self, now: Instant) {
+        if self.netcheck.is_none() {
+            return;
+        }
+        let Some(results) = self.endpoint.take_results(now) else { return };
+        let Some((mut probes, stray, reply)) = self.netcheck.take() else { return };
+        for (i, result) in results {
+            if let Some(p) = probes.get_mut(i) {
+                p.result = result;
+            }
+        }
+        let guard_only = self.kill_switch;
+        let answer = match netcheck::report(probes, self.endpoint.counters().stray - stray) {
+            Ok(mut report) => {
+                report.notes.push(if guard_only {
+                    "asked by the running client from its data socket; its kill switch lets only the guard be asked"
+                        .to_owned()
+                } else {
+                    "asked by the running client from its data socket".to_owned()
+                });
+                Answer::Netcheck(Box::new(report))
+            }
+            Err(e) => Answer::Error { error: format!("{e:#}") },
+        };
+        let _ = reply.send(answer);
     }
 
     /// SIGHUP: applies new timers and a fresh directory; anything else needs a restart, which
@@ -262,7 +363,8 @@ impl Driver<'_> {
                     warn!(keys = ?restart, "these changes apply at the next start (`meshvpn down` and `up`, or `systemctl restart meshvpn`)");
                 }
                 self.tunnel.set_timers(new.timers);
-                let fresh = relays::load_directory(self.config).map_err(|e| e.to_string());
+                let source = SignedFile::from_config(self.config);
+                let fresh = source.load(daemonkit::unix_now()).map_err(|e| e.to_string());
                 match fresh.and_then(|f| self.tunnel.relays().check_replacement(&f).map(|()| f)) {
                     Ok(fresh) => {
                         info!(
@@ -270,6 +372,7 @@ impl Driver<'_> {
                             expires = fresh.expires,
                             "configuration and directory reloaded"
                         );
+                        self.endpoint.set_relays(&fresh);
                         self.tunnel.set_relays(fresh);
                     }
                     Err(e) => warn!("keeping the directory already loaded: {e}"),
@@ -342,13 +445,13 @@ impl Driver<'_> {
     /// Queues a cell; a failed send is logged (rate-limited by its cause: the kill switch
     /// or a dead route) and the cell is lost, as on any UDP path.
     async fn send(&mut self, to: std::net::SocketAddr, cell: &[u8; CELL_LEN]) {
-        if let Err(e) = self.socket.send(to, cell).await {
+        if let Err(e) = self.endpoint.socket().send(to, cell).await {
             self.send_failed(e);
         }
     }
 
     async fn send_flush(&mut self) {
-        if let Err(e) = self.socket.flush().await {
+        if let Err(e) = self.endpoint.socket().flush().await {
             self.send_failed(e);
         }
     }
@@ -360,21 +463,18 @@ impl Driver<'_> {
         }
     }
 
-    /// Drains the UDP socket: cells in, IP packets to the TUN device (TCP runs joined), and
-    /// writes out the run held back at the end, so nothing waits for the next datagram.
+    /// Drains the UDP socket through the endpoint's demultiplexer: cells in, IP packets to the
+    /// TUN device (TCP runs joined), and writes out the run held back at the end, so nothing
+    /// waits for the next datagram.
     async fn receive(&mut self) {
         let now = Instant::now();
-        for _ in 0..BATCH {
-            let Ok((len, segment, from)) = self.socket.try_recv() else { break };
-            if segment != CELL_LEN {
-                continue;
+        let (tunnel, gro) = (&mut self.tunnel, &mut self.gro);
+        let (tun, errors) = (&mut self.tun, &mut self.tun_write_errors);
+        self.endpoint.receive(now, |from, cell| {
+            if let Some(n) = tunnel.handle_cell(now, from, cell, &mut OsRng) {
+                gro.push(payload(cell, n), &mut tun_writer(tun, errors));
             }
-            for chunk in self.socket.rx[..len].chunks_exact_mut(CELL_LEN) {
-                let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(chunk) else { continue };
-                let Some(n) = self.tunnel.handle_cell(now, from, cell, &mut OsRng) else { continue };
-                self.gro.push(payload(cell, n), &mut tun_writer(&mut self.tun, &mut self.tun_write_errors));
-            }
-        }
+        });
         self.gro.flush(&mut tun_writer(&mut self.tun, &mut self.tun_write_errors));
     }
 
@@ -388,7 +488,7 @@ impl Driver<'_> {
                 self.tun_left = false;
                 break;
             };
-            let (tunnel, socket) = (&mut self.tunnel, &mut self.socket);
+            let (tunnel, socket) = (&mut self.tunnel, self.endpoint.socket());
             let (read_errors, send_errors) = (&mut self.tun_read_errors, &mut self.send_errors);
             let segmented = tso::segment(&self.tun_rx[..n], &mut self.tso_scratch, &mut |packet| {
                 if packet.len() > TUN_MTU {
@@ -405,7 +505,7 @@ impl Driver<'_> {
             if segmented.is_err() {
                 self.tun_read_errors += 1;
             }
-            if self.socket.queued() >= crate::udp::GSO_CELLS {
+            if self.endpoint.socket().queued() >= crate::udp::GSO_CELLS {
                 self.send_flush().await;
             }
         }
@@ -436,6 +536,7 @@ impl Driver<'_> {
             packets_received: c.packets_received,
             packets_dropped: c.dropped_no_circuit,
             cells_rejected: c.dropped_bad_cells,
+            stray_datagrams: self.endpoint.counters().stray,
             control_refused: c.control_refused,
             send_errors: self.send_errors,
             tun_write_errors: self.tun_write_errors,
@@ -471,38 +572,6 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("cannot listen on the control socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
-}
-
-async fn serve_control(stream: UnixStream, to_driver: mpsc::Sender<ControlRequest>) {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(control::MAX_REQUEST_LEN));
-    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
-    let Ok(Ok(_)) = read else { return };
-    let Ok(request) = Request::parse(&line) else {
-        let _ = write.write_all(b"{\"error\":\"bad request\"}\n").await;
-        return;
-    };
-    let (tx, rx) = oneshot::channel();
-    if request == Request::Down {
-        // Answer first: once the driver has the request it stops, and this task with it.
-        let _ = write_answer(&mut write, &Answer::Stopping).await;
-        let _ = to_driver.send((request, tx)).await;
-        return;
-    }
-    if to_driver.send((request, tx)).await.is_err() {
-        return;
-    }
-    if let Ok(answer) = rx.await {
-        let _ = write_answer(&mut write, &answer).await;
-    }
-}
-
-async fn write_answer(write: &mut tokio::net::unix::OwnedWriteHalf, answer: &Answer) -> std::io::Result<()> {
-    let mut text = serde_json::to_string(answer).map_err(std::io::Error::other)?;
-    text.push('\n');
-    write.write_all(text.as_bytes()).await?;
-    write.flush().await
 }
 
 /// `meshvpn up` without `--foreground`: starts the client in the background (its log in

@@ -4,6 +4,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use meshvpn::config::Config;
 use meshvpn::control;
+use std::io::Write;
 use std::path::PathBuf;
 
 /// meshvpn: an onion-routed VPN. `up` sends all traffic through guard → middle → exit relays.
@@ -75,9 +76,14 @@ enum Cmd {
     Status {
         #[command(flatten)]
         target: Target,
-        /// Print JSON instead of text.
+        /// Print JSON instead of text (with --watch: one JSON object per line,
+        /// {"trigger": "start"|"change"|"tick", "status": {...}}).
         #[arg(long)]
         json: bool,
+        /// Keep printing: at once, whenever the state or its reason changes, and every second,
+        /// until meshvpn stops (or Ctrl-C).
+        #[arg(long)]
+        watch: bool,
     },
     /// Write man pages and shell completions into DIR (for packaging).
     #[command(hide = true)]
@@ -87,6 +93,9 @@ enum Cmd {
         dir: PathBuf,
     },
     /// Ask relays (STUN) for this machine's public address and its NAT's behaviour (RFC 5780).
+    /// With a client running (its control socket answers), the client asks from its own UDP
+    /// socket, so the address is the one its cells use; its kill switch lets only the guard be
+    /// asked then.
     Netcheck {
         /// Configuration file (relays come from its directory).
         #[arg(long)]
@@ -120,7 +129,27 @@ fn main() -> Result<()> {
             let state_dir = target.config().as_deref().map(Config::load).transpose()?.map(|c| c.state_dir);
             meshvpn::daemon::down(&socket, state_dir.as_deref())
         }
-        Cmd::Status { target, json } => {
+        Cmd::Status { target, json, watch: true } => {
+            let socket = target.socket()?;
+            let context = || format!("is meshvpn up? (no answer on {})", socket.display());
+            let mut out = std::io::stdout().lock();
+            control::watch(&socket, |update| {
+                let text = if json {
+                    format!("{}\n", serde_json::to_string(&update)?)
+                } else {
+                    let name = |v: serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+                    let (state, trigger) =
+                        (name(serde_json::to_value(update.status.state)?), name(serde_json::to_value(update.trigger)?));
+                    format!("--- {state} ({trigger}) ---\n{}", update.status)
+                };
+                // A closed pipe (`| head`) ends the watch quietly.
+                Ok(out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_ok())
+            })
+            .with_context(context)?;
+            eprintln!("meshvpn closed the control connection: it stopped");
+            Ok(())
+        }
+        Cmd::Status { target, json, watch: false } => {
             let socket = target.socket()?;
             let status = control::status(&socket)
                 .with_context(|| format!("is meshvpn up? (no answer on {})", socket.display()))?;
@@ -134,8 +163,16 @@ fn main() -> Result<()> {
         Cmd::GenerateDocs { dir } => Ok(daemonkit::docs::write_docs(<Cli as clap::CommandFactory>::command(), &dir)?),
         Cmd::Netcheck { config, json } => {
             let cfg = Config::load(&config)?;
-            let relays = meshvpn::relays::load_directory(&cfg)?;
-            let report = meshvpn::netcheck::run_blocking(&relays.stun_servers())?;
+            let report = match control::request(&cfg.control_socket, control::Request::Netcheck) {
+                Ok(control::Answer::Netcheck(report)) => *report,
+                Ok(control::Answer::Error { error }) => bail!("the running meshvpn could not run netcheck: {error}"),
+                Ok(other) => bail!("the running meshvpn answered netcheck with {other:?}"),
+                // No client running: probe from a socket of our own.
+                Err(_) => {
+                    let relays = meshvpn::directory::load_directory(&cfg)?;
+                    meshvpn::netcheck::run_blocking(&relays.stun_servers())?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -50,6 +50,16 @@ impl CellSocket {
         })
     }
 
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Sends one datagram that is not a cell (a STUN request) at once, beside the queued cells.
+    pub async fn send_datagram(&mut self, to: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        self.socket.send_to(datagram, to).await.map(drop)
+    }
+
     /// Waits until a datagram may be read.
     pub async fn readable(&self) -> io::Result<()> {
         self.socket.readable().await

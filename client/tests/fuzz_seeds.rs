@@ -6,7 +6,7 @@
 //! cargo test -p meshvpn --test fuzz_seeds -- --ignored write_fuzz_seeds
 //! ```
 
-use meshvpn::control::{Answer, HopStatus, Request, Status};
+use meshvpn::control::{Answer, HopStatus, Request, Status, Trigger, Update};
 use meshvpn::tunnel::State;
 use std::path::PathBuf;
 
@@ -30,6 +30,7 @@ fn status() -> Status {
         packets_received: 2000,
         packets_dropped: 3,
         cells_rejected: 4,
+        stray_datagrams: 9,
         send_errors: 5,
         tun_write_errors: 6,
         tun_read_errors: 7,
@@ -57,8 +58,11 @@ fn seeds() -> Vec<(&'static str, String)> {
     vec![
         ("request-status", json(&Request::Status)),
         ("request-down", json(&Request::Down)),
+        ("request-watch", json(&Request::Watch)),
+        ("request-netcheck", json(&Request::Netcheck)),
         ("answer-stopping", json(&Answer::Stopping)),
         ("answer-status", json(&Answer::Status(Box::new(status())))),
+        ("answer-update", json(&Answer::Update(Box::new(Update { trigger: Trigger::Change, status: status() })))),
         ("answer-status-connecting", json(&Answer::Status(Box::new(Status { state: State::Connecting, ..empty() })))),
     ]
 }

@@ -448,6 +448,33 @@ fn netcheck_sees_the_nat() {
     );
 }
 
+/// With the client up, `meshvpn netcheck` asks it, and the probe leaves from the client's data
+/// socket: the report's local port is the port of meshvpn's UDP socket, the guard (the only
+/// relay the kill switch lets it ask) sees the NAT's address, and the tunnel stays up.
+#[test]
+fn netcheck_through_the_running_client_uses_its_data_socket() {
+    let lab = Lab::up(12, &[]);
+    let cfg = lab.client_config();
+    let out = lab.exec("client", 30, &[&lab.meshvpn(), "netcheck", "--config", cfg.to_str().unwrap_or("?"), "--json"]);
+    assert!(out.status.success(), "meshvpn netcheck failed:\n{}", text(&out));
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", text(&out)));
+    let reflexive = report["reflexive"].as_str().unwrap_or_default();
+    assert!(
+        reflexive.starts_with(&format!("{NAT_WAN_V4}:")),
+        "reflexive address {reflexive}, not the NAT's:\n{report}"
+    );
+    assert_eq!(report["probes"].as_array().map(Vec::len), Some(1), "only the guard may be asked:\n{report}");
+    let local = report["local"].as_str().unwrap_or_default();
+    let port = local.rsplit(':').next().unwrap_or_default();
+    let sockets = stdout(&lab.exec("client", 10, &["ss", "-Hunap"]));
+    assert!(
+        sockets.lines().any(|l| l.contains("meshvpn") && l.contains(&format!(":{port} "))),
+        "netcheck's local port {port} is not meshvpn's UDP socket:\n{sockets}"
+    );
+    assert_eq!(lab.status()["state"], "up");
+}
+
 /// curl from the client, by name (DNS through the tunnel), reaches the internet host, which
 /// sees the exit's address, for HTTP and for the DNS query.
 #[test]

@@ -4,7 +4,7 @@
 //! request answered, or the timeout reached). The caller owns the socket and the clock, so the
 //! schedule is tested with made-up instants, not with sleeps.
 
-use super::{ProbeResult, result_of};
+use super::report::{ProbeResult, result_of};
 use cellproto::stun::{self, Class, METHOD_BINDING, Message, StunError};
 use std::collections::HashSet;
 use std::net::SocketAddr;

@@ -177,7 +177,7 @@ impl Tunnel {
     /// The exit attached the circuit: the evidence against it is spent.
     pub(super) fn exit_succeeded(&mut self, exit: IdentityKey) {
         self.exit_strikes.retain(|(e, _)| *e != exit);
-        if self.state != State::Up {
+        if self.state() != State::Up {
             self.reason = None;
         }
     }

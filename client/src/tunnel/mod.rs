@@ -124,6 +124,51 @@ struct PendingAttach {
     resume: Option<[u8; 32]>,
 }
 
+/// Where the circuit is: one value, so that no combination the tunnel cannot be in (a PING
+/// without a circuit, an ATTACH outstanding on a circuit that is up, a retry due while a
+/// circuit builds) can be written down.
+enum Phase {
+    /// No circuit; the next build is at `at`. `path` is one already chosen, held back while the
+    /// driver lets its new guard through the kill switch ([`TunnelEvent::Guard`]).
+    Waiting { at: Instant, path: Option<Vec<Relay>> },
+    /// Handshakes under way (CREATE, then EXTEND per hop).
+    Building { circuit: Circuit },
+    /// Built; ATTACH sent and not yet answered.
+    Attaching { circuit: Circuit, attach: PendingAttach },
+    /// Attached: packets flow since `since`; `ping` is the keepalive PING outstanding (its id
+    /// and when it left).
+    Up { circuit: Circuit, since: Instant, ping: Option<(u64, Instant)> },
+    /// Closed for good ([`Tunnel::close`]).
+    Stopped,
+}
+
+impl Phase {
+    fn circuit(&self) -> Option<&Circuit> {
+        match self {
+            Phase::Building { circuit } | Phase::Attaching { circuit, .. } | Phase::Up { circuit, .. } => Some(circuit),
+            Phase::Waiting { .. } | Phase::Stopped => None,
+        }
+    }
+
+    fn circuit_mut(&mut self) -> Option<&mut Circuit> {
+        match self {
+            Phase::Building { circuit } | Phase::Attaching { circuit, .. } | Phase::Up { circuit, .. } => Some(circuit),
+            Phase::Waiting { .. } | Phase::Stopped => None,
+        }
+    }
+
+    fn into_circuit(self) -> Option<Circuit> {
+        match self {
+            Phase::Building { circuit } | Phase::Attaching { circuit, .. } | Phase::Up { circuit, .. } => Some(circuit),
+            Phase::Waiting { .. } | Phase::Stopped => None,
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        matches!(self, Phase::Up { .. })
+    }
+}
+
 /// The tunnel state machine.
 pub struct Tunnel {
     relays: Relays,
@@ -133,30 +178,27 @@ pub struct Tunnel {
     guards: Guards,
     /// An instant and the unix time it was, for the guard set and the directory's expiry.
     clock: (Instant, u64),
-    circuit: Option<Circuit>,
+    phase: Phase,
+    /// The path of the current (or last) circuit.
     path: Vec<Relay>,
-    pending_path: Option<Vec<Relay>>,
     guard: Option<SocketAddr>,
     session: Option<Attached>,
     session_exit: Option<IdentityKey>,
-    state: State,
+    /// Whether a circuit was ever up: [`State::Rebuilding`] rather than
+    /// [`State::Connecting`], and the next one counts as a rebuild.
+    been_up: bool,
     reason: Option<String>,
-    attach: Option<PendingAttach>,
-    attached: bool,
     avoid: Vec<Avoid>,
     suspects: Vec<IdentityKey>,
     /// Tampered circuits by guard, for path-bias accounting (see `failure::tampered`).
     tamper_log: Vec<(IdentityKey, Instant)>,
     /// Failures of exits: (exit, the hop before it, or `None` for the exit's own doing).
     exit_strikes: Vec<(IdentityKey, Strike)>,
-    retry_at: Option<Instant>,
     last_rx: Instant,
     /// Last run of [`Tunnel::handle_timeout`]: it runs at least every keepalive interval, also
     /// while traffic flows, to catch a circuit's usage and age limits.
     checked: Instant,
-    ping: Option<(u64, Instant)>,
     rtt: Option<Duration>,
-    up_since: Option<Instant>,
     directory_warned: bool,
     queued: VecDeque<(SocketAddr, Box<[u8; CELL_LEN]>)>,
     events: VecDeque<TunnelEvent>,
@@ -190,26 +232,20 @@ impl Tunnel {
             circuit_config,
             guards: options.guards,
             clock: (now, options.unix_now),
-            circuit: None,
+            phase: Phase::Waiting { at: now, path: None },
             path: Vec::new(),
-            pending_path: None,
             guard: None,
             session: None,
             session_exit: None,
-            state: State::Connecting,
+            been_up: false,
             reason: None,
-            attach: None,
-            attached: false,
             avoid: Vec::new(),
             suspects: Vec::new(),
             tamper_log: Vec::new(),
             exit_strikes: Vec::new(),
-            retry_at: Some(now),
             last_rx: now,
             checked: now,
-            ping: None,
             rtt: None,
-            up_since: None,
             directory_warned: false,
             queued: VecDeque::new(),
             events: VecDeque::new(),
@@ -253,7 +289,11 @@ impl Tunnel {
 
     /// Where packets flow.
     pub fn state(&self) -> State {
-        self.state
+        match (&self.phase, self.been_up) {
+            (Phase::Up { .. }, _) => State::Up,
+            (_, true) => State::Rebuilding,
+            (_, false) => State::Connecting,
+        }
     }
 
     /// Why the tunnel is not up (or what last went wrong).
@@ -268,7 +308,7 @@ impl Tunnel {
 
     /// The current circuit, if any.
     pub fn circuit(&self) -> Option<&Circuit> {
-        self.circuit.as_ref()
+        self.phase.circuit()
     }
 
     /// The exit's answer for the current session.
@@ -291,9 +331,12 @@ impl Tunnel {
         self.rtt
     }
 
-    /// When the tunnel last came up.
+    /// Since when the current circuit carries traffic (`None` while the tunnel is not up).
     pub fn up_since(&self) -> Option<Instant> {
-        self.up_since
+        match self.phase {
+            Phase::Up { since, .. } => Some(since),
+            _ => None,
+        }
     }
 
     /// Counters.
@@ -320,7 +363,7 @@ impl Tunnel {
             cell.copy_from_slice(&queued[..]);
             return Some(to);
         }
-        self.circuit.as_mut()?.poll_transmit(now, cell, rng)
+        self.phase.circuit_mut()?.poll_transmit(now, cell, rng)
     }
 
     /// When [`Tunnel::handle_timeout`] should run next.
@@ -329,21 +372,20 @@ impl Tunnel {
         // driver never spins.
         let mut at = self.checked + self.timers.keepalive();
         let mut earliest = |t: Instant| at = at.min(t);
-        if let Some(t) = self.retry_at {
+        if let Some(t) = self.phase.circuit().and_then(Circuit::poll_timeout) {
             earliest(t);
         }
-        if let Some(t) = self.circuit.as_ref().and_then(Circuit::poll_timeout) {
-            earliest(t);
-        }
-        if let Some(a) = self.attach {
-            earliest(a.sent + self.timers.dead_after());
-        }
-        if self.state == State::Up {
-            earliest(self.last_rx + self.timers.dead_after());
-            earliest(match self.ping {
-                Some((_, sent)) => sent + self.timers.keepalive(),
-                None => self.last_rx + self.timers.keepalive(),
-            });
+        match self.phase {
+            Phase::Waiting { at, .. } => earliest(at),
+            Phase::Attaching { attach, .. } => earliest(attach.sent + self.timers.dead_after()),
+            Phase::Up { ping, .. } => {
+                earliest(self.last_rx + self.timers.dead_after());
+                earliest(match ping {
+                    Some((_, sent)) => sent + self.timers.keepalive(),
+                    None => self.last_rx + self.timers.keepalive(),
+                });
+            }
+            Phase::Building { .. } | Phase::Stopped => {}
         }
         at
     }
@@ -358,27 +400,33 @@ impl Tunnel {
                 "the directory has expired: the current circuit goes on, but no new one is built until a fresh directory is loaded (SIGHUP)"
             );
         }
-        if self.state == State::Up && self.circuit.as_ref().is_some_and(|c| c.needs_rebuild(now)) {
+        if let Phase::Up { circuit, .. } = &self.phase
+            && circuit.needs_rebuild(now)
+        {
             info!("the circuit is near its key-usage or age limit: replacing it (same exit, same session)");
             self.reason = Some("circuit replaced at its key-usage or age limit".into());
             self.rebuild(now, rng);
             return;
         }
-        if self.retry_at.is_some_and(|t| now >= t) {
-            self.retry_at = None;
-            self.build(now, rng);
+        if let Phase::Waiting { at, path } = &mut self.phase
+            && now >= *at
+        {
+            let path = path.take();
+            self.build(now, path, rng);
         }
-        if let Some(circ) = self.circuit.as_mut()
+        if let Some(circ) = self.phase.circuit_mut()
             && let Some(cellproto::client::Event::Closed(why)) = circ.handle_timeout(now)
         {
             self.circuit_failed(now, why, rng);
             return;
         }
-        if self.attach.is_some_and(|a| now >= a.sent + self.timers.dead_after()) {
+        if let Phase::Attaching { attach, .. } = self.phase
+            && now >= attach.sent + self.timers.dead_after()
+        {
             self.exit_unreached(now, "did not answer ATTACH", rng);
             return;
         }
-        if self.state == State::Up {
+        if let Phase::Up { ping, .. } = self.phase {
             let silent = now.saturating_duration_since(self.last_rx);
             if silent >= self.timers.dead_after() {
                 let why = format!("no cell from the exit for {} ms", silent.as_millis());
@@ -388,14 +436,18 @@ impl Tunnel {
                 self.rebuild(now, rng);
             } else {
                 let keepalive = self.timers.keepalive();
-                let due = match self.ping {
+                let due = match ping {
                     Some((_, sent)) => now >= sent + keepalive,
                     None => silent >= keepalive,
                 };
                 match (due, silent >= keepalive) {
                     (true, true) => self.send_ping(now, rng),
                     // Cells arrive, only the PONG was lost: nothing to probe.
-                    (true, false) => self.ping = None,
+                    (true, false) => {
+                        if let Phase::Up { ping, .. } = &mut self.phase {
+                            *ping = None;
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -414,35 +466,33 @@ impl Tunnel {
 
     /// Drops the current circuit (telling the guard) and builds another at once.
     fn rebuild(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
-        self.drop_circuit(rng);
-        self.build(now, rng);
+        self.drop_circuit(now, rng);
+        self.build(now, None, rng);
     }
 
     /// Drops the current circuit (telling the guard) and builds another at `at`.
     fn rebuild_at(&mut self, at: Instant, rng: &mut impl CryptoRngCore) {
-        self.drop_circuit(rng);
-        self.retry_at = Some(at);
+        self.drop_circuit(at, rng);
     }
 
-    fn drop_circuit(&mut self, rng: &mut impl CryptoRngCore) {
-        if let Some(mut old) = self.circuit.take() {
+    /// Closes the circuit (its DESTROY queued for the guard), leaving the tunnel waiting to
+    /// build the next at `at`.
+    fn drop_circuit(&mut self, at: Instant, rng: &mut impl CryptoRngCore) {
+        let old = std::mem::replace(&mut self.phase, Phase::Waiting { at, path: None });
+        if old.is_up() {
+            self.events.push_back(TunnelEvent::Down);
+        }
+        if let Some(mut old) = old.into_circuit() {
             let mut cell = Box::new([0u8; CELL_LEN]);
             if let Some(to) = old.close(&mut cell, rng) {
                 self.queued.push_back((to, cell));
             }
         }
-        if self.state == State::Up {
-            self.events.push_back(TunnelEvent::Down);
-        }
-        if self.state != State::Connecting {
-            self.state = State::Rebuilding;
-        }
-        self.attach = None;
-        self.attached = false;
-        self.ping = None;
     }
 
-    fn build(&mut self, now: Instant, rng: &mut impl CryptoRngCore) {
+    /// Builds a circuit, over `chosen` if a path was already chosen; with none possible the
+    /// tunnel waits [`RETRY_PAUSE`].
+    fn build(&mut self, now: Instant, chosen: Option<Vec<Relay>>, rng: &mut impl CryptoRngCore) {
         if self.directory_expired(now) {
             let ago = self.unix(now).saturating_sub(self.relays.expires);
             return self.no_path(now, format!(
@@ -455,7 +505,7 @@ impl Tunnel {
         req.avoid = failed.clone();
         req.exit = self.request.exit.or(self.session_exit);
         let guards = self.guard_candidates(now, rng);
-        let path = match self.pending_path.take() {
+        let path = match chosen {
             Some(p) => Ok(p),
             None => self.choose_path(&mut req, &guards, &failed, rng),
         };
@@ -469,14 +519,13 @@ impl Tunnel {
             // circuit (and its build clock) starts once it has, at the next timeout.
             self.guard = Some(guard);
             self.events.push_back(TunnelEvent::Guard(guard));
-            self.pending_path = Some(path);
-            self.retry_at = Some(now);
+            self.phase = Phase::Waiting { at: now, path: Some(path) };
             return;
         }
         let lcid = 0x4000_0000 | (rng.next_u32() & 0x3FFF_FFFF);
         let hops = path.iter().map(|r| r.hop).collect();
         match Circuit::new(hops, lcid, self.circuit_config, now, rng) {
-            Ok(c) => self.circuit = Some(c),
+            Ok(circuit) => self.phase = Phase::Building { circuit },
             Err(e) => return self.no_path(now, PathError::NoExit(e.to_string()).to_string()),
         }
         if self.request.hops > 1 {
@@ -514,9 +563,7 @@ impl Tunnel {
         if let Some(exit) = self.session_exit
             && self.request.exit.is_none()
             && failed.contains(&exit)
-            && guards
-                .iter()
-                .any(|g| self.relays.select(&PathRequest { exit: None, guard: *g, ..req.clone() }, rng).is_ok())
+            && self.relays.another_exit_fits(req, guards, rng)
         {
             let name = self.path.last().map(|r| r.desc.nickname.clone()).unwrap_or_default();
             warn!(
@@ -527,24 +574,7 @@ impl Tunnel {
             self.counters.exit_changes += 1;
             req.exit = None;
         }
-        if guards.is_empty() {
-            // No guard in the set: the directory lists none that fits. Let path selection say
-            // whether the exit is the problem too; a path it draws is not used (guards come
-            // only from the set).
-            req.guard = None;
-            return self.relays.select(req, rng).and(Err(PathError::NoGuard));
-        }
-        let mut last = Err(PathError::NoGuard);
-        for guard in guards {
-            req.guard = *guard;
-            // Suspects are avoided if the network allows; failed relays always are.
-            let wary = PathRequest { avoid: [failed, &self.suspects[..]].concat(), ..req.clone() };
-            last = self.relays.select(&wary, rng).or_else(|_| self.relays.select(req, rng));
-            if last.is_ok() {
-                break;
-            }
-        }
-        last
+        self.relays.select_through(req, guards, failed, &self.suspects, rng)
     }
 
     fn no_path(&mut self, now: Instant, why: String) {
@@ -552,39 +582,47 @@ impl Tunnel {
             warn!("{why}; retrying every {} s", RETRY_PAUSE.as_secs());
         }
         self.reason = Some(why);
-        self.retry_at = Some(now + RETRY_PAUSE);
+        self.phase = Phase::Waiting { at: now + RETRY_PAUSE, path: None };
     }
 
     fn send_ping(&mut self, now: Instant, rng: &mut impl RngCore) {
-        let Some(circ) = self.circuit.as_mut() else { return };
+        let Phase::Up { circuit: circ, ping, .. } = &mut self.phase else { return };
         let id = rng.next_u64();
         let mut cell = Box::new([0u8; CELL_LEN]);
         payload_mut(&mut cell)[..8].copy_from_slice(&id.to_be_bytes());
         let exit = circ.path().len();
         // Marked sent even if sealing failed, so the next probe waits a keepalive interval.
-        self.ping = Some((id, now));
+        *ping = Some((id, now));
         if let Ok(to) = circ.seal(exit, Command::Ping, 8, &mut cell) {
             self.queued.push_back((to, cell));
         }
     }
 
+    /// The circuit is built: ATTACH goes to the exit, and the tunnel waits for its answer
+    /// (at most `dead_after`, also if sealing failed, so that a stuck circuit is replaced).
     fn send_attach(&mut self, now: Instant) {
-        let Some(circ) = self.circuit.as_mut() else { return };
+        let mut circuit = match std::mem::replace(&mut self.phase, Phase::Stopped) {
+            Phase::Building { circuit } => circuit,
+            other => return self.phase = other,
+        };
         let resume = self.session.map(|s| s.token);
-        let attach = Attach { resume };
         let mut cell = Box::new([0u8; CELL_LEN]);
-        let Ok(len) = attach.encode(payload_mut(&mut cell)) else { return };
-        let exit = circ.path().len();
-        if let Ok(to) = circ.seal(exit, Command::Attach, len, &mut cell) {
-            self.queued.push_back((to, cell));
-            self.attach = Some(PendingAttach { sent: now, resume });
+        if let Ok(len) = (Attach { resume }).encode(payload_mut(&mut cell)) {
+            let exit = circuit.path().len();
+            if let Ok(to) = circuit.seal(exit, Command::Attach, len, &mut cell) {
+                self.queued.push_back((to, cell));
+            }
         }
+        self.phase = Phase::Attaching { circuit, attach: PendingAttach { sent: now, resume } };
     }
 
     /// Seals the IP packet of `len` bytes already at `payload_mut(cell)` for the exit.
     /// Returns where to send it, or `None` (dropped and counted) while no circuit is up.
     pub fn seal_packet(&mut self, len: usize, cell: &mut [u8; CELL_LEN]) -> Option<SocketAddr> {
-        let circ = self.circuit.as_mut().filter(|_| self.attached);
+        let circ = match &mut self.phase {
+            Phase::Up { circuit, .. } => Some(circuit),
+            _ => None,
+        };
         match circ.map(|c| c.seal_data(len, cell)) {
             Some(Ok(to)) => {
                 self.counters.packets_sent += 1;
@@ -600,6 +638,6 @@ impl Tunnel {
 
     /// Closes the circuit; returns the DESTROY cell for the guard, if one was built.
     pub fn close(&mut self, cell: &mut [u8; CELL_LEN], rng: &mut impl CryptoRngCore) -> Option<SocketAddr> {
-        self.circuit.take()?.close(cell, rng)
+        std::mem::replace(&mut self.phase, Phase::Stopped).into_circuit()?.close(cell, rng)
     }
 }

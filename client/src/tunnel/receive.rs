@@ -15,7 +15,7 @@
 //! Everything else is refused, counted in [`Counters::control_refused`](super::Counters) and
 //! logged (at powers of two, so a flood cannot fill the log).
 
-use super::{State, Tunnel, TunnelEvent};
+use super::{Phase, Tunnel, TunnelEvent};
 use crate::relays::Relay;
 use crate::session;
 use cellproto::cell::{CELL_LEN, Command};
@@ -37,7 +37,8 @@ impl Tunnel {
         cell: &mut [u8; CELL_LEN],
         rng: &mut impl CryptoRngCore,
     ) -> Option<usize> {
-        let Some(circ) = self.circuit.as_mut().filter(|_| Some(from) == self.guard) else {
+        let circ = self.phase.circuit_mut().filter(|_| Some(from) == self.guard);
+        let Some(circ) = circ else {
             self.counters.dropped_bad_cells += 1;
             return None;
         };
@@ -65,7 +66,7 @@ impl Tunnel {
         let exit = self.path.len();
         match event? {
             Event::Established => {
-                if let Some(t) = self.circuit.as_ref().and_then(|c| c.build_time()) {
+                if let Some(t) = self.phase.circuit().and_then(|c| c.build_time()) {
                     info!(ms = t.as_secs_f64() * 1e3, "circuit built");
                 }
                 if self.request.hops > 1
@@ -78,7 +79,7 @@ impl Tunnel {
                 self.send_attach(now);
                 None
             }
-            Event::Delivered { cmd: Command::Data, len, hop } if hop == exit && self.attached => {
+            Event::Delivered { cmd: Command::Data, len, hop } if hop == exit && self.phase.is_up() => {
                 self.last_rx = now;
                 self.counters.packets_received += 1;
                 self.counters.bytes_received += len as u64;
@@ -87,7 +88,7 @@ impl Tunnel {
             Event::Delivered { cmd: Command::Attached, len, hop } => {
                 if hop != exit {
                     self.refuse(hop, Command::Attached, "only the exit may configure the client");
-                } else if self.attach.is_none() {
+                } else if !matches!(self.phase, Phase::Attaching { .. }) {
                     self.refuse(hop, Command::Attached, "no ATTACH is outstanding");
                 } else {
                     self.last_rx = now;
@@ -96,11 +97,15 @@ impl Tunnel {
                 None
             }
             Event::Delivered { cmd: Command::Pong, len, hop } => {
-                match (decode_ping(payload(cell, len)), self.ping) {
+                let ping = match &mut self.phase {
+                    Phase::Up { ping, .. } => ping,
+                    _ => &mut None,
+                };
+                match (decode_ping(payload(cell, len)), *ping) {
                     (Ok(id), Some((sent, at))) if hop == exit && id == sent => {
+                        *ping = None;
                         self.last_rx = now;
                         self.rtt = Some(now.saturating_duration_since(at));
-                        self.ping = None;
                     }
                     _ if hop != exit => self.refuse(hop, Command::Pong, "only the exit answers PING"),
                     _ => self.refuse(hop, Command::Pong, "it answers no outstanding PING"),
@@ -131,7 +136,7 @@ impl Tunnel {
 
     /// The exit's answer to our ATTACH (the caller checked it is the exit's and expected).
     fn on_attached(&mut self, now: Instant, body: &[u8], rng: &mut impl CryptoRngCore) {
-        let Some(pending) = self.attach.take() else { return };
+        let Phase::Attaching { attach: pending, .. } = self.phase else { return };
         let exit = self.path.len();
         let attached = match Attached::decode(body) {
             Ok(a) => a,
@@ -158,7 +163,7 @@ impl Tunnel {
                 self.counters.session_changes += 1;
             }
         }
-        if self.up_since.is_some() {
+        if self.been_up {
             self.counters.rebuilds += 1;
         }
         let exit_id = self.path.last().map(Relay::id);
@@ -168,10 +173,12 @@ impl Tunnel {
         self.session = Some(attached);
         self.session_exit = exit_id;
         self.suspects.clear();
-        self.attached = true;
-        self.state = State::Up;
+        self.phase = match std::mem::replace(&mut self.phase, Phase::Stopped) {
+            Phase::Attaching { circuit, .. } => Phase::Up { circuit, since: now, ping: None },
+            other => other,
+        };
+        self.been_up = true;
         self.reason = None;
-        self.up_since = Some(now);
         self.events.push_back(TunnelEvent::Up(attached));
     }
 }
