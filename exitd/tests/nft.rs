@@ -20,7 +20,7 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{cmd, ruleset, static_neighbours};
+use common::{RouterLab as Lab, cmd, ruleset, static_neighbours};
 use exitd::nft::{self, Deny, NatConfig, NftError};
 use netns::NetNs;
 use nix::sys::socket::{getsockopt, sockopt};
@@ -256,21 +256,8 @@ struct Net {
     mss: u16,
 }
 
-/// client ─c0══tun0─ router ─wan0══i0─ internet: the client's "TUN" is a veth in the test.
-struct Lab {
-    client: NetNs,
-    router: NetNs,
-    internet: NetNs,
-}
-
 fn lab(nets: &[Net]) -> Lab {
-    let lab = Lab {
-        client: NetNs::new("nft").unwrap(),
-        router: NetNs::new("nft").unwrap(),
-        internet: NetNs::new("nft").unwrap(),
-    };
-    lab.router.veth("tun0", &lab.client, "c0").unwrap();
-    lab.router.veth("wan0", &lab.internet, "i0").unwrap();
+    let lab = Lab::new("nft");
     for net in nets {
         let client = format!("{}/{}", net.client, if net.client.is_ipv4() { 16 } else { 64 });
         lab.client.ip(&["addr", "add", &client, "dev", "c0", "nodad"]).unwrap();

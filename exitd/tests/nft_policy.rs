@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::static_neighbours;
+use common::{RouterLab as Lab, static_neighbours};
 use exitd::config::ExitConfig;
 use exitd::nft::{self, NatConfig};
 use exitd::policy::ExitPolicy;
@@ -46,22 +46,10 @@ const DENIED: [(&str, &str); 6] = [
     ("64:ff9b::c633:6402", "deny 64:ff9b::/96"),
 ];
 
-struct Lab {
-    client: NetNs,
-    router: NetNs,
-    internet: NetNs,
-}
-
 /// The three namespaces, and exitd's table for `policy` (TOML after `[policy]`-less `[exit]`
 /// keys) installed in the router.
 fn lab(extra: &str) -> Lab {
-    let lab = Lab {
-        client: NetNs::new("nft").unwrap(),
-        router: NetNs::new("nft").unwrap(),
-        internet: NetNs::new("nft").unwrap(),
-    };
-    lab.router.veth("tun0", &lab.client, "c0").unwrap();
-    lab.router.veth("wan0", &lab.internet, "i0").unwrap();
+    let lab = Lab::new("nft");
     for (ns, dev, addrs) in [
         (&lab.client, "c0", vec!["10.8.0.2/16", "fd00:8::2/64"]),
         (&lab.router, "tun0", vec!["10.8.0.1/16", "fd00:8::1/64"]),

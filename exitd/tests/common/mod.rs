@@ -81,6 +81,31 @@ pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// The nftables tests' network: client ─c0══tun0─ router ─wan0══i0─ internet, three
+/// namespaces joined by veths (still down, without addresses); the client's "TUN" is a veth.
+pub struct RouterLab {
+    /// The client namespace.
+    pub client: NetNs,
+    /// The router (exitd's table is installed here).
+    pub router: NetNs,
+    /// The internet namespace.
+    pub internet: NetNs,
+}
+
+impl RouterLab {
+    /// Namespaces `mv-<tag>-<pid>-<n>` and the two veth pairs.
+    pub fn new(tag: &str) -> RouterLab {
+        let lab = RouterLab {
+            client: NetNs::new(tag).unwrap(),
+            router: NetNs::new(tag).unwrap(),
+            internet: NetNs::new(tag).unwrap(),
+        };
+        lab.router.veth("tun0", &lab.client, "c0").unwrap();
+        lab.router.veth("wan0", &lab.internet, "i0").unwrap();
+        lab
+    }
+}
+
 /// Three namespaces joined by veths, deleted on drop (with exitd, should it still run).
 pub struct Lab {
     /// The client namespace.
