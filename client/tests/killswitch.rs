@@ -5,7 +5,8 @@
 //! or stalls the client, and the kill switch (and resolv.conf) must stay until `down`.
 //!
 //! Needs root (namespaces, TUN, nftables), and FAILS without it, never skips. Namespaces are
-//! named `mvks<pid>{a,b}-<n>` and removed when each test ends, also on panic.
+//! the `netns` crate's, `mv-ks-{client,exit}-<pid>-<n>`, removed (with whatever still runs in
+//! them) when each test ends, also on panic.
 
 use cellproto::cell::{CELL_LEN, Command as Cmd, HANDSHAKE_LCID, lcid};
 use cellproto::command::{Attach, Attached, decode_ping};
@@ -16,9 +17,10 @@ use cellproto::identity::{OnionKeyCert, RelayIdentity};
 use cellproto::onion::{Direction, payload, payload_mut};
 use cellproto::relay::{CircuitTable, Verdict};
 use cellproto::sim::{TestRelay, rng};
+use netns::NetNs;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
@@ -32,22 +34,8 @@ const ORIGINAL_RESOLV: &str = "nameserver 192.0.2.53\n";
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn run(argv: &[&str]) -> Output {
-    let path = std::env::var("PATH").unwrap_or_default();
-    Command::new("timeout")
-        .args(["-k", "5", "30"])
-        .args(argv)
-        .env("PATH", format!("{path}:/usr/sbin:/sbin"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"))
-}
-
-fn ok(argv: &[&str]) -> String {
-    let out = run(argv);
-    assert!(out.status.success(), "{argv:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+/// Every command in a namespace is killed after this long (`timeout`).
+const COMMAND_LIMIT: Duration = Duration::from_secs(30);
 
 /// Polls `f` every 50 ms until it holds; panics with `what` after `secs`.
 fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
@@ -62,10 +50,11 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
-/// The client's namespace and the exit's, joined by a veth pair; removed on drop.
+/// The client's namespace and the exit's, joined by a veth pair; removed on drop, with
+/// whatever still runs in them.
 struct Net {
-    client: String,
-    exit: String,
+    client: NetNs,
+    exit: NetNs,
     dir: PathBuf,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -78,43 +67,28 @@ impl Net {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let tag = format!("mvks{}", std::process::id() % 100_000);
-        let (client, exit) = (format!("{tag}a-{n}"), format!("{tag}b-{n}"));
         let dir = std::env::temp_dir().join(format!("{tag}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        // What a killed earlier run left.
+        netns::remove_stale("ks-");
+        let (client, exit) = (NetNs::new("ks-client").unwrap(), NetNs::new("ks-exit").unwrap());
         let net = Net { client, exit, dir, _serial: serial };
-        for ns in [&net.client, &net.exit] {
-            let _ = run(&["ip", "netns", "delete", ns]);
-            ok(&["ip", "netns", "add", ns]);
-            ok(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        ok(&[
-            "ip",
-            "-n",
-            &net.client,
-            "link",
-            "add",
-            "mvks-c",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "mvks-e",
-            "netns",
-            &net.exit,
-        ]);
-        ok(&["ip", "-n", &net.client, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "mvks-c"]);
-        ok(&["ip", "-n", &net.exit, "addr", "add", "10.201.0.1/24", "dev", "mvks-e"]);
-        ok(&["ip", "-n", &net.client, "link", "set", "mvks-c", "up"]);
-        ok(&["ip", "-n", &net.exit, "link", "set", "mvks-e", "up"]);
-        ok(&["ip", "-n", &net.client, "route", "add", "default", "via", "10.201.0.1"]);
+        net.client.veth("mvks-c", &net.exit, "mvks-e").unwrap();
+        net.client.addr("mvks-c", &[&format!("{CLIENT_IP}/24")]).unwrap();
+        net.exit.addr("mvks-e", &["10.201.0.1/24"]).unwrap();
+        net.client.ip(&["route", "add", "default", "via", "10.201.0.1"]).unwrap();
         net
     }
 
+    /// Runs `argv` in the client's namespace (killed after [`COMMAND_LIMIT`]).
     fn in_client(&self, argv: &[&str]) -> Output {
-        let mut full = vec!["ip", "netns", "exec", self.client.as_str()];
-        full.extend_from_slice(argv);
-        run(&full)
+        let (program, args) = argv.split_first().expect("a command");
+        self.client
+            .command_within(COMMAND_LIMIT, program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"))
     }
 
     fn kill_switch_installed(&self) -> bool {
@@ -132,14 +106,17 @@ impl Net {
     /// `meshvpn up --foreground` in the client namespace, its output in `meshvpn.log`.
     fn up(&self) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("meshvpn.log")).unwrap();
-        Command::new("ip")
-            .args(["netns", "exec", &self.client, env!("CARGO_BIN_EXE_meshvpn"), "up", "--foreground", "--config"])
-            .arg(self.dir.join("meshvpn.toml"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
+        self.client
+            .spawn(
+                self.client
+                    .command(env!("CARGO_BIN_EXE_meshvpn"))
+                    .args(["up", "--foreground", "--config"])
+                    .arg(self.dir.join("meshvpn.toml"))
+                    .env("RUST_LOG", "info")
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log),
+            )
             .expect("cannot start meshvpn")
     }
 
@@ -193,13 +170,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        for ns in [&self.client, &self.exit] {
-            let pids = String::from_utf8_lossy(&run(&["ip", "netns", "pids", ns]).stdout).into_owned();
-            for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
-            let _ = run(&["ip", "netns", "delete", ns]);
-        }
+        // The namespaces (fields) are deleted after this, every process in them killed.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -226,16 +197,13 @@ struct FakeExit {
 
 impl FakeExit {
     fn start(net: &Net, keys: &ExitKeys, answer: Attached) -> FakeExit {
-        let ns = format!("/run/netns/{}", net.exit);
         let identity = keys.identity.public().0;
         let seed = keys.onion_seed;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            // Only this thread enters the exit's namespace; the socket stays in it.
-            let file = std::fs::File::open(&ns).unwrap();
-            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        // Only this thread enters the exit's namespace; the socket stays in it.
+        let thread = net.exit.thread("fake-exit", move || {
             let socket = UdpSocket::bind(EXIT).unwrap();
             socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             let onion = OnionSecret::generate(&mut rng(seed));
@@ -255,6 +223,7 @@ impl FakeExit {
                 }
             }
         });
+        let thread = thread.expect("cannot start the fake exit");
         ready_rx.recv_timeout(Duration::from_secs(10)).expect("the fake exit did not start");
         FakeExit { stop, thread: Some(thread) }
     }
@@ -364,7 +333,7 @@ fn up_failing_after_the_kill_switch_leaves_it_in_place() {
     let _exit = FakeExit::start(&net, &keys, honest());
     // A link with the TUN device's name already exists: creating the TUN device fails after
     // the circuit is up and the kill switch installed.
-    ok(&["ip", "-n", &net.client, "link", "add", TUN, "type", "veth", "peer", "name", "mvkstunp"]);
+    net.client.ip(&["link", "add", TUN, "type", "veth", "peer", "name", "mvkstunp"]).unwrap();
     let mut client = net.up();
     let status = wait_exit(&mut client, 30);
     assert!(!status.success(), "meshvpn up should fail:\n{}", net.log());

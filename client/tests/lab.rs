@@ -7,8 +7,10 @@
 //! own `LAB_PREFIX` (mvt1, mvt2, ...), one at a time (a static mutex: two cores), and a guard
 //! runs `deploy/lab down` when the test ends, also on panic. Every command runs under
 //! `timeout`, so a hung daemon fails the test instead of hanging CI. No packet leaves the
-//! namespaces a test made.
+//! namespaces a test made. `deploy/lab` (a shell script) makes and removes the namespaces; the
+//! tests reach into them with the `netns` crate.
 
+use netns::NetNs;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -147,12 +149,20 @@ impl Lab {
         format!("{}-{node}", self.prefix)
     }
 
-    /// Runs ARGV in NODE's namespace.
+    /// NODE's namespace (the lab's: dropping the handle leaves it).
+    fn netns(&self, node: &str) -> NetNs {
+        NetNs::existing(&self.ns(node)).unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
+
+    /// Runs ARGV in NODE's namespace under `timeout` (SIGTERM after `secs`, SIGKILL 5 s later).
     fn exec(&self, node: &str, secs: u64, argv: &[&str]) -> Output {
-        let ns = self.ns(node);
-        let mut full = vec!["ip", "netns", "exec", ns.as_str()];
-        full.extend_from_slice(argv);
-        run(secs, &full, &[("RUST_BACKTRACE", "0")])
+        let (program, args) = argv.split_first().expect("a command");
+        self.netns(node)
+            .command_within(Duration::from_secs(secs), program)
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {argv:?}: {e}"))
     }
 
     fn meshvpn(&self) -> String {
@@ -222,17 +232,16 @@ impl Lab {
     /// (the lab runs curl and the like in it only on demand; `pkill -f` would match its own
     /// `timeout` wrapper). Returns how many it signalled.
     fn signal_client(&self, signal: nix::sys::signal::Signal) -> usize {
-        let pids = stdout(&run(10, &["ip", "netns", "pids", &self.ns("client")], &[]));
-        let pids: Vec<i32> = pids.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let pids = self.netns("client").pids();
         for &pid in &pids {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal);
         }
         pids.len()
     }
 
     /// Waits (bounded) until no process is left in the client's namespace.
     fn wait_client_gone(&self, what: &str) {
-        wait_until(15, what, || stdout(&run(10, &["ip", "netns", "pids", &self.ns("client")], &[])).trim().is_empty());
+        wait_until(15, what, || self.netns("client").pids().is_empty());
     }
 
     /// curl from the client namespace; (success, body or error).
@@ -261,20 +270,10 @@ impl Capture {
     fn start(lab: &Lab) -> Capture {
         let file = lab.dir.join("capture.pcap");
         let log = lab.dir.join("logs/tcpdump.log");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns("client"),
-                "tcpdump",
-                "-i",
-                &lab.client_if(),
-                "-nn",
-                "-U",
-                "-Z",
-                "root",
-                "-w",
-            ])
+        let child = lab
+            .netns("client")
+            .command("tcpdump")
+            .args(["-i", &lab.client_if(), "-nn", "-U", "-Z", "root", "-w"])
             .arg(&file)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -616,8 +615,10 @@ fn middle_dies_during_download_and_the_client_rebuilds_to_the_same_exit() {
     let exit = exit_identity(&status);
     let file = lab.dir.join("download.bin");
     // Rate-limited so that the transfer is surely still running when the middle dies.
-    let mut curl = Command::new("timeout")
-        .args(["-k", "5", "150", "ip", "netns", "exec", &lab.ns("client"), "curl", "-sS", "--limit-rate", "10M"])
+    let mut curl = lab
+        .netns("client")
+        .command_within(Duration::from_secs(150), "curl")
+        .args(["-sS", "--limit-rate", "10M"])
         .args(["--max-time", "140", "-o"])
         .arg(&file)
         .arg(format!("http://{INET_V4}/big.bin"))
@@ -849,9 +850,8 @@ fn forged_attached_from_the_guard_changes_nothing() {
     let trigger = lab.dir.join("inject");
     let hostile = lab.bin.join("examples/hostile-guard");
     let _guard = Reaped(
-        Command::new("timeout")
-            .args(["-k", "5", "600", "ip", "netns", "exec", &lab.ns("guard")])
-            .arg(&hostile)
+        lab.netns("guard")
+            .command_within(Duration::from_secs(600), &hostile)
             .arg("--keys")
             .arg(lab.dir.join("guard/keys"))
             .args(["--listen", &format!("{GUARD}:{GUARD_PORT}"), "--trigger"])

@@ -289,11 +289,8 @@ fn late_replies_to_a_reclaimed_session_never_reach_the_next_holder_of_its_addres
 fn a_flush_deletes_exactly_the_entries_of_the_given_sources() {
     use exitd::conntrack::Conntrack;
     use ipnet::IpNet;
-    let ns = common::netns::NetNs::new();
-    ns.ip(&["link", "set", "lo", "up"]);
-    for a in ["fd00::2/128", "fd00::3/128"] {
-        ns.ip(&["-6", "addr", "add", a, "dev", "lo", "nodad"]);
-    }
+    let ns = netns::NetNs::new("conntrack").unwrap();
+    ns.addr("lo", &["fd00::2/128", "fd00::3/128"]).unwrap();
     ns.run(|| {
         // Conntrack tracks this namespace once a rule uses it; 127.0.0.4's flows go to zone 7.
         let rules = "table inet ct_test {\n\
@@ -339,7 +336,8 @@ fn a_flush_deletes_exactly_the_entries_of_the_given_sources() {
         assert_eq!(count(&mut ct, "127.0.0.0/8") + count(&mut ct, "fd00::/64"), 0);
         assert_eq!(ct.flush_sources(&many).unwrap(), 0, "nothing left, nothing deleted, no error");
         drop(tcp);
-    });
+    })
+    .unwrap();
 }
 
 /// A TCP connection from `src` (any port) to `to`.

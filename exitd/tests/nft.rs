@@ -1,7 +1,7 @@
 //! exitd's nftables table against a real kernel and the real `nft`.
 //!
-//! Isolation: every test makes its own network namespaces (`ip netns add
-//! meshvpn-nft-test-<pid>-<n>`, deleted by a drop guard even when the test fails) and calls the
+//! Isolation: every test makes its own network namespaces (`netns::NetNs`: `mv-nft-<pid>-<n>`,
+//! deleted by a drop guard even when the test fails) and calls the
 //! module on a thread that joined one with `setns(CLONE_NEWNET)`. `setns` moves only the calling
 //! thread, and a child process starts in the namespaces of the thread that spawned it, so the
 //! `nft` processes the module runs act on the test's namespace. Before every body, [`NetNs::run`]
@@ -20,8 +20,9 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::netns::{NetNs, cmd, static_neighbours};
+use common::{RouterLab as Lab, cmd, ruleset, static_neighbours};
 use exitd::nft::{self, Deny, NatConfig, NftError};
+use netns::NetNs;
 use nix::sys::socket::{getsockopt, sockopt};
 
 const TABLE: &str = nft::DEFAULT_TABLE;
@@ -30,8 +31,8 @@ const WAIT: Duration = Duration::from_secs(5);
 /// wan0 and tun0: veth pairs (the `dummy` driver is not in every kernel; the rules only match
 /// the names).
 fn interfaces(ns: &NetNs) {
-    ns.ip(&["link", "add", "wan0", "type", "veth", "peer", "name", "wan0-peer"]);
-    ns.ip(&["link", "add", "tun0", "type", "veth", "peer", "name", "tun0-peer"]);
+    ns.ip(&["link", "add", "wan0", "type", "veth", "peer", "name", "wan0-peer"]).unwrap();
+    ns.ip(&["link", "add", "tun0", "type", "veth", "peer", "name", "tun0-peer"]).unwrap();
 }
 
 fn config() -> NatConfig {
@@ -59,7 +60,7 @@ fn rules_by_comment(ruleset: &serde_json::Value, table: &str) -> (usize, HashMap
 
 #[test]
 fn install_list_counters_remove() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("nft").unwrap();
     interfaces(&ns);
     ns.run(|| {
         let mut full = config();
@@ -128,23 +129,23 @@ fn install_list_counters_remove() {
         let tables = cmd("nft", &["list", "tables"]);
         assert!(!String::from_utf8_lossy(&tables.stdout).contains(TABLE));
         nft::remove(TABLE).expect("removing a missing table is fine");
-    });
+    }).unwrap();
 }
 
 #[test]
 fn reinstall_replaces_never_duplicates() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("nft").unwrap();
     interfaces(&ns);
-    ns.run(|| nft::install(&config()).expect("first install"));
-    let (tables, first) = rules_by_comment(&ns.ruleset(), TABLE);
+    ns.run(|| nft::install(&config()).expect("first install")).unwrap();
+    let (tables, first) = rules_by_comment(&ruleset(&ns), TABLE);
     assert_eq!(tables, 1);
     // 2 masquerade, 2 conntrack state, 3 prefixes, 1 port, 4 MSS clamps, 1 input
     assert_eq!(first.len(), 13, "{first:?}");
     assert!(first.values().all(|&n| n == 1), "{first:?}");
 
     // A restart after kill -9: the table is still there.
-    ns.run(|| nft::install(&config()).expect("second install"));
-    let (tables, second) = rules_by_comment(&ns.ruleset(), TABLE);
+    ns.run(|| nft::install(&config()).expect("second install")).unwrap();
+    let (tables, second) = rules_by_comment(&ruleset(&ns), TABLE);
     assert_eq!(tables, 1);
     assert_eq!(second, first);
 
@@ -167,12 +168,13 @@ fn reinstall_replaces_never_duplicates() {
         child.stdin.take().unwrap().write_all(stale.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success(), "stale table");
         nft::install(&config()).expect("install over a stale table");
-    });
-    let ruleset = ns.ruleset();
-    let (tables, third) = rules_by_comment(&ruleset, TABLE);
+    })
+    .unwrap();
+    let full = ruleset(&ns);
+    let (tables, third) = rules_by_comment(&full, TABLE);
     assert_eq!(tables, 1);
     assert_eq!(third, first);
-    let chains: Vec<&str> = ruleset["nftables"]
+    let chains: Vec<&str> = full["nftables"]
         .as_array()
         .unwrap()
         .iter()
@@ -181,20 +183,21 @@ fn reinstall_replaces_never_duplicates() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(chains, ["postrouting", "forward", "input"]);
-    let forward = ruleset["nftables"].as_array().unwrap().iter().find(|o| o["chain"]["name"] == "forward").unwrap();
+    let forward = full["nftables"].as_array().unwrap().iter().find(|o| o["chain"]["name"] == "forward").unwrap();
     assert_eq!(forward["chain"]["prio"], 0);
     assert_eq!(forward["chain"]["policy"], "accept");
 
     ns.run(|| {
         nft::remove(TABLE).expect("remove");
         nft::remove(TABLE).expect("remove again");
-    });
-    assert_eq!(rules_by_comment(&ns.ruleset(), TABLE).0, 0);
+    })
+    .unwrap();
+    assert_eq!(rules_by_comment(&ruleset(&ns), TABLE).0, 0);
 }
 
 #[test]
 fn other_tables_are_left_alone() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("nft").unwrap();
     ns.run(|| {
         cmd("nft", &["add", "table", "inet", "someone_else"]);
         cmd("nft", &["add", "chain", "inet", "someone_else", "c"]);
@@ -206,12 +209,13 @@ fn other_tables_are_left_alone() {
         let left = String::from_utf8_lossy(&left.stdout);
         assert!(left.contains("table inet someone_else") && left.contains("chain c"), "{left}");
         assert!(!left.contains("meshvpn_exit_b"), "{left}");
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn bad_input_is_an_error_not_a_change() {
-    let ns = NetNs::new();
+    let ns = NetNs::new("nft").unwrap();
     ns.run(|| {
         for table in ["", "bad name", "x;flush ruleset", "t\"", "9lives"] {
             let mut cfg = config();
@@ -230,7 +234,8 @@ fn bad_input_is_an_error_not_a_change() {
         }
         let ruleset = cmd("nft", &["list", "ruleset"]);
         assert!(ruleset.stdout.is_empty(), "{}", String::from_utf8_lossy(&ruleset.stdout));
-    });
+    })
+    .unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,32 +256,23 @@ struct Net {
     mss: u16,
 }
 
-/// client ─c0══tun0─ router ─wan0══i0─ internet: the client's "TUN" is a veth in the test.
-struct Lab {
-    client: NetNs,
-    router: NetNs,
-    internet: NetNs,
-}
-
 fn lab(nets: &[Net]) -> Lab {
-    let lab = Lab { client: NetNs::new(), router: NetNs::new(), internet: NetNs::new() };
-    lab.router.ip(&["link", "add", "tun0", "type", "veth", "peer", "name", "c0", "netns", &lab.client.name]);
-    lab.router.ip(&["link", "add", "wan0", "type", "veth", "peer", "name", "i0", "netns", &lab.internet.name]);
+    let lab = Lab::new("nft");
     for net in nets {
         let client = format!("{}/{}", net.client, if net.client.is_ipv4() { 16 } else { 64 });
-        lab.client.ip(&["addr", "add", &client, "dev", "c0", "nodad"]);
-        lab.router.ip(&["addr", "add", net.gateway, "dev", "tun0", "nodad"]);
-        lab.router.ip(&["addr", "add", net.wan, "dev", "wan0", "nodad"]);
+        lab.client.ip(&["addr", "add", &client, "dev", "c0", "nodad"]).unwrap();
+        lab.router.ip(&["addr", "add", net.gateway, "dev", "tun0", "nodad"]).unwrap();
+        lab.router.ip(&["addr", "add", net.wan, "dev", "wan0", "nodad"]).unwrap();
         for addr in [net.allowed, net.denied] {
-            lab.internet.ip(&["addr", "add", &format!("{addr}/{}", net.prefix_len), "dev", "i0", "nodad"]);
+            lab.internet.ip(&["addr", "add", &format!("{addr}/{}", net.prefix_len), "dev", "i0", "nodad"]).unwrap();
         }
     }
     for (ns, dev) in [(&lab.client, "c0"), (&lab.router, "tun0"), (&lab.router, "wan0"), (&lab.internet, "i0")] {
-        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
     }
     for net in nets {
         let via = net.gateway.split('/').next().unwrap();
-        lab.client.ip(&["route", "add", "default", "via", via, "dev", "c0"]);
+        lab.client.ip(&["route", "add", "default", "via", via, "dev", "c0"]).unwrap();
         if net.client.is_ipv6() {
             let client = net.client.to_string();
             static_neighbours(&lab.client, "c0", &[&client], &lab.router, "tun0", &[via]);
@@ -284,8 +280,8 @@ fn lab(nets: &[Net]) -> Lab {
     }
     // Forwarding inside the router namespace only; the internet host has no route back to the
     // pools, so only masquerading lets replies through.
-    lab.router.sysctl("net.ipv4.ip_forward=1");
-    lab.router.sysctl("net.ipv6.conf.all.forwarding=1");
+    lab.router.sysctl("net.ipv4.ip_forward=1").unwrap();
+    lab.router.sysctl("net.ipv6.conf.all.forwarding=1").unwrap();
     lab
 }
 
@@ -354,12 +350,12 @@ fn packets_are_filtered_masqueraded_and_clamped() {
     let nets = nets();
     let lab = lab(&nets);
     let cfg = lab_config(&nets);
-    lab.router.run(|| nft::install(&cfg).expect("install"));
+    lab.router.run(|| nft::install(&cfg).expect("install")).unwrap();
 
     for net in &nets {
         // Sockets keep the namespace they were made in, whichever thread uses them later.
         let bind = |ns: &NetNs, addr: IpAddr, port: u16| {
-            ns.run(|| UdpSocket::bind(SocketAddr::new(addr, port)).expect("bind"))
+            ns.run(|| UdpSocket::bind(SocketAddr::new(addr, port)).expect("bind")).unwrap()
         };
         let tx = bind(&lab.client, net.client, 0);
         let rx_allowed = bind(&lab.internet, net.allowed, 9999);
@@ -382,9 +378,12 @@ fn packets_are_filtered_masqueraded_and_clamped() {
 
         // TCP through the NAT: both ends see an MSS no larger than the clamp (veths have
         // MTU 1500, so without the clamp they would use 1460 / 1440).
-        let listener = lab.internet.run(|| TcpListener::bind(SocketAddr::new(net.allowed, 8080)).expect("listen"));
-        let client =
-            lab.client.run(|| TcpStream::connect_timeout(&SocketAddr::new(net.allowed, 8080), WAIT).expect("connect"));
+        let listener =
+            lab.internet.run(|| TcpListener::bind(SocketAddr::new(net.allowed, 8080)).expect("listen")).unwrap();
+        let client = lab
+            .client
+            .run(|| TcpStream::connect_timeout(&SocketAddr::new(net.allowed, 8080), WAIT).expect("connect"))
+            .unwrap();
         listener.set_nonblocking(true).unwrap();
         let deadline = Instant::now() + WAIT;
         let (mut server, peer) = loop {
@@ -409,12 +408,12 @@ fn packets_are_filtered_masqueraded_and_clamped() {
     }
 
     let counters: HashMap<String, u64> =
-        lab.router.run(|| nft::counters(TABLE).expect("counters")).into_iter().collect();
+        lab.router.run(|| nft::counters(TABLE).expect("counters")).unwrap().into_iter().collect();
     for net in &nets {
         let prefix = if net.denied.is_ipv4() { 32 } else { 128 };
         assert_eq!(counters[&format!("deny {}/{prefix}", net.denied)], 3, "{counters:?}");
     }
     assert_eq!(counters["deny port 25"], 6, "{counters:?}");
     assert_eq!(counters["deny 10.0.0.0/8"], 0, "{counters:?}");
-    lab.router.run(|| nft::remove(TABLE).expect("remove"));
+    lab.router.run(|| nft::remove(TABLE).expect("remove")).unwrap();
 }

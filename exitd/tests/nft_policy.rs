@@ -11,14 +11,15 @@
 //! Every refusal is checked after a positive control on the same path (sent after it, so on a
 //! FIFO path it would have arrived first): "nothing arrived" then means "dropped", and the
 //! rule's counter says which rule dropped it. Root, namespaces of the test's own (see
-//! `common::netns`); every wait is bounded.
+//! the `netns` crate); every wait is bounded.
 
 mod common;
 
-use common::netns::{NetNs, static_neighbours};
+use common::{RouterLab as Lab, static_neighbours};
 use exitd::config::ExitConfig;
 use exitd::nft::{self, NatConfig};
 use exitd::policy::ExitPolicy;
+use netns::NetNs;
 use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, sendto, socket};
 use std::collections::HashMap;
 use std::io::{ErrorKind, Write};
@@ -45,18 +46,10 @@ const DENIED: [(&str, &str); 6] = [
     ("64:ff9b::c633:6402", "deny 64:ff9b::/96"),
 ];
 
-struct Lab {
-    client: NetNs,
-    router: NetNs,
-    internet: NetNs,
-}
-
 /// The three namespaces, and exitd's table for `policy` (TOML after `[policy]`-less `[exit]`
 /// keys) installed in the router.
 fn lab(extra: &str) -> Lab {
-    let lab = Lab { client: NetNs::new(), router: NetNs::new(), internet: NetNs::new() };
-    lab.router.ip(&["link", "add", "tun0", "type", "veth", "peer", "name", "c0", "netns", &lab.client.name]);
-    lab.router.ip(&["link", "add", "wan0", "type", "veth", "peer", "name", "i0", "netns", &lab.internet.name]);
+    let lab = Lab::new("nft");
     for (ns, dev, addrs) in [
         (&lab.client, "c0", vec!["10.8.0.2/16", "fd00:8::2/64"]),
         (&lab.router, "tun0", vec!["10.8.0.1/16", "fd00:8::1/64"]),
@@ -64,23 +57,23 @@ fn lab(extra: &str) -> Lab {
         (&lab.internet, "i0", vec!["198.51.100.2/24", "2001:db8:1::2/64"]),
     ] {
         for a in addrs {
-            ns.ip(&["addr", "add", a, "dev", dev, "nodad"]);
+            ns.ip(&["addr", "add", a, "dev", dev, "nodad"]).unwrap();
         }
-        ns.ip(&["link", "set", dev, "up"]);
+        ns.ip(&["link", "set", dev, "up"]).unwrap();
     }
     for (addr, _) in DENIED {
         let len = if addr.contains(':') { "128" } else { "32" };
-        lab.internet.ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "i0", "nodad"]);
-        lab.router.ip(&["route", "replace", &format!("{addr}/{len}"), "dev", "wan0"]);
+        lab.internet.ip(&["addr", "add", &format!("{addr}/{len}"), "dev", "i0", "nodad"]).unwrap();
+        lab.router.ip(&["route", "replace", &format!("{addr}/{len}"), "dev", "wan0"]).unwrap();
     }
-    lab.client.ip(&["route", "add", "default", "via", "10.8.0.1"]);
-    lab.client.ip(&["-6", "route", "add", "default", "via", "fd00:8::1"]);
+    lab.client.ip(&["route", "add", "default", "via", "10.8.0.1"]).unwrap();
+    lab.client.ip(&["-6", "route", "add", "default", "via", "fd00:8::1"]).unwrap();
     static_neighbours(&lab.client, "c0", &[CLIENT6], &lab.router, "tun0", &["fd00:8::1"]);
     // The internet can route to the pool (an attacker on the exit's LAN could); replies to
     // masqueraded traffic go to the WAN address, on link.
-    lab.internet.ip(&["route", "add", "10.8.0.0/16", "via", WAN4]);
-    lab.router.sysctl("net.ipv4.ip_forward=1");
-    lab.router.sysctl("net.ipv6.conf.all.forwarding=1");
+    lab.internet.ip(&["route", "add", "10.8.0.0/16", "via", WAN4]).unwrap();
+    lab.router.sysctl("net.ipv4.ip_forward=1").unwrap();
+    lab.router.sysctl("net.ipv6.conf.all.forwarding=1").unwrap();
 
     let text = format!(
         "listen = \"127.0.0.1:9001\"\nkey_dir = \"k\"\nnickname = \"t\"\n[exit]\nwan = \"wan0\"\n\
@@ -90,13 +83,13 @@ fn lab(extra: &str) -> Lab {
     let router_addrs: Vec<IpAddr> = ["10.8.0.1", "fd00:8::1", WAN4, "2001:db8:1::1"].map(|a| a.parse().unwrap()).into();
     let policy = ExitPolicy::new(&config.policy).with_exit_host(router_addrs);
     let nat: NatConfig = exitd::daemon::nat_config(&config, "tun0", &policy);
-    lab.router.run(|| nft::install(&nat).expect("install"));
+    lab.router.run(|| nft::install(&nat).expect("install")).unwrap();
     lab
 }
 
 fn bind(ns: &NetNs, addr: &str, port: u16) -> UdpSocket {
     let addr: IpAddr = addr.parse().unwrap();
-    let s = ns.run(|| UdpSocket::bind(SocketAddr::new(addr, port)).expect("bind"));
+    let s = ns.run(|| UdpSocket::bind(SocketAddr::new(addr, port)).expect("bind")).unwrap();
     s.set_nonblocking(true).unwrap();
     s
 }
@@ -130,7 +123,7 @@ fn queued(socket: &UdpSocket) -> Option<(usize, SocketAddr)> {
 }
 
 fn counters(ns: &NetNs, table: &str) -> HashMap<String, u64> {
-    ns.run(|| nft::counters(table).expect("counters")).into_iter().collect()
+    ns.run(|| nft::counters(table).expect("counters")).unwrap().into_iter().collect()
 }
 
 #[test]
@@ -191,7 +184,8 @@ fn send_raw(ns: &NetNs, packet: &[u8], to: Ipv4Addr) {
         let fd = socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), SockProtocol::Raw).expect("raw socket");
         sendto(fd.as_raw_fd(), packet, &SockaddrIn::from(SocketAddrV4::new(to, 0)), MsgFlags::empty())
             .expect("send raw");
-    });
+    })
+    .unwrap();
 }
 
 fn ipv4(protocol: u8, src: Ipv4Addr, dst: Ipv4Addr, body: &[u8]) -> Vec<u8> {
@@ -216,11 +210,13 @@ fn nothing_unsolicited_comes_in_and_nothing_leaves_un_natted() {
             meta l4proto { 4, 51 } counter comment \"ipip or ah\"
         }
     }";
-    lab.internet.run(|| {
-        let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft");
-        child.stdin.take().unwrap().write_all(watch.as_bytes()).unwrap();
-        assert!(child.wait().unwrap().success());
-    });
+    lab.internet
+        .run(|| {
+            let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft");
+            child.stdin.take().unwrap().write_all(watch.as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success());
+        })
+        .unwrap();
     let (client, internet): (Ipv4Addr, Ipv4Addr) = (CLIENT4.parse().unwrap(), INTERNET4.parse().unwrap());
     // From the client: an ICMP error about no connection (conntrack: invalid, so it would
     // leave un-NATed), IP in IP and AH (protocols the exit refuses).

@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+mod blast;
 mod exit;
 mod flood;
 mod loadgen;

@@ -10,6 +10,7 @@
 //! the kernel's per-socket drop counters (`/proc/net/udp`) say where lost cells went. Children
 //! are killed and reaped on every path (and by the kernel if this process dies).
 
+use crate::blast::ratio;
 use crate::loadgen::LoadgenResult;
 use crate::sys::{self, ChildGuard, LineReader};
 use anyhow::{Context, Result, anyhow, bail};
@@ -203,10 +204,6 @@ pub fn run(args: RelayArgs) -> Result<()> {
     }
     let [relayd, null, tokio] = <[RunReport; 3]>::try_from(reports).map_err(|_| anyhow!("three runs expected"))?;
     print_report(&ctx, cores, &relayd, &null, &tokio)
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 { a / b } else { 0.0 }
 }
 
 fn print_report(ctx: &Ctx, cores: usize, relayd: &RunReport, null: &RunReport, tokio: &RunReport) -> Result<()> {

@@ -1,12 +1,12 @@
-//! Operating-system helpers: CPU time and socket drops from `/proc`, socket buffers, child
-//! processes that are always reaped, readiness and metrics probes. Loopback only.
+//! Operating-system helpers: CPU time and socket drops from `/proc`, socket buffers, UDP GRO
+//! receives, child processes that are always reaped, readiness and metrics probes.
 
 use anyhow::{Context, Result, anyhow, bail};
-use nix::sys::socket::{self as sock, sockopt};
+use nix::sys::socket::{self as sock, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
 use std::collections::BTreeMap;
-use std::io::{BufRead, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsFd;
+use std::io::{BufRead, IoSliceMut, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, RawFd};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -159,6 +159,14 @@ impl ChildGuard {
         Ok(Self { child, name })
     }
 
+    /// Spawns `cmd` (made by `ns.command`) under a guard, recorded by `ns` too: if this
+    /// process unwinds past both, dropping the namespace kills the child.
+    pub fn spawn_in(name: &'static str, ns: &netns::NetNs, cmd: &mut Command) -> Result<Self> {
+        cmd.env(PARENT_ENV, std::process::id().to_string());
+        let child = ns.spawn(cmd).with_context(|| format!("cannot start {name}"))?;
+        Ok(Self { child, name })
+    }
+
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -264,6 +272,23 @@ impl LineReader {
     pub fn next(&self, wait: Duration) -> Result<String> {
         self.rx.recv_timeout(wait).map_err(|e| anyhow!("no line from the load generator ({e})"))
     }
+}
+
+/// One `recvmsg` into `buf` on a socket with UDP GRO on: the bytes received, the IPv4 sender,
+/// and the size of the datagrams they hold (all but the last have it; the bytes themselves
+/// when the kernel coalesced nothing). `None` when nothing was received (timeout, signal).
+pub fn recv_gro(fd: RawFd, buf: &mut [u8], cmsg: &mut [u8]) -> Option<(usize, Option<SocketAddr>, usize)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = sock::recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::empty()).ok()?;
+    let segment = msg.cmsgs().ok().and_then(|mut c| {
+        c.find_map(|c| match c {
+            ControlMessageOwned::UdpGroSegments(s) => usize::try_from(s).ok(),
+            _ => None,
+        })
+    });
+    let from = msg.address.and_then(|a| a.as_sockaddr_in().map(|s| SocketAddr::V4(SocketAddrV4::from(*s))));
+    let len = msg.bytes;
+    Some((len, from, segment.filter(|&s| s > 0).unwrap_or(len.max(1))))
 }
 
 /// Waits until `received` reaches `sent` or stops moving for `quiet` (bounded: a counter that

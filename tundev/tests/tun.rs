@@ -1,5 +1,5 @@
 //! The TUN device against a real kernel. Every test makes its own network namespace
-//! (`ip netns add meshvpn-tun-test-<pid>-<n>`, deleted by a drop guard even when the test fails)
+//! (`netns::NetNs`: `mv-tun-<pid>-<n>`, deleted by a drop guard even when the test fails)
 //! and runs its body on a thread that joined it with `setns(CLONE_NEWNET)`: the TUN device, the
 //! `ip` children that configure it and the test's sockets all live there, so nothing touches the
 //! host's interfaces and the tests can run in parallel with the same device name.
@@ -7,15 +7,13 @@
 //! Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2, as in CI; without root each test
 //! fails with a message saying so (CI runs as root). Every wait is bounded.
 
-use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::{CloneFlags, setns};
+use netns::NetNs;
 use pnet_packet::Packet;
 use pnet_packet::ip::IpNextHeaderProtocols;
 use pnet_packet::ipv4::{self, Ipv4Flags, Ipv4Packet, MutableIpv4Packet};
@@ -37,43 +35,12 @@ const PEER_V6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 // ---------------------------------------------------------------------------------------------
 // Namespaces
 
-/// A network namespace of our own, deleted on drop.
-struct NetNs {
-    name: String,
+/// A network namespace of the test's own (root only), deleted on drop.
+fn namespace() -> NetNs {
+    NetNs::new("tun").expect("the TUN tests need a network namespace of their own")
 }
 
-impl NetNs {
-    /// A fresh namespace (root only).
-    fn new() -> NetNs {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the TUN tests need root (CAP_NET_ADMIN, and CAP_SYS_ADMIN for setns): run them as root, as CI does"
-        );
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let name = format!("meshvpn-tun-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-        check(ip(&["netns", "add", &name]), "ip netns add");
-        NetNs { name }
-    }
-
-    /// Runs `body` on a thread that has entered the namespace, propagating its panic.
-    fn run<T: Send>(&self, body: impl FnOnce() -> T + Send) -> T {
-        let ns = File::open(format!("/run/netns/{}", self.name)).expect("open the namespace");
-        thread::scope(|scope| {
-            let thread = scope.spawn(move || {
-                setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns(CLONE_NEWNET)");
-                body()
-            });
-            thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
-    }
-}
-
+/// `ip ARGS` in the calling thread's namespace (inside [`NetNs::run`], the test's).
 fn ip(args: &[&str]) -> Output {
     Command::new("ip").args(args).output().expect("run ip (is iproute2 installed?)")
 }
@@ -222,7 +189,7 @@ fn bound(addr: SocketAddr) -> UdpSocket {
 
 #[test]
 fn device_is_created_in_the_namespace_configured_and_gone_when_closed() {
-    let ns = NetNs::new();
+    let ns = namespace();
     let host_ns = thread_netns();
     ns.run(|| {
         // The thread is in the test namespace, and so are the children it spawns (how `ip` and
@@ -278,12 +245,13 @@ fn device_is_created_in_the_namespace_configured_and_gone_when_closed() {
             assert!(Instant::now() < deadline, "the device outlived its last descriptor");
             thread::sleep(Duration::from_millis(10));
         }
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn ipv4_udp_sent_in_the_namespace_is_read_from_a_queue() {
-    let ns = NetNs::new();
+    let ns = namespace();
     ns.run(|| {
         let (_tun, mut queues) = device(DEFAULT_MTU);
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -302,12 +270,13 @@ fn ipv4_udp_sent_in_the_namespace_is_read_from_a_queue() {
         assert_eq!(data, payload);
         let rx: u64 = queues.iter().map(|q| q.stats().rx_packets).sum();
         assert!(rx >= 1);
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn ipv6_udp_sent_in_the_namespace_is_read_from_a_queue() {
-    let ns = NetNs::new();
+    let ns = namespace();
     ns.run(|| {
         let (_tun, mut queues) = device(DEFAULT_MTU);
         let socket = UdpSocket::bind("[::]:0").unwrap();
@@ -323,12 +292,13 @@ fn ipv6_udp_sent_in_the_namespace_is_read_from_a_queue() {
         let (from, _, data) = parse_udp(&packet).unwrap();
         assert_eq!(from, SocketAddr::new(IpAddr::V6(EXIT_V6), port));
         assert_eq!(data, payload);
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn crafted_ipv4_udp_written_into_a_queue_reaches_a_socket() {
-    let ns = NetNs::new();
+    let ns = namespace();
     ns.run(|| {
         let (_tun, mut queues) = device(DEFAULT_MTU);
         let socket = bound(SocketAddr::new(IpAddr::V4(EXIT_V4), 0));
@@ -354,12 +324,13 @@ fn crafted_ipv4_udp_written_into_a_queue_reaches_a_socket() {
             .collect();
         got.sort();
         assert_eq!(got, [b"b0", b"b1", b"b2"]);
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn crafted_ipv6_udp_written_into_a_queue_reaches_a_socket() {
-    let ns = NetNs::new();
+    let ns = namespace();
     ns.run(|| {
         let (_tun, mut queues) = device(DEFAULT_MTU);
         let socket = bound(SocketAddr::new(IpAddr::V6(EXIT_V6), 0));
@@ -370,12 +341,13 @@ fn crafted_ipv6_udp_written_into_a_queue_reaches_a_socket() {
         let (n, from) = socket.recv_from(&mut buf).expect("the packet reaches the socket");
         assert_eq!(&buf[..n], b"in through the exit v6");
         assert_eq!(from, SocketAddr::new(IpAddr::V6(PEER_V6), 5000));
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn garbage_is_refused_or_dropped_without_panicking() {
-    let ns = NetNs::new();
+    let ns = namespace();
     ns.run(|| {
         let (_tun, mut queues) = device(DEFAULT_MTU);
         let socket = bound(SocketAddr::new(IpAddr::V4(EXIT_V4), 0));
@@ -436,12 +408,13 @@ fn garbage_is_refused_or_dropped_without_panicking() {
         let none: [&[u8]; 0] = [];
         let outcome = queue.write_batch(none);
         assert_eq!((outcome.written, outcome.failed), (0, 0));
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn packets_larger_than_the_buffer_are_dropped_not_truncated() {
-    let ns = NetNs::new();
+    let ns = namespace();
     ns.run(|| {
         let (_tun, mut queues) = device(4000);
         let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -471,12 +444,13 @@ fn packets_larger_than_the_buffer_are_dropped_not_truncated() {
             }
             thread::sleep(Duration::from_millis(2));
         }
-    });
+    })
+    .unwrap();
 }
 
 #[test]
 fn bad_arguments_are_errors() {
-    let ns = NetNs::new();
+    let ns = namespace();
     ns.run(|| {
         assert!(Tun::create("", 1).is_err());
         assert!(Tun::create(DEV, 0).is_err());
@@ -493,5 +467,6 @@ fn bad_arguments_are_errors() {
         // Single-queue and multi-queue devices of one name do not mix.
         let _single = Tun::create("mvsingle0", 1).expect("single-queue");
         assert!(Tun::create("mvsingle0", 2).is_err());
-    });
+    })
+    .unwrap();
 }

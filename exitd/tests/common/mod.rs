@@ -6,18 +6,17 @@
 //!                                                 (exitd, TUN, nftables)   2001:db8:1::1 ══ 2001:db8:1::2
 //! ```
 //!
-//! Namespaces are named after the test binary's pid and a per-process counter, so tests in one
-//! binary (threads) and different binaries (processes) never share one. Every wait is bounded.
+//! The namespaces are the `netns` crate's (`mv-<tag>-{c,x,i}-<pid>-<n>`: the test binary's pid
+//! and a per-process counter), so tests in one binary (threads) and different binaries
+//! (processes) never share one. Every wait is bounded.
 #![allow(dead_code)] // each test binary uses its own part of the harness
-
-pub mod netns;
 
 use cellproto::cell::{CELL_LEN, Command, lcid};
 use cellproto::client::{Circuit, CircuitConfig, Event, PathHop};
 use cellproto::command::{Attach, Attached};
 use cellproto::handshake::RelayKeys;
 use cellproto::onion::{payload, payload_mut};
-use nix::sched::{CloneFlags, setns};
+use netns::NetNs;
 use pnet_packet::ip::IpNextHeaderProtocols;
 use pnet_packet::ipv4::{self, MutableIpv4Packet};
 use pnet_packet::ipv6::MutableIpv6Packet;
@@ -26,7 +25,7 @@ use rand_core::OsRng;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Proc};
+use std::process::{Child, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -46,10 +45,31 @@ pub const WAN4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// The exit's WAN IPv6 address.
 pub const WAN6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
 
-/// Runs a command, which must succeed.
-pub fn sh(args: &[&str]) {
-    let out = Proc::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+/// Runs a command (in the calling thread's namespace), which must succeed.
+pub fn cmd(program: &str, args: &[&str]) -> Output {
+    let out = std::process::Command::new(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(out.status.success(), "{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// A namespace's whole ruleset as `nft -j list ruleset` prints it.
+pub fn ruleset(ns: &NetNs) -> serde_json::Value {
+    let out = ns.run(|| cmd("nft", &["-j", "list", "ruleset"])).unwrap();
+    serde_json::from_slice(&out.stdout).expect("nft -j prints JSON")
+}
+
+/// Static IPv6 neighbour entries both ways between `a`'s `a_dev` (addresses `a_addrs`) and
+/// `b`'s `b_dev` (addresses `b_addrs`): exitd's input chain drops everything from its TUN
+/// device, neighbour discovery included (a real TUN device has none), so a test whose "TUN" is
+/// a veth resolves neighbours statically.
+pub fn static_neighbours(a: &NetNs, a_dev: &str, a_addrs: &[&str], b: &NetNs, b_dev: &str, b_addrs: &[&str]) {
+    let (a_mac, b_mac) = (a.mac(a_dev).unwrap(), b.mac(b_dev).unwrap());
+    for addr in b_addrs {
+        a.ip(&["neigh", "replace", addr, "lladdr", &b_mac, "dev", a_dev, "nud", "permanent"]).unwrap();
+    }
+    for addr in a_addrs {
+        b.ip(&["neigh", "replace", addr, "lladdr", &a_mac, "dev", b_dev, "nud", "permanent"]).unwrap();
+    }
 }
 
 /// Polls `ok` every 20 ms until it holds; fails the test naming `what` after [`WAIT`].
@@ -61,14 +81,39 @@ pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// Three namespaces joined by veths, deleted on drop.
+/// The nftables tests' network: client ─c0══tun0─ router ─wan0══i0─ internet, three
+/// namespaces joined by veths (still down, without addresses); the client's "TUN" is a veth.
+pub struct RouterLab {
+    /// The client namespace.
+    pub client: NetNs,
+    /// The router (exitd's table is installed here).
+    pub router: NetNs,
+    /// The internet namespace.
+    pub internet: NetNs,
+}
+
+impl RouterLab {
+    /// Namespaces `mv-<tag>-<pid>-<n>` and the two veth pairs.
+    pub fn new(tag: &str) -> RouterLab {
+        let lab = RouterLab {
+            client: NetNs::new(tag).unwrap(),
+            router: NetNs::new(tag).unwrap(),
+            internet: NetNs::new(tag).unwrap(),
+        };
+        lab.router.veth("tun0", &lab.client, "c0").unwrap();
+        lab.router.veth("wan0", &lab.internet, "i0").unwrap();
+        lab
+    }
+}
+
+/// Three namespaces joined by veths, deleted on drop (with exitd, should it still run).
 pub struct Lab {
     /// The client namespace.
-    pub client: String,
+    pub client: NetNs,
     /// The exit namespace (exitd runs here).
-    pub exit: String,
+    pub exit: NetNs,
     /// The internet namespace.
-    pub internet: String,
+    pub internet: NetNs,
     /// A directory for this lab's files (keys, config, notify socket), removed on drop.
     pub dir: PathBuf,
 }
@@ -86,27 +131,20 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let lab = Lab {
-            client: format!("mv-{tag}-c-{id}"),
-            exit: format!("mv-{tag}-x-{id}"),
-            internet: format!("mv-{tag}-i-{id}"),
+            client: NetNs::new(&format!("{tag}-c")).unwrap(),
+            exit: NetNs::new(&format!("{tag}-x")).unwrap(),
+            internet: NetNs::new(&format!("{tag}-i")).unwrap(),
             dir,
         };
-        for ns in [&lab.client, &lab.exit, &lab.internet] {
-            sh(&["ip", "netns", "add", ns]);
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        let (x, c, i) = (&lab.exit, &lab.client, &lab.internet);
-        sh(&["ip", "-n", x, "link", "add", "ex0", "type", "veth", "peer", "name", "cl0", "netns", c]);
-        sh(&["ip", "-n", x, "link", "add", "wan0", "type", "veth", "peer", "name", "i0", "netns", i]);
+        lab.exit.veth("ex0", &lab.client, "cl0").unwrap();
+        lab.exit.veth("wan0", &lab.internet, "i0").unwrap();
         for (ns, dev, v4, v6) in [
             (&lab.client, "cl0", "203.0.113.2/24", "2001:db8:2::2/64"),
             (&lab.exit, "ex0", "203.0.113.1/24", "2001:db8:2::1/64"),
             (&lab.exit, "wan0", "198.51.100.1/24", "2001:db8:1::1/64"),
             (&lab.internet, "i0", "198.51.100.2/24", "2001:db8:1::2/64"),
         ] {
-            sh(&["ip", "-n", ns, "addr", "add", v4, "dev", dev]);
-            sh(&["ip", "-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"]);
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            ns.addr(dev, &[v4, v6]).unwrap();
         }
         relayd::keys::keygen(&lab.dir.join("keys")).unwrap();
         lab
@@ -138,22 +176,21 @@ impl Lab {
     }
 
     /// Runs `f` on a thread inside namespace `ns` (its sockets live there).
-    pub fn run_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let fd = std::fs::File::open(&path).expect("open netns");
-            setns(fd, CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
+    pub fn run_in<T: Send + 'static>(ns: &NetNs, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        ns.thread("lab", f).unwrap()
     }
 
     /// Starts `exitd run --config CONFIG` in the exit namespace, with `NOTIFY_SOCKET` next to it.
     pub fn exitd(&self, config: &Path) -> Exitd {
-        let child = Proc::new("ip")
-            .args(["netns", "exec", &self.exit, env!("CARGO_BIN_EXE_exitd"), "run", "--config"])
-            .arg(config)
-            .env("NOTIFY_SOCKET", self.notify_path())
-            .spawn()
+        let child = self
+            .exit
+            .spawn(
+                self.exit
+                    .command(env!("CARGO_BIN_EXE_exitd"))
+                    .args(["run", "--config"])
+                    .arg(config)
+                    .env("NOTIFY_SOCKET", self.notify_path()),
+            )
             .expect("start exitd");
         Exitd(child)
     }
@@ -173,7 +210,7 @@ impl Lab {
 
     /// `nft ARGS` in the exit namespace; its standard output.
     pub fn nft(&self, args: &[&str]) -> String {
-        let out = Proc::new("ip").args(["netns", "exec", &self.exit, "nft"]).args(args).output().expect("nft");
+        let out = self.exit.command("nft").args(args).output().expect("nft");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -198,9 +235,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for ns in [&self.client, &self.exit, &self.internet] {
-            let _ = Proc::new("ip").args(["netns", "del", ns]).output();
-        }
+        // The namespaces (fields) are deleted after this.
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -3,6 +3,7 @@
 
 use super::attack::Spoof;
 use super::honest::HonestStats;
+use crate::blast::ratio;
 use crate::sys;
 use anyhow::Result;
 use cellproto::cell::CELL_LEN;
@@ -250,10 +251,6 @@ pub struct Setup {
     pub honest_sources: u8,
     /// Print JSON too.
     pub json: bool,
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 { a / b } else { 0.0 }
 }
 
 /// Prints the table (and the JSON line).
