@@ -6,7 +6,7 @@
 //! | [`config`] | TOML configuration |
 //! | [`keys`] | key files (0600) |
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
-//! | [`worker`] | the data-plane pipeline: classify → process in place → route |
+//! | [`worker`] | the data-plane driver of a `cellproto::node::Node`: classify → the node handles in place → send |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
 //! | [`cookies`] | cookies under load, checked and answered in the workers |
 //! | [`extend`] | where EXTEND may send a CREATE |
