@@ -6,7 +6,7 @@ use super::{CircuitId, Host, Node, Routed, Terminal, Transmit, Upcall};
 use crate::cell::{CELL_LEN, is_valid_lcid};
 use crate::command::reason;
 use crate::relay::DropReason;
-use crate::relay::control::{Answer, ControlPlane, Created};
+use crate::relay::control::{Answer, ControlError, ControlPlane, Created};
 use crate::relay::cookie::CookieJar;
 use rand_chacha::ChaCha20Rng;
 use rand_core::RngCore;
@@ -169,6 +169,9 @@ impl<T: Terminal> SoloRelay<T> {
                             send(tx, target, &create);
                         }
                         Ok(None) => {}
+                        // A different EXTEND while one is pending: the first one stands (relayd's
+                        // control thread does the same).
+                        Err(ControlError::ExtendPending) => self.refused.push(DropReason::Protocol),
                         Err(_) => {
                             self.refused.push(DropReason::Protocol);
                             self.node.extend_failed(now, circuit, reason::PROTOCOL, None, tx);
