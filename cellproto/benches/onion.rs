@@ -59,7 +59,7 @@ fn forward(c: &mut Criterion) {
                     let mut batch: Vec<Incoming<'_>> = cells.iter_mut().map(|cell| Incoming { from, cell }).collect();
                     let mut verdicts = [Verdict::Drop(cellproto::relay::DropReason::Malformed); BATCH];
                     let net = &mut *net.borrow_mut();
-                    process_batch(&mut net.relays[1].circuits, net.now, &mut batch, &mut verdicts);
+                    process_batch(net.relays[1].node.circuits_mut(), net.now, &mut batch, &mut verdicts);
                     debug_assert!(verdicts.iter().all(|v| matches!(v, Verdict::Send(_))));
                     black_box(&verdicts);
                 },
@@ -109,14 +109,14 @@ fn backward(c: &mut Criterion) {
         let mut net = Net::new(3, 2, |_| aes);
         net.build();
         let net = std::cell::RefCell::new(net);
-        let exit_lcid = net.borrow().relays[2].circuits.iter().next().unwrap().prev().lcid_in;
+        let exit_lcid = net.borrow().relays[2].node.circuits().iter().next().unwrap().prev().lcid_in;
         // The cells as they arrive at hop 2 from the exit.
         let arrive_from_exit = |net: &mut Net| -> Vec<Cell> {
             (0..BATCH)
                 .map(|_| {
                     let mut cell = [0u8; CELL_LEN];
                     payload_mut(&mut cell)[..1200].fill(0xA5);
-                    let circ = net.relays[2].circuits.get_mut(exit_lcid).unwrap();
+                    let circ = net.relays[2].node.circuits_mut().get_mut(exit_lcid).unwrap();
                     circ.seal_backward(net.now, Command::Data, 1200, &mut cell).unwrap();
                     cell
                 })
@@ -130,7 +130,7 @@ fn backward(c: &mut Criterion) {
                     let mut batch: Vec<Incoming<'_>> = cells.iter_mut().map(|cell| Incoming { from, cell }).collect();
                     let mut verdicts = [Verdict::Drop(cellproto::relay::DropReason::Malformed); BATCH];
                     let net = &mut *net.borrow_mut();
-                    process_batch(&mut net.relays[1].circuits, net.now, &mut batch, &mut verdicts);
+                    process_batch(net.relays[1].node.circuits_mut(), net.now, &mut batch, &mut verdicts);
                     debug_assert!(verdicts.iter().all(|v| matches!(v, Verdict::Send(_))));
                     black_box(&verdicts);
                 },

@@ -35,7 +35,7 @@ fn main() {
         net.send(&packet);
     }
     let elapsed = start.elapsed();
-    let delivered = net.relays[hops - 1].delivered.len();
+    let delivered = net.relays[hops - 1].terminal.delivered.len();
     let echoed = net
         .events
         .iter()

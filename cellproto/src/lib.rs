@@ -15,6 +15,8 @@
 //! | [`command`] | bodies of EXTEND, EXTENDED, DESTROY, PING, ATTACH… |
 //! | [`client`] | the client's circuit state machine; [`client::tamper`], the evidence of tampering |
 //! | [`relay`] | the relay/exit per-circuit state, the batch hot path, the control plane, cookies |
+//! | [`node`] | one relay node: every reaction to a cell, time as an argument, caller-owned transmit slots |
+//! | `sim` | (feature `sim`) a deterministic network of [`node`]s for tests, benches, fuzzing |
 //! | [`identity`], [`descriptor`], [`directory`] | relay keys, signed descriptors, the signed directory |
 //! | [`stun`] | STUN (RFC 8489/5780) codec, demultiplexing against cells, the relay's Binding answer |
 //! | [`codec`] | bounds-checked byte reading and writing shared by all decoders |
@@ -31,8 +33,10 @@ pub mod directory;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod node;
 pub mod onion;
 pub mod relay;
 pub mod replay;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod stun;

@@ -1,28 +1,28 @@
-//! A deterministic in-memory network of sans-IO relays: the composition of cellproto pieces
-//! (control plane, circuit table, workers' verdicts) that relayd performs with real sockets,
-//! driven by hand so tests, benches, fuzz targets and the demo can capture, drop, flip and
-//! replay any cell. Addresses are labels (127.0.0.1:10000 + i); nothing is sent anywhere.
+//! A deterministic in-memory network of sans-IO relays, driven by hand so tests, benches, fuzz
+//! targets and the demo can capture, drop, flip and replay any cell. Each relay is a
+//! [`SoloRelay`]: the same [`crate::node::Node`] that relayd's workers drive, with its control
+//! plane on the same thread; nothing here decides how a relay reacts to a cell. Addresses are
+//! labels (127.0.0.1:10000 + i); nothing is sent anywhere. Behind the `sim` feature: tests,
+//! benches, fuzz targets and the demo enable it; no binary does.
 
-use crate::cell::{CELL_LEN, Command, HANDSHAKE_LCID, is_valid_lcid, lcid};
+use crate::cell::{CELL_LEN, Command};
 use crate::client::{Circuit, CircuitConfig, Event, PathHop};
-use crate::command::{Attach, Attached, decode_ping};
+use crate::command::{Attach, Attached};
 use crate::handshake::{OnionSecret, RelayKeys};
-use crate::link::LinkControl;
-use crate::onion::{Direction, payload, payload_mut};
-use crate::relay::control::{Answer, ControlPlane, Created};
-use crate::relay::cookie::CookieJar;
-use crate::relay::{CircuitMap, CircuitTable, DropReason, Verdict};
+use crate::node::{CircuitId, Outbox, Routed, SoloRelay, Terminal, Transmit, originate};
+use crate::onion::{payload, payload_mut};
+use crate::relay::control::ControlPlane;
+use crate::relay::{DropReason, HopCircuit};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A cell buffer.
 pub type Cell = [u8; CELL_LEN];
 
-/// What a hostile relay does to a cell it relays.
-pub type Meddle = Box<dyn FnMut(&mut Cell)>;
+pub use crate::node::Meddle;
 
 /// A deterministic RNG from a seed.
 pub fn rng(seed: u64) -> ChaCha20Rng {
@@ -37,189 +37,45 @@ pub fn addr(i: usize) -> SocketAddr {
 /// Index of the client in [`addr`].
 pub const CLIENT: usize = 0;
 
-/// One relay: its control plane, its circuits, and what it delivered as an exit.
-pub struct TestRelay {
-    /// Its address label.
-    pub addr: SocketAddr,
-    /// Its identity and onion key as a client sees them.
-    pub keys: RelayKeys,
-    /// Handshakes and EXTENDs.
-    pub control: ControlPlane,
-    /// Its circuits.
-    pub circuits: CircuitMap,
+/// How long the simulator's relays keep an idle circuit (relayd's default).
+pub const IDLE: Duration = Duration::from_secs(600);
+
+/// The simulator's exit: records DATA and echoes it reversed; answers ATTACH from a toy pool.
+pub struct SimExit {
     /// DATA delivered to this hop as the exit: (circuit LCID, payload).
     pub delivered: Vec<(u32, Vec<u8>)>,
-    /// Every drop, in order.
-    pub drops: Vec<DropReason>,
     /// Whether the exit answers DATA with the reversed packet.
     pub echo: bool,
     /// Sessions ATTACH made, by token: the number in their inner addresses.
     pub sessions: HashMap<[u8; 32], u8>,
-    /// A hostile relay's meddling with the backward cells it relays: applied after the cell
-    /// passed this relay's checks and before it seals its own layer.
-    pub hostile: Option<Meddle>,
-    /// Under load: CREATEs without a valid cookie get a COOKIE answer instead of a handshake.
-    pub cookies: Option<CookieJar>,
     rng: ChaCha20Rng,
 }
 
-impl TestRelay {
-    /// Relay number `i`, with or without AES hardware, keys from `seed`.
-    pub fn new(i: usize, aes_hw: bool, seed: u64) -> Self {
-        let mut rng = rng(seed);
-        let mut identity = [0u8; 32];
-        rng.fill_bytes(&mut identity);
-        let onion = OnionSecret::generate(&mut rng);
-        Self::with_keys(i, identity, onion, aes_hw, seed)
-    }
-
-    /// Relay number `i` with the given identity (public key) and onion key.
-    pub fn with_keys(i: usize, identity: [u8; 32], onion: OnionSecret, aes_hw: bool, seed: u64) -> Self {
-        let rng = rng(seed ^ 0x5eed);
-        let keys = RelayKeys { identity, onion_key: *onion.public() };
-        Self {
-            addr: addr(i),
-            keys,
-            control: ControlPlane::new(identity, vec![onion], aes_hw),
-            circuits: CircuitMap::new(),
-            delivered: Vec::new(),
-            drops: Vec::new(),
-            echo: true,
-            sessions: HashMap::new(),
-            hostile: None,
-            cookies: None,
-            rng,
-        }
-    }
-
-    /// This relay as a hop of a client's path.
-    pub fn path_hop(&self) -> PathHop {
-        PathHop { keys: self.keys, addr: self.addr }
-    }
-
-    fn fresh_lcid(rng: &mut ChaCha20Rng, circuits: &CircuitMap, control: &ControlPlane) -> u32 {
-        loop {
-            let id = rng.next_u32() | 0x4000_0000;
-            if is_valid_lcid(id) && !circuits.contains_lcid(id) && !control.is_pending(id) {
-                return id;
-            }
-        }
-    }
-
-    /// Handles one datagram; returns the datagrams it sends.
-    pub fn handle(&mut self, now: Instant, from: SocketAddr, cell: &mut Cell) -> Vec<(SocketAddr, Cell)> {
-        let id = lcid(cell);
-        if id == HANDSHAKE_LCID {
-            if let Some(jar) = &self.cookies
-                && !jar.check(from, cell)
-            {
-                let mut out = [0u8; CELL_LEN];
-                return match jar.reply(from, cell, &mut out, &mut self.rng) {
-                    Ok(()) => vec![(from, out)],
-                    Err(_) => vec![],
-                };
-            }
-            let lcid = Self::fresh_lcid(&mut self.rng, &self.circuits, &self.control);
-            return match self.control.handle_create(now, from, cell, || lcid, &mut self.rng) {
-                Ok(Created::New { reply, circuit }) => {
-                    self.circuits.insert(*circuit);
-                    vec![(from, *reply)]
-                }
-                Ok(Created::Repeat { reply }) => vec![(from, *reply)],
-                Err(_) => {
-                    self.drops.push(DropReason::Malformed);
-                    vec![]
-                }
-            };
-        }
-        if self.control.is_pending(id) {
-            return match self.control.handle_created(now, from, cell, &mut self.rng) {
-                Ok(Answer::Retry { to, create }) => vec![(to, *create)],
-                Ok(Answer::Extended(ext)) => {
-                    let ext = *ext;
-                    if !self.circuits.set_next(ext.circuit, ext.link) {
-                        return vec![];
-                    }
-                    let Some(circ) = self.circuits.get_mut(ext.circuit) else { return vec![] };
-                    let mut out = [0u8; CELL_LEN];
-                    let Ok(len) = ext.extended.encode(payload_mut(&mut out)) else { return vec![] };
-                    circ.seal_backward(now, Command::Extended, len, &mut out)
-                        .map(|to| vec![(to, out)])
-                        .unwrap_or_default()
-                }
-                Err(_) => {
-                    self.drops.push(DropReason::Malformed);
-                    vec![]
-                }
-            };
-        }
-        let Some((circ, dir)) = self.circuits.lookup(id) else {
-            self.drops.push(DropReason::UnknownCircuit);
-            return vec![];
-        };
-        let prev_lcid = circ.prev().lcid_in;
-        let verdict = match dir {
-            Direction::Forward => circ.handle_forward(now, from, cell),
-            Direction::Backward => match circ.accept_backward(now, from, cell) {
-                Ok(inner) => {
-                    if let Some(meddle) = self.hostile.as_mut() {
-                        meddle(cell);
-                    }
-                    circ.relay_backward(now, inner, cell)
-                }
-                Err(verdict) => verdict,
-            },
-        };
-        match verdict {
-            Verdict::Send(to) => vec![(to, *cell)],
-            Verdict::Drop(r) => {
-                self.drops.push(r);
-                vec![]
-            }
-            Verdict::Control { msg: LinkControl::Destroy { reason }, from: side } => {
-                // Propagate away from the side it came from.
-                let Some(mut circ) = self.circuits.remove(prev_lcid) else { return vec![] };
-                let mut out = [0u8; CELL_LEN];
-                circ.seal_destroy(side, reason, &mut out, &mut self.rng).map(|to| vec![(to, out)]).unwrap_or_default()
-            }
-            Verdict::Deliver { cmd, len } => self.deliver(now, prev_lcid, cmd, len, cell),
-        }
-    }
-
+impl Terminal for SimExit {
     fn deliver(
         &mut self,
         now: Instant,
-        prev_lcid: u32,
+        id: CircuitId,
+        circ: &mut HopCircuit,
         cmd: Command,
-        len: usize,
-        cell: &mut Cell,
-    ) -> Vec<(SocketAddr, Cell)> {
+        body: &[u8],
+        tx: &mut dyn Transmit,
+    ) -> bool {
         match cmd {
-            Command::Extend => {
-                // One EXTEND per circuit: none once it is extended.
-                if self.circuits.get_mut(prev_lcid).is_none_or(|c| c.next().is_some()) {
-                    self.drops.push(DropReason::Protocol);
-                    return vec![];
+            Command::Data => {
+                self.delivered.push((id, body.to_vec()));
+                if self.echo {
+                    // The reversed packet, so the backward direction carries different bytes.
+                    originate(now, circ, Command::Data, tx, |p| {
+                        for (dst, src) in p[..body.len()].iter_mut().zip(body.iter().rev()) {
+                            *dst = *src;
+                        }
+                        Some(body.len())
+                    });
                 }
-                let lcid = Self::fresh_lcid(&mut self.rng, &self.circuits, &self.control);
-                match self.control.handle_extend(now, prev_lcid, payload(cell, len), || lcid, &mut self.rng) {
-                    Ok(Some((target, create))) => vec![(target, *create)],
-                    Ok(None) => vec![],
-                    Err(_) => {
-                        self.drops.push(DropReason::Protocol);
-                        vec![]
-                    }
-                }
-            }
-            Command::Ping => {
-                let Ok(id) = decode_ping(payload(cell, len)) else { return vec![] };
-                let Some(circ) = self.circuits.get_mut(prev_lcid) else { return vec![] };
-                let mut out = [0u8; CELL_LEN];
-                payload_mut(&mut out)[..8].copy_from_slice(&id.to_be_bytes());
-                circ.seal_backward(now, Command::Pong, 8, &mut out).map(|to| vec![(to, out)]).unwrap_or_default()
             }
             Command::Attach => {
-                let Ok(request) = Attach::decode(payload(cell, len)) else { return vec![] };
+                let Ok(request) = Attach::decode(body) else { return true };
                 let token = match request.resume {
                     Some(t) if self.sessions.contains_key(&t) => t,
                     _ => {
@@ -237,27 +93,85 @@ impl TestRelay {
                     ipv6: (Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, u16::from(n)), 64),
                     dns: (Ipv4Addr::new(10, 8, 0, 1), Ipv6Addr::new(0xfd00, 8, 0, 0, 0, 0, 0, 1)),
                 };
-                let Some(circ) = self.circuits.get_mut(prev_lcid) else { return vec![] };
-                let mut out = [0u8; CELL_LEN];
-                let Ok(len) = reply.encode(payload_mut(&mut out)) else { return vec![] };
-                circ.seal_backward(now, Command::Attached, len, &mut out).map(|to| vec![(to, out)]).unwrap_or_default()
+                originate(now, circ, Command::Attached, tx, |p| reply.encode(p).ok());
             }
-            Command::Data => {
-                let data = payload(cell, len).to_vec();
-                self.delivered.push((prev_lcid, data.clone()));
-                if !self.echo {
-                    return vec![];
-                }
-                // Echo the reversed packet, so the backward direction carries different bytes.
-                let Some(circ) = self.circuits.get_mut(prev_lcid) else { return vec![] };
-                let mut out = [0u8; CELL_LEN];
-                for (dst, src) in payload_mut(&mut out)[..len].iter_mut().zip(data.iter().rev()) {
-                    *dst = *src;
-                }
-                circ.seal_backward(now, Command::Data, len, &mut out).map(|to| vec![(to, out)]).unwrap_or_default()
-            }
-            _ => vec![],
+            _ => return false,
         }
+        true
+    }
+
+    fn closed(&mut self, _: CircuitId) {}
+}
+
+/// One relay: the very node relayd runs ([`SoloRelay`], reached through `Deref`: `control`,
+/// `node`, `terminal`, `hostile`, `cookies`), its address and keys, and every drop.
+pub struct TestRelay {
+    /// Its address label.
+    pub addr: SocketAddr,
+    /// Its identity and onion key as a client sees them.
+    pub keys: RelayKeys,
+    /// Every drop, in order.
+    pub drops: Vec<DropReason>,
+    relay: SoloRelay<SimExit>,
+    outbox: Outbox,
+}
+
+impl std::ops::Deref for TestRelay {
+    type Target = SoloRelay<SimExit>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.relay
+    }
+}
+
+impl std::ops::DerefMut for TestRelay {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.relay
+    }
+}
+
+impl TestRelay {
+    /// Relay number `i`, with or without AES hardware, keys from `seed`.
+    pub fn new(i: usize, aes_hw: bool, seed: u64) -> Self {
+        let mut rng = rng(seed);
+        let mut identity = [0u8; 32];
+        rng.fill_bytes(&mut identity);
+        let onion = OnionSecret::generate(&mut rng);
+        Self::with_keys(i, identity, onion, aes_hw, seed)
+    }
+
+    /// Relay number `i` with the given identity (public key) and onion key.
+    pub fn with_keys(i: usize, identity: [u8; 32], onion: OnionSecret, aes_hw: bool, seed: u64) -> Self {
+        let keys = RelayKeys { identity, onion_key: *onion.public() };
+        let exit = SimExit { delivered: Vec::new(), echo: true, sessions: HashMap::new(), rng: rng(seed ^ 0xe417) };
+        let control = ControlPlane::new(identity, vec![onion], aes_hw);
+        let relay = SoloRelay::new(control, exit, Instant::now(), IDLE, rng(seed ^ 0x5eed));
+        Self { addr: addr(i), keys, drops: Vec::new(), relay, outbox: Outbox::new() }
+    }
+
+    /// This relay as a hop of a client's path.
+    pub fn path_hop(&self) -> PathHop {
+        PathHop { keys: self.keys, addr: self.addr }
+    }
+
+    /// Handles one datagram; returns the datagrams it sends.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, cell: &mut Cell) -> Vec<(SocketAddr, Cell)> {
+        let routed = self.relay.handle(now, from, cell, &mut self.outbox);
+        self.drops.append(&mut self.relay.refused);
+        let mut out = self.outbox.take();
+        match routed {
+            Routed::Send { to, .. } => out.insert(0, (to, *cell)),
+            Routed::Drop(r) => self.drops.push(r),
+            Routed::Local { .. } => {}
+        }
+        out
+    }
+
+    /// Runs the relay's timers at `now`; returns the datagrams it sends.
+    pub fn handle_timeout(&mut self, now: Instant) -> Vec<(SocketAddr, Cell)> {
+        self.relay.handle_timeout(now, &mut self.outbox);
+        self.drops.append(&mut self.relay.refused);
+        self.outbox.take()
     }
 }
 

@@ -49,7 +49,10 @@ fn spoofed_backward_cells_cannot_kill_the_circuit() {
         let _ = net.relays[1].handle(net.now, addr(3), &mut forged);
     }
     let idle = std::time::Duration::from_secs(3600);
-    assert!(net.relays[1].circuits.iter().all(|c| !c.expired(net.now, idle)), "forged cells expired the circuit");
+    assert!(
+        net.relays[1].node.circuits().iter().all(|c| !c.expired(net.now, idle)),
+        "forged cells expired the circuit"
+    );
     net.send(b"second");
     assert_eq!(net.data_events().last().map(Vec::as_slice), Some(&b"dnoces"[..]));
 }
@@ -63,25 +66,25 @@ fn exit_cannot_signal_the_guard_through_counters() {
     let mut net = Net::new(3, 103, |_| true);
     net.build();
     for relay in &mut net.relays {
-        relay.echo = false;
+        relay.terminal.echo = false;
     }
-    let exit_circ = net.relays[2].circuits.iter().next().unwrap().prev().lcid_in;
+    let exit_circ = net.relays[2].node.circuits().iter().next().unwrap().prev().lcid_in;
     let secret: [bool; 24] = std::array::from_fn(|i| (0x5A_3C_96u32 >> i) & 1 == 1);
     let mut seen_by_guard = Vec::new();
     for bit in secret {
         let mut cell = [0u8; CELL_LEN];
         payload_mut(&mut cell)[..4].copy_from_slice(b"data");
         if bit {
-            let circ = net.relays[2].circuits.get_mut(exit_circ).unwrap();
+            let circ = net.relays[2].node.circuits_mut().get_mut(exit_circ).unwrap();
             let _burned = circ.seal_backward(net.now, Command::Data, 4, &mut cell.clone()).unwrap();
         }
-        let circ = net.relays[2].circuits.get_mut(exit_circ).unwrap();
+        let circ = net.relays[2].node.circuits_mut().get_mut(exit_circ).unwrap();
         let to = circ.seal_backward(net.now, Command::Data, 4, &mut cell).unwrap();
         assert_eq!(to, addr(2));
         let out = net.relays[1].handle(net.now, addr(3), &mut cell);
         let (to, mut cell) = out[0];
         assert_eq!(to, addr(1));
-        let guard_circ = net.relays[0].circuits.iter().next().unwrap();
+        let guard_circ = net.relays[0].node.circuits().iter().next().unwrap();
         seen_by_guard.push(guard_circ.peek_counter(Direction::Backward, &cell));
         let _ = net.relays[0].handle(net.now, addr(2), &mut cell);
     }
@@ -181,14 +184,14 @@ fn modification_on_a_relay_link_is_caught_by_the_next_hop() {
 fn link_control_from_another_address_is_ignored() {
     let mut net = Net::new(3, 107, |_| true);
     net.build();
-    let guard_lcid = net.relays[0].circuits.iter().next().unwrap().prev().lcid_in;
-    let guard_circ = net.relays[0].circuits.get_mut(guard_lcid).unwrap();
+    let guard_lcid = net.relays[0].node.circuits().iter().next().unwrap().prev().lcid_in;
+    let guard_circ = net.relays[0].node.circuits_mut().get_mut(guard_lcid).unwrap();
     let mut cell = [0u8; CELL_LEN];
     let to = guard_circ.seal_destroy(Direction::Forward, 0, &mut cell, &mut rng(9)).unwrap();
     assert_eq!(to, addr(2));
     let out = net.relays[1].handle(net.now, addr(77), &mut cell);
     assert!(out.is_empty());
-    assert_eq!(net.relays[1].circuits.len(), 1, "a DESTROY from a stranger's address removed the circuit");
+    assert_eq!(net.relays[1].node.circuits().len(), 1, "a DESTROY from a stranger's address removed the circuit");
     net.send(b"still up");
     assert_eq!(net.data_events().last().map(Vec::as_slice), Some(&b"pu llits"[..]));
 }
@@ -261,7 +264,7 @@ fn onion_key_thief_cannot_unmask_a_relay_link() {
     let (_, out) = cellproto::handshake::respond(&identity, &[&stolen], true, &message, &mut rng(5)).unwrap();
     let thief_keys = cellproto::onion::LinkKeys::derive(&out.link_secret, cellproto::crypto::Suite::Aes256Gcm);
     let thief_sees = cellproto::onion::unprotect_counter(&forward, thief_keys.header(Direction::Forward));
-    let hop2 = net.relays[1].circuits.iter().next().unwrap();
+    let hop2 = net.relays[1].node.circuits().iter().next().unwrap();
     let true_counter = hop2.peek_counter(Direction::Forward, &forward);
     assert_ne!(thief_sees, true_counter, "the client's seed alone gave the thief the link's keys");
 }
@@ -285,7 +288,7 @@ fn cookies_under_load() {
     let out = net.relays[0].handle(net.now, SocketAddr::from(([203, 0, 113, 9], 4000)), &mut spoofed);
     assert_eq!(out.len(), 1, "a cookie goes back to the claimed source");
     assert_eq!(net.relays[0].control.answered_len(), answered, "a spoofed CREATE cost a handshake");
-    assert_eq!(net.relays[0].circuits.len(), 1);
+    assert_eq!(net.relays[0].node.circuits().len(), 1);
 }
 
 /// After a rotation the previous onion key answers handshakes only until the last certificate

@@ -12,8 +12,8 @@ fn three_hops_data_both_ways() {
     let mut net = Net::new(3, 1, |_| true);
     net.build();
     net.send(b"hello exit");
-    assert_eq!(net.relays[2].delivered.len(), 1);
-    assert_eq!(net.relays[2].delivered[0].1, b"hello exit");
+    assert_eq!(net.relays[2].terminal.delivered.len(), 1);
+    assert_eq!(net.relays[2].terminal.delivered[0].1, b"hello exit");
     assert_eq!(net.data_events(), vec![b"tixe olleh".to_vec()]);
 }
 
@@ -35,7 +35,7 @@ proptest! {
             net.send(p);
         }
         let exit = &net.relays[hops - 1];
-        prop_assert_eq!(exit.delivered.iter().map(|d| d.1.clone()).collect::<Vec<_>>(), payloads.clone());
+        prop_assert_eq!(exit.terminal.delivered.iter().map(|d| d.1.clone()).collect::<Vec<_>>(), payloads.clone());
         let back: Vec<Vec<u8>> = payloads.iter().map(|p| p.iter().rev().copied().collect()).collect();
         prop_assert_eq!(net.data_events(), back);
     }
@@ -49,7 +49,7 @@ fn capacity_is_exact() {
         net.build();
         let max = payload_capacity(hops);
         net.send(&vec![0xAB; max]);
-        assert_eq!(net.relays[hops - 1].delivered[0].1.len(), max);
+        assert_eq!(net.relays[hops - 1].terminal.delivered[0].1.len(), max);
         let mut cell = [0u8; CELL_LEN];
         assert!(net.circuit.seal_data(max + 1, &mut cell).is_err());
     }
@@ -96,7 +96,7 @@ fn flipped_bit_anywhere_is_rejected_by_next_hop_forward() {
             from = to;
             (to, cell) = out[0];
         } else {
-            assert_eq!(relay.delivered.last().unwrap().1, b"probe");
+            assert_eq!(relay.terminal.delivered.last().unwrap().1, b"probe");
         }
     }
 }
@@ -111,13 +111,13 @@ fn flipped_bit_anywhere_is_rejected_by_next_node_backward() {
     let mut net = Net::new(hops, 12, |i| i != 2);
     net.build();
     for relay in &mut net.relays {
-        relay.echo = false;
+        relay.terminal.echo = false;
     }
     let exit = hops - 1;
-    let circ_lcid = net.relays[exit].circuits.iter().next().unwrap().prev().lcid_in;
+    let circ_lcid = net.relays[exit].node.circuits().iter().next().unwrap().prev().lcid_in;
     let mut cell = [0u8; CELL_LEN];
     cellproto::onion::payload_mut(&mut cell)[..4].copy_from_slice(b"back");
-    let circ = net.relays[exit].circuits.get_mut(circ_lcid).unwrap();
+    let circ = net.relays[exit].node.circuits_mut().get_mut(circ_lcid).unwrap();
     let mut to = circ.seal_backward(net.now, Command::Data, 4, &mut cell).unwrap();
     let mut from = net.relays[exit].addr;
     let mut tried = 0usize;
@@ -171,19 +171,19 @@ fn replays_rejected_and_reordering_accepted() {
     let mut net = Net::new(2, 13, |_| true);
     net.build();
     for relay in &mut net.relays {
-        relay.echo = false;
+        relay.terminal.echo = false;
     }
     let cells: Vec<_> = (0..50u8).map(|i| net.seal(&[i; 10])).collect();
     // Deliver in reverse order: all inside the window, all accepted exactly once.
     for (to, cell) in cells.iter().rev() {
         net.run(vec![(addr(CLIENT), *to, *cell)], &mut |_, _, _| true);
     }
-    assert_eq!(net.relays[1].delivered.len(), 50);
+    assert_eq!(net.relays[1].terminal.delivered.len(), 50);
     // Every one of them again: all replays, dropped by the first hop.
     for (to, cell) in &cells {
         net.run(vec![(addr(CLIENT), *to, *cell)], &mut |_, _, _| true);
     }
-    assert_eq!(net.relays[1].delivered.len(), 50);
+    assert_eq!(net.relays[1].terminal.delivered.len(), 50);
     assert_eq!(net.relays[0].drops.iter().filter(|r| **r == DropReason::Replay).count(), 50);
     // A cell held back until the window moved past it is refused as too old.
     let (to, old) = net.seal(b"late");
@@ -252,9 +252,9 @@ fn lost_handshake_cells_are_retransmitted() {
     }
     assert!(net.circuit.is_open(), "circuit did not open after retransmissions");
     // One circuit per relay: the repeated CREATE did not create a second one.
-    assert!(net.relays.iter().all(|r| r.circuits.len() == 1));
+    assert!(net.relays.iter().all(|r| r.node.circuits().len() == 1));
     net.send(b"after loss");
-    assert_eq!(net.relays[2].delivered[0].1, b"after loss");
+    assert_eq!(net.relays[2].terminal.delivered[0].1, b"after loss");
 }
 
 /// A hop that never answers closes the circuit after the configured attempts.
@@ -282,7 +282,7 @@ fn destroy_propagates() {
     let mut cell = [0u8; CELL_LEN];
     let to = net.circuit.close(&mut cell, &mut net.client_rng).unwrap();
     net.run(vec![(addr(CLIENT), to, cell)], &mut |_, _, _| true);
-    assert!(net.relays.iter().all(|r| r.circuits.is_empty()), "a relay kept the circuit");
+    assert!(net.relays.iter().all(|r| r.node.circuits().is_empty()), "a relay kept the circuit");
     assert!(net.circuit.seal_data(1, &mut [0u8; CELL_LEN]).is_err());
 }
 

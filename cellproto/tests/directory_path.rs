@@ -62,7 +62,7 @@ fn circuit_from_signed_directory() {
     let mut net = Net::with_path(sims, path, 7);
     net.build();
     net.send(b"through the directory");
-    assert_eq!(net.relays[2].delivered[0].1, b"through the directory");
+    assert_eq!(net.relays[2].terminal.delivered[0].1, b"through the directory");
 }
 
 #[test]
@@ -75,5 +75,5 @@ fn impostor_relay_cannot_complete_the_handshake() {
     let mut net = Net::with_path(vec![impostor], path, 8);
     net.run(vec![], &mut |_, _, _| true);
     assert!(!net.circuit.is_open());
-    assert!(net.relays[0].circuits.is_empty(), "the impostor created a circuit");
+    assert!(net.relays[0].node.circuits().is_empty(), "the impostor created a circuit");
 }

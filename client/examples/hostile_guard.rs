@@ -100,10 +100,10 @@ fn main() -> Result<()> {
         if let Ok(kind) = std::fs::read_to_string(&args.trigger) {
             let attached = forgery(kind.trim(), args.listen.ip())?;
             let now = Instant::now();
-            let lcids: Vec<u32> = relay.circuits.iter().map(|c| c.prev().lcid_in).collect();
+            let lcids: Vec<u32> = relay.node.circuits().iter().map(|c| c.prev().lcid_in).collect();
             let mut sent = 0;
             for lcid in lcids {
-                let Some(circ) = relay.circuits.get_mut(lcid) else { continue };
+                let Some(circ) = relay.node.circuits_mut().get_mut(lcid) else { continue };
                 let mut out = [0u8; CELL_LEN];
                 let len = attached.encode(payload_mut(&mut out))?;
                 if let Ok(to) = circ.seal_backward(now, Command::Attached, len, &mut out)

@@ -125,7 +125,7 @@ fn resumed_session_with_other_addresses_is_refused() {
     let (mut lab, session) = up(&[FLAG_GUARD, MIDDLE, MIDDLE, FLAG_EXIT]);
     // The exit keeps the token but hands out other addresses when the session is resumed.
     let exit = lab.index_of(lab.path_ids()[2]);
-    *lab.relays[exit].sessions.get_mut(&session.token).unwrap() = 77;
+    *lab.relays[exit].terminal.sessions.get_mut(&session.token).unwrap() = 77;
     let middle = lab.index_of(lab.path_ids()[1]);
     lab.dead.insert(middle);
     let mark = lab.events.len();

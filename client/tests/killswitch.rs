@@ -250,7 +250,7 @@ fn answer_attach(
     if lcid(cell) == HANDSHAKE_LCID {
         return None;
     }
-    let (circ, Direction::Forward) = relay.circuits.lookup(lcid(cell))? else { return None };
+    let (circ, Direction::Forward) = relay.node.circuits_mut().lookup(lcid(cell))? else { return None };
     let mut out = [0u8; CELL_LEN];
     let (cmd, len) = match circ.handle_forward(now, from, cell) {
         Verdict::Deliver { cmd: Cmd::Attach, len } => {

@@ -130,7 +130,7 @@ fn restarted_exit_gives_a_new_session_explicitly() {
     let first = *lab.tunnel.session().unwrap();
     // The exit forgets its sessions (a restart); the middle dies, so the client resumes.
     let exit = lab.index_of(lab.path_ids()[2]);
-    lab.relays[exit].sessions.clear();
+    lab.relays[exit].terminal.sessions.clear();
     let middle = lab.index_of(lab.path_ids()[1]);
     lab.dead.insert(middle);
     lab.advance(Duration::from_secs(5));

@@ -16,15 +16,15 @@ use crate::packet::{destination, inspect};
 use crate::policy::ExitPolicy;
 use crate::pool::{AddressPool, Outcome};
 use crate::table::AddressTable;
-use cellproto::cell::{CELL_LEN, Command, payload_capacity};
+use cellproto::cell::{Command, payload_capacity};
 use cellproto::command::{Attach, Attached};
-use cellproto::onion::payload_mut;
-use cellproto::relay::{CircuitMap, HopCircuit};
+use cellproto::node::{Node, Transmit, originate};
+use cellproto::relay::HopCircuit;
 use crossbeam_channel::{Receiver, Sender};
 use ipnet::{Ipv4Net, Ipv6Net};
 use nix::sys::eventfd::EventFd;
 use rand_core::OsRng;
-use relayd::datapath::Outgoing;
+use relayd::datapath::Outbox;
 use relayd::terminal::Terminal;
 use std::collections::HashSet;
 use std::os::fd::AsFd;
@@ -147,7 +147,7 @@ impl ExitTerminal {
         self.gro.push(packet, &mut |p| write_tun(tun, counts, p));
     }
 
-    fn attach(&mut self, now: Instant, lcid: u32, circ: &mut HopCircuit, body: &[u8], out: &mut Vec<Outgoing>) {
+    fn attach(&mut self, now: Instant, lcid: u32, circ: &mut HopCircuit, body: &[u8], out: &mut dyn Transmit) {
         let Ok(request) = Attach::decode(body) else { return self.count("bad_attach") };
         let source = circ.prev().peer.ip();
         let attached = self
@@ -179,23 +179,12 @@ impl ExitTerminal {
             ipv6: (lease.v6, v6net.prefix_len()),
             dns: gateway,
         };
-        let mut cell = [0u8; CELL_LEN];
-        let Ok(len) = reply.encode(payload_mut(&mut cell)) else { return };
-        if let Ok(to) = circ.seal_backward(now, Command::Attached, len, &mut cell) {
-            out.push(Outgoing { to, data: cell.to_vec() });
-        }
+        originate(now, circ, Command::Attached, out, |p| reply.encode(p).ok());
     }
 
     /// A packet from the internet for one of our inner addresses (`handed`: another worker
     /// read it and handed it over).
-    fn backward(
-        &mut self,
-        now: Instant,
-        circuits: &mut CircuitMap,
-        packet: &[u8],
-        out: &mut Vec<Outgoing>,
-        handed: bool,
-    ) {
+    fn backward(&mut self, now: Instant, node: &mut Node, packet: &[u8], out: &mut Outbox, handed: bool) {
         let Some(dst) = destination(packet) else { return self.count("bad_tun_packet") };
         // The one source of truth, read now, on the thread that owns the circuit it names.
         let Some(lcid) = self.shared.table.circuit_of(dst) else { return self.count("no_circuit") };
@@ -214,23 +203,24 @@ impl ExitTerminal {
             }
             return self.counts.add(slot::HANDED_OFF, 1);
         }
-        let Some(circ) = circuits.get_mut(lcid) else { return self.count("no_circuit") };
+        let Some(circ) = node.circuit_mut(lcid) else { return self.count("no_circuit") };
         if packet.len() > payload_capacity(circ.hop()) {
             return self.count("too_big");
         }
-        let mut cell = [0u8; CELL_LEN];
-        payload_mut(&mut cell)[..packet.len()].copy_from_slice(packet);
-        match circ.seal_backward(now, Command::Data, packet.len(), &mut cell) {
-            Ok(to) => {
-                self.counts.add(slot::FROM_TUN, 1);
-                out.push(Outgoing { to, data: cell.to_vec() });
-            }
-            Err(_) => self.count("seal_failed"),
+        // Sealed in a slot of the worker's outbox: no allocation per packet.
+        let sealed = originate(now, circ, Command::Data, out, |p| {
+            p[..packet.len()].copy_from_slice(packet);
+            Some(packet.len())
+        });
+        if sealed {
+            self.counts.add(slot::FROM_TUN, 1);
+        } else {
+            self.count("seal_failed");
         }
     }
 }
 
-impl Terminal for ExitTerminal {
+impl cellproto::node::Terminal for ExitTerminal {
     fn deliver(
         &mut self,
         now: Instant,
@@ -238,22 +228,34 @@ impl Terminal for ExitTerminal {
         circ: &mut HopCircuit,
         cmd: Command,
         payload: &[u8],
-        out: &mut Vec<Outgoing>,
-    ) {
+        out: &mut dyn Transmit,
+    ) -> bool {
         match cmd {
             Command::Data => self.forward(now, lcid, payload),
             Command::Attach => self.attach(now, lcid, circ, payload, out),
-            _ => {}
+            _ => return false,
         }
+        true
     }
 
-    fn poll(&mut self, now: Instant, circuits: &mut CircuitMap, out: &mut Vec<Outgoing>) -> bool {
+    fn closed(&mut self, lcid: u32) {
+        self.attached.remove(&lcid);
+        self.limits.forget(lcid);
+        // Before the relay frees the LCID: once it can be reused, no address routes to it.
+        if let Ok(mut pool) = self.shared.pool.lock() {
+            pool.detach(lcid, Instant::now());
+        }
+    }
+}
+
+impl Terminal for ExitTerminal {
+    fn poll(&mut self, now: Instant, node: &mut Node, out: &mut Outbox) -> bool {
         // Reset before draining: a handoff after this point signals again.
         if let Some(ready) = self.shared.handoff_ready.get(self.index) {
             let _ = ready.read();
         }
         while let Ok(packet) = self.inbox.try_recv() {
-            self.backward(now, circuits, &packet, out, true);
+            self.backward(now, node, &packet, out, true);
         }
         // Taken out of `self` while `backward` (which needs `self`) runs on each segment.
         let mut rx = std::mem::take(&mut self.rx);
@@ -263,7 +265,7 @@ impl Terminal for ExitTerminal {
             match self.tun.read(&mut rx) {
                 Ok(n) => {
                     let segmented =
-                        tso::segment(&rx[..n], &mut scratch, &mut |p| self.backward(now, circuits, p, out, false));
+                        tso::segment(&rx[..n], &mut scratch, &mut |p| self.backward(now, node, p, out, false));
                     if segmented.is_err() {
                         self.count("bad_tun_packet");
                     }
@@ -296,14 +298,5 @@ impl Terminal for ExitTerminal {
     fn flush(&mut self) {
         let (tun, counts) = (&mut self.tun, &mut self.counts);
         self.gro.flush(&mut |p| write_tun(tun, counts, p));
-    }
-
-    fn closed(&mut self, lcid: u32) {
-        self.attached.remove(&lcid);
-        self.limits.forget(lcid);
-        // Before the relay frees the LCID: once it can be reused, no address routes to it.
-        if let Ok(mut pool) = self.shared.pool.lock() {
-            pool.detach(lcid, Instant::now());
-        }
     }
 }

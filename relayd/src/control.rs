@@ -340,7 +340,7 @@ impl Control {
                 Ok(Answer::Retry { to, create }) => {
                     // The next hop is under load and sent a cookie: the same CREATE with it.
                     let worker = lcid(&cell) as usize % self.workers.len();
-                    self.send(worker, ToWorker::Send(Outgoing { to, data: create.to_vec() }));
+                    self.send(worker, ToWorker::Send(Outgoing::cell(to, &create)));
                 }
                 Err(e) => debug!(%from, "CREATED refused: {e}"),
             },
@@ -404,11 +404,11 @@ impl Control {
                     }
                     self.stats().circuits.store(self.sources.len() as u64, Ordering::Relaxed);
                 }
-                let reply = Outgoing { to: from, data: reply.to_vec() };
+                let reply = Outgoing::cell(from, &reply);
                 self.send(worker, ToWorker::Install { circuit, reply });
             }
             Ok(Created::Repeat { reply }) => {
-                self.send(worker, ToWorker::Send(Outgoing { to: from, data: reply.to_vec() }));
+                self.send(worker, ToWorker::Send(Outgoing::cell(from, &reply)));
             }
             Err(e) => {
                 ControlStats::bump(&self.stats().handshakes_failed);
@@ -446,7 +446,7 @@ impl Control {
                 if let Some(id) = allocated {
                     self.send(worker, ToWorker::ExpectCreated(id));
                 }
-                self.send(worker, ToWorker::Send(Outgoing { to: target, data: create.to_vec() }));
+                self.send(worker, ToWorker::Send(Outgoing::cell(target, &create)));
             }
             // A retransmitted EXTEND inside the resend interval, or past the resend budget.
             Ok(None) => {}

@@ -6,7 +6,7 @@
 //! [`COOKIE_ROTATION`](cellproto::relay::cookie::COOKIE_ROTATION) and sends every worker a
 //! copy, so a cookie one worker issued is valid at every other.
 
-use crate::datapath::Outgoing;
+use crate::datapath::{Outbox, Outgoing};
 use crate::ratelimit::{Bucket, LoadState, LocalTrigger, ReplyLimiter, ReplyLimits};
 use cellproto::cell::CELL_LEN;
 use cellproto::relay::cookie::CookieJar;
@@ -107,7 +107,7 @@ impl CreateGuard {
         now: Instant,
         from: SocketAddr,
         cell: &[u8; CELL_LEN],
-        out: &mut Vec<Outgoing>,
+        out: &mut Outbox,
     ) -> CreateCheck {
         if !self.trigger.create(load, now) {
             return CreateCheck::Forward;
@@ -131,7 +131,7 @@ impl CreateGuard {
         let mut answer = [0u8; CELL_LEN];
         match jar.reply(from, cell, &mut answer, &mut self.rng) {
             Ok(()) => {
-                out.push(Outgoing { to: from, data: answer.to_vec() });
+                out.push(Outgoing::cell(from, &answer));
                 CreateCheck::CookieSent
             }
             Err(_) => CreateCheck::Malformed,
@@ -177,10 +177,10 @@ mod tests {
         b.set_jar(jar.clone());
         let from: SocketAddr = "192.0.2.1:4000".parse().unwrap();
         let (cell, message) = create(&keys, None, None);
-        let mut out = Vec::new();
+        let mut out = crate::datapath::Outbox::new();
         assert_eq!(a.check(&load, now, from, &cell, &mut out), CreateCheck::CookieSent);
-        let reply: [u8; CELL_LEN] = out[0].data.as_slice().try_into().unwrap();
-        assert_eq!(out[0].to, from);
+        let reply: [u8; CELL_LEN] = out.datagrams()[0].data().try_into().unwrap();
+        assert_eq!(out.datagrams()[0].to, from);
         let cookie = decode_cookie_reply(&reply, &message).unwrap();
         let (with_cookie, _) = create(&keys, Some(&cookie), Some(message));
         assert_eq!(b.check(&load, now, from, &with_cookie, &mut out), CreateCheck::ForwardWithCookie, "worker b");
@@ -206,7 +206,7 @@ mod tests {
         let now = Instant::now();
         let load = LoadState::new(0.0);
         let mut g = CreateGuard::new(now, limits(), vec!["203.0.113.0/24".parse().unwrap()]);
-        let mut out = Vec::new();
+        let mut out = crate::datapath::Outbox::new();
         let (cell, _) = create(&keys, None, None);
         assert_eq!(g.check(&load, now, "192.0.2.1:1".parse().unwrap(), &cell, &mut out), CreateCheck::NoSecret);
         g.set_jar(CookieJar::new(now, &mut OsRng));
@@ -233,7 +233,7 @@ mod tests {
         let mut g = CreateGuard::new(now, limits, Vec::new());
         g.set_jar(CookieJar::new(now, &mut OsRng));
         let (cell, _) = create(&keys, None, None);
-        let mut out = Vec::new();
+        let mut out = crate::datapath::Outbox::new();
         let from: SocketAddr = "192.0.2.1:1".parse().unwrap();
         let results: Vec<_> = (0..1000).map(|_| g.check(&load, now, from, &cell, &mut out)).collect();
         assert_eq!(

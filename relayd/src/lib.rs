@@ -7,7 +7,7 @@
 //! | [`keys`] | the relay's key files (0600) |
 //! | [`keycli`] | `keygen`, `rotate-onion`, `descriptor`: the subcommands relayd and exitd share |
 //! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
-//! | [`worker`] | the data-plane pipeline: classify → process in place → route |
+//! | [`worker`] | the data-plane driver of a `cellproto::node::Node`: classify → the node handles in place → send |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
 //! | [`cookies`] | cookies under load, checked and answered in the workers |
 //! | [`extend`] | where EXTEND may send a CREATE |

@@ -62,7 +62,7 @@ pub fn serve_alternate(a: Alternate, stop: Arc<AtomicBool>) -> std::io::Result<s
                 limiter.reconfigure(l);
             }
             while let Ok(o) = handover.try_recv() {
-                if let Err(e) = alt.send_to(&o.data, o.to) {
+                if let Err(e) = alt.send_to(o.data(), o.to) {
                     warn!("STUN change-port answer to {} failed: {e}", o.to);
                 }
             }

@@ -1,26 +1,28 @@
-//! A data-plane worker: one thread, pinned, owning its socket's data path and its share of
-//! circuits. Per batch: classify (cell, STUN, junk) → `process_batch` in place → route
-//! (send, deliver to this hop, hand handshakes to the control thread). Nothing here locks or
-//! does an atomic read-modify-write per cell; counters are plain and published periodically.
-//! CREATEs are checked for a cookie under load here ([`crate::cookies`]: one relaxed load of
-//! the shared flag per CREATE), and STUN answers are rate-limited per source and in all.
+//! A data-plane worker: one thread, pinned, the driver of one [`Node`] (its share of circuits).
+//! It moves bytes and time and keeps the books; the node decides. Per poll: read the clock,
+//! take the control thread's messages, let the exit's terminal originate (TUN), then per batch
+//! classify (cell, STUN, junk) → [`Node::handle`] in place → mark each datagram sent or
+//! dropped; the node's own cells (PONG, EXTENDED, DESTROY) land in this worker's [`Outbox`].
+//! Every reaction to a cell (PING, DESTROY, EXTEND, ATTACH, DATA, expiry) is the node's.
+//! Nothing here locks or does an atomic read-modify-write per cell; counters are plain and
+//! published periodically. CREATEs are checked for a cookie under load here
+//! ([`crate::cookies`]: one relaxed load of the shared flag per CREATE), and STUN answers are
+//! rate-limited per source and in all.
 
 use crate::control::{ToControl, ToWorker};
 use crate::cookies::{CreateCheck, CreateGuard};
-use crate::datapath::{Action, Datagram, Datapath, DatapathStats, Outgoing};
+use crate::datapath::{Action, Datagram, Datapath, DatapathStats, Outbox, Outgoing};
 use crate::metrics::{
     DROP_COOKIE_LIMIT, DROP_LABELS, DROP_OVERLOAD, DROP_STUN_LIMIT, Registry, WorkerCounters, drop_index,
 };
 use crate::ratelimit::{ReplyLimiter, ReplyLimits};
 use crate::terminal::Terminal;
-use cellproto::cell::{CELL_LEN, Command, HANDSHAKE_LCID, lcid};
-use cellproto::command::{decode_ping, reason};
-use cellproto::link::LinkControl;
-use cellproto::onion::{Direction, payload, payload_mut};
-use cellproto::relay::{CircuitMap, DropReason, HopCircuit, Incoming, Verdict, process_batch};
+use cellproto::cell::{CELL_LEN, Command};
+use cellproto::node::{CircuitId, Host, Node, Routed, Transmit, Upcall};
+use cellproto::relay::{DropReason, HopCircuit, Incoming};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rand_core::OsRng;
-use std::collections::HashSet;
+use smallvec::SmallVec;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,12 +31,12 @@ use tracing::{info, warn};
 
 /// How long one poll waits for datagrams when idle. The control thread wakes the worker when
 /// it sends a message, and an exit's TUN queue wakes it when readable ([`Terminal::wake_fd`]),
-/// so this only paces the timers (publishing, expiry).
+/// so this only paces the timers (publishing; the node's expiry is sooner if due).
 const POLL_TIMEOUT: Duration = Duration::from_millis(100);
 /// How often counters are published to the metrics registry.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
-/// How often idle circuits are looked for.
-const EXPIRE_EVERY: Duration = Duration::from_secs(1);
+/// How often the limiters forget idle sources.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Drops of one reason are logged at most this often (with the count since the last line).
 const DROP_LOG_EVERY: Duration = Duration::from_secs(10);
 /// CREATEs held from one poll to the end of it (beyond: dropped as overload). CREATEs are
@@ -71,18 +73,20 @@ impl DropLog {
 /// One worker's state.
 pub struct Worker {
     index: usize,
-    circuits: CircuitMap,
-    /// Reply LCIDs of EXTENDs in progress: cells on them are CREATEDs for the control thread.
-    pending: HashSet<u32>,
+    /// Its circuits and every decision about their cells.
+    node: Node,
     to_control: Sender<ToControl>,
     inbox: Receiver<ToWorker>,
     counters: WorkerCounters,
+    /// Cells relayed (marked `Send` in place); the node's own cells are counted by the outbox.
+    forwarded: u64,
     registry: Arc<Registry>,
-    idle: Duration,
     local: SocketAddr,
-    out: Vec<Outgoing>,
+    /// What this worker originates, sent at the end of the next poll.
+    out: Outbox,
+    /// The vector being sent while `out` fills (swapped each poll: neither reallocates).
+    sending: Vec<Outgoing>,
     log: DropLog,
-    null_forwarder: bool,
     /// The RFC 5780 alternate address and where change-port answers are handed over.
     stun_alternate: Option<(SocketAddr, crate::stun::Handover)>,
     /// The exit's hook, if this relay is an exit.
@@ -93,6 +97,102 @@ pub struct Worker {
     stun_limits: ReplyLimiter,
     /// CREATEs received in this poll, handled once it has sent its cells.
     creates: Vec<(SocketAddr, [u8; CELL_LEN])>,
+}
+
+/// The node's host in a worker: the outbox, and the control thread behind a bounded channel.
+struct WorkerHost<'a> {
+    index: usize,
+    out: &'a mut Outbox,
+    to_control: &'a Sender<ToControl>,
+    counters: &'a mut WorkerCounters,
+    creates: &'a mut Vec<(SocketAddr, [u8; CELL_LEN])>,
+}
+
+impl Transmit for WorkerHost<'_> {
+    #[inline]
+    fn slot(&mut self) -> &mut [u8; CELL_LEN] {
+        self.out.slot()
+    }
+
+    #[inline]
+    fn commit(&mut self, to: SocketAddr) {
+        self.out.commit(to);
+    }
+}
+
+impl Host for WorkerHost<'_> {
+    fn upcall(&mut self, _now: Instant, up: Upcall<'_>) {
+        let msg = match up {
+            Upcall::Create { from, cell } => {
+                self.counters.creates += 1;
+                if self.creates.len() < CREATE_BACKLOG {
+                    self.creates.push((from, *cell));
+                } else {
+                    self.counters.drops[DROP_OVERLOAD] += 1;
+                }
+                return;
+            }
+            Upcall::Created { from, cell } => ToControl::Created { from, cell: Box::new(*cell) },
+            Upcall::Extend { circuit, body } => ToControl::Extend { worker: self.index, circuit, body: body.to_vec() },
+            Upcall::Closed { circuit, next } => {
+                ToControl::Closed { lcids: [Some(circuit), next].into_iter().flatten().collect() }
+            }
+        };
+        tell(self.to_control, self.counters, msg);
+    }
+}
+
+/// Hands a message to the control thread, or counts it as shed.
+fn tell(to_control: &Sender<ToControl>, counters: &mut WorkerCounters, msg: ToControl) {
+    if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = to_control.try_send(msg) {
+        // The control thread is saturated (e.g. a CREATE flood): shed load here rather than
+        // stall the data plane.
+        counters.drops[DROP_OVERLOAD] += 1;
+    }
+}
+
+/// The exit's terminal as the node sees it (none: a relay, where DATA is a protocol error).
+struct Exit<'a>(Option<&'a mut dyn Terminal>);
+
+impl cellproto::node::Terminal for Exit<'_> {
+    #[inline]
+    fn deliver(
+        &mut self,
+        now: Instant,
+        id: CircuitId,
+        circ: &mut HopCircuit,
+        cmd: Command,
+        payload: &[u8],
+        tx: &mut dyn Transmit,
+    ) -> bool {
+        match self.0.as_mut() {
+            Some(t) => t.deliver(now, id, circ, cmd, payload, tx),
+            None => false,
+        }
+    }
+
+    fn closed(&mut self, id: CircuitId) {
+        if let Some(t) = self.0.as_mut() {
+            t.closed(id);
+        }
+    }
+}
+
+/// Splits a worker into the node and what the node is given (disjoint borrows).
+macro_rules! parts {
+    ($w:expr) => {
+        (
+            &mut $w.node,
+            WorkerHost {
+                index: $w.index,
+                out: &mut $w.out,
+                to_control: &$w.to_control,
+                counters: &mut $w.counters,
+                creates: &mut $w.creates,
+            },
+            Exit($w.terminal.as_deref_mut().map(|t| t as &mut dyn Terminal)),
+        )
+    };
 }
 
 impl Worker {
@@ -107,17 +207,16 @@ impl Worker {
     ) -> Self {
         Self {
             index,
-            circuits: CircuitMap::new(),
-            pending: HashSet::new(),
+            node: Node::new(Instant::now(), idle),
             to_control,
             inbox,
             counters: WorkerCounters::default(),
+            forwarded: 0,
             registry,
-            idle,
             local,
-            out: Vec::new(),
+            out: Outbox::new(),
+            sending: Vec::new(),
             log: DropLog::new(),
-            null_forwarder: false,
             stun_alternate: None,
             terminal: None,
             // The control thread sends the configured limits and the cookie secret before this
@@ -130,7 +229,7 @@ impl Worker {
 
     /// Benchmark only: forward cells by LCID without cryptography (see `config::Bench`).
     pub fn with_null_forwarder(mut self, on: bool) -> Self {
-        self.null_forwarder = on;
+        self.node.set_null_forwarder(on);
         self
     }
 
@@ -149,7 +248,7 @@ impl Worker {
     /// Runs until `stop` is set, then sends DESTROY for every circuit both ways.
     pub fn run(mut self, mut dp: Box<dyn Datapath>, stop: Arc<AtomicBool>) {
         let mut last_publish = Instant::now();
-        let mut last_expire = Instant::now();
+        let mut last_prune = Instant::now();
         for fd in self.terminal.as_ref().map(|t| t.wake_fds()).unwrap_or_default() {
             dp.watch(fd);
         }
@@ -157,27 +256,32 @@ impl Worker {
             let now = Instant::now();
             self.drain_inbox(now);
             let busy = match self.terminal.as_mut() {
-                Some(terminal) => terminal.poll(now, &mut self.circuits, &mut self.out),
+                Some(terminal) => terminal.poll(now, &mut self.node, &mut self.out),
                 None => false,
             };
-            // What the handler originates while `out` is being sent (PONG, STUN answers,
-            // DESTROY) collects in `self.out` and goes out on the next round, at once.
-            let mut out = std::mem::take(&mut self.out);
-            let timeout = if out.is_empty() && !busy { POLL_TIMEOUT } else { Duration::ZERO };
-            let polled = dp.poll(timeout, &mut |batch| self.handle_batch(now, batch), &mut out);
-            if self.out.is_empty() {
-                out.clear();
-                self.out = out;
-            }
+            let timeout = if self.out.is_empty() && !busy {
+                POLL_TIMEOUT.min(self.node.poll_timeout().saturating_duration_since(now))
+            } else {
+                Duration::ZERO
+            };
+            // What the node originates while this is being sent (PONG, STUN answers, DESTROY)
+            // collects in `self.out` and goes out on the next round, at once.
+            let mut sending = std::mem::take(&mut self.sending);
+            std::mem::swap(&mut sending, self.out.datagrams());
+            let polled = dp.poll(timeout, &mut |batch| self.handle_batch(now, batch), &mut sending);
+            sending.clear();
+            self.sending = sending;
             // The batch's cells are sent: now the CREATEs (their answers go out next round).
             self.handle_creates();
             if let Err(e) = polled {
                 warn!(worker = self.index, "data path error: {e}");
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if now.duration_since(last_expire) >= EXPIRE_EVERY {
-                last_expire = now;
-                self.expire(now);
+            let now = Instant::now();
+            let (node, mut host, mut exit) = parts!(self);
+            node.handle_timeout(now, &mut host, &mut exit, &mut OsRng);
+            if now.duration_since(last_prune) >= PRUNE_EVERY {
+                last_prune = now;
                 self.guard.prune(now);
                 self.stun_limits.prune(now);
             }
@@ -186,17 +290,15 @@ impl Worker {
                 self.publish(now, dp.stats());
             }
         }
-        let all = self.circuits.remove_where(|_| true);
-        for circ in all {
-            self.teardown(circ, reason::SHUTDOWN, None);
-        }
-        let mut out = std::mem::take(&mut self.out);
-        let _ = dp.poll(Duration::ZERO, &mut |_| {}, &mut out);
+        let (node, mut host, mut exit) = parts!(self);
+        node.shutdown(Instant::now(), &mut host, &mut exit, &mut OsRng);
+        let _ = dp.poll(Duration::ZERO, &mut |_| {}, self.out.datagrams());
         self.publish(Instant::now(), dp.stats());
     }
 
     fn publish(&mut self, now: Instant, datapath: DatapathStats) {
-        self.counters.circuits = self.circuits.len() as u64;
+        self.counters.circuits = self.node.len() as u64;
+        self.counters.cells_out = self.forwarded + self.out.sealed();
         self.counters.datapath = datapath;
         self.registry.workers[self.index].publish(&self.counters);
         self.log.maybe_log(self.index, &self.counters, now);
@@ -206,90 +308,29 @@ impl Worker {
         self.counters.drops[index] += 1;
     }
 
-    fn tell_control(&mut self, msg: ToControl) {
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.to_control.try_send(msg) {
-            // The control thread is saturated (e.g. a CREATE flood): shed load here rather
-            // than stall the data plane.
-            self.drop(DROP_OVERLOAD);
-        }
-    }
-
     fn drain_inbox(&mut self, now: Instant) {
         while let Ok(msg) = self.inbox.try_recv() {
             match msg {
                 ToWorker::Install { circuit, reply } => {
-                    self.circuits.insert(*circuit);
+                    self.node.install(*circuit);
                     self.out.push(reply);
                 }
                 ToWorker::Send(o) => self.out.push(o),
-                ToWorker::ExpectCreated(reply_lcid) => {
-                    self.pending.insert(reply_lcid);
-                }
+                ToWorker::ExpectCreated(reply_lcid) => self.node.expect_created(reply_lcid),
                 ToWorker::Extended { circuit, link, extended, reply_lcid } => {
-                    self.pending.remove(&reply_lcid);
-                    if !self.circuits.set_next(circuit, *link) {
-                        continue;
-                    }
-                    let mut cell = Box::new([0u8; CELL_LEN]);
-                    let Ok(len) = extended.encode(payload_mut(&mut cell)) else { continue };
-                    self.originate(now, circuit, Command::Extended, len, cell);
+                    self.node.extended(now, circuit, *link, &extended, reply_lcid, &mut self.out);
                 }
-                ToWorker::ForgetCreated(reply_lcid) => {
-                    self.pending.remove(&reply_lcid);
-                }
+                ToWorker::ForgetCreated(reply_lcid) => self.node.forget_created(reply_lcid),
                 ToWorker::Cookies(jar) => self.guard.set_jar(*jar),
                 ToWorker::Limits { stun, cookie, exempt } => self.set_limits(stun, cookie, exempt),
                 ToWorker::ExtendFailed { circuit, reason, reply_lcid } => {
-                    if let Some(id) = reply_lcid {
-                        self.pending.remove(&id);
-                    }
-                    let mut cell = Box::new([0u8; CELL_LEN]);
-                    payload_mut(&mut cell)[0] = reason;
-                    self.originate(now, circuit, Command::Destroy, 1, cell);
+                    self.node.extend_failed(now, circuit, reason, reply_lcid, &mut self.out);
                 }
             }
         }
     }
 
-    /// Seals a command from this hop to the client on `circuit` and queues it.
-    fn originate(&mut self, now: Instant, circuit: u32, cmd: Command, len: usize, mut cell: Box<[u8; CELL_LEN]>) {
-        let Some(circ) = self.circuits.get_mut(circuit) else { return };
-        if let Ok(to) = circ.seal_backward(now, cmd, len, &mut cell) {
-            self.counters.cells_out += 1;
-            self.out.push(Outgoing { to, data: cell.to_vec() });
-        }
-    }
-
-    /// Removes nothing itself: sends DESTROY to the neighbours of `circ` (except `skip`) and
-    /// tells the control thread its LCIDs are free.
-    fn teardown(&mut self, mut circ: HopCircuit, why: u8, skip: Option<Direction>) {
-        for side in [Direction::Backward, Direction::Forward] {
-            if Some(side) == skip {
-                continue;
-            }
-            let mut cell = [0u8; CELL_LEN];
-            if let Some(to) = circ.seal_destroy(side, why, &mut cell, &mut OsRng) {
-                self.out.push(Outgoing { to, data: cell.to_vec() });
-            }
-        }
-        if let Some(terminal) = self.terminal.as_mut() {
-            terminal.closed(circ.prev().lcid_in);
-        }
-        let mut lcids = vec![circ.prev().lcid_in];
-        if let Some(next) = circ.next() {
-            lcids.push(next.lcid_in);
-        }
-        self.tell_control(ToControl::Closed { lcids });
-    }
-
-    fn expire(&mut self, now: Instant) {
-        let idle = self.idle;
-        for circ in self.circuits.remove_where(|c| c.expired(now, idle)) {
-            self.teardown(circ, reason::TIMEOUT, None);
-        }
-    }
-
-    /// The per-batch pipeline: classify, process cells in place, route.
+    /// The per-batch pipeline: classify, let the node handle the cells in place, mark them.
     fn handle_batch(&mut self, now: Instant, batch: &mut [Datagram<'_>]) {
         for chunk in batch.chunks_mut(64) {
             self.handle_chunk(now, chunk);
@@ -300,11 +341,11 @@ impl Worker {
     }
 
     fn handle_chunk(&mut self, now: Instant, batch: &mut [Datagram<'_>]) {
-        let mut verdicts = [Verdict::Drop(DropReason::Malformed); 64];
+        let mut routed = [Routed::Drop(DropReason::Malformed); 64];
         let mut which = [0usize; 64];
         let mut n = 0;
         {
-            let mut cells: Vec<Incoming<'_>> = Vec::with_capacity(batch.len());
+            let mut cells: SmallVec<[Incoming<'_>; 64]> = SmallVec::new();
             for (i, d) in batch.iter_mut().enumerate() {
                 if d.data.len() != CELL_LEN {
                     if cellproto::stun::is_stun(d.data) {
@@ -316,57 +357,21 @@ impl Worker {
                 }
                 let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(&mut *d.data) else { continue };
                 self.counters.cells_in += 1;
-                let id = lcid(cell);
-                if id == HANDSHAKE_LCID {
-                    self.counters.creates += 1;
-                    if self.creates.len() < CREATE_BACKLOG {
-                        self.creates.push((d.from, *cell));
-                    } else {
-                        self.drop(DROP_OVERLOAD);
-                    }
-                } else if self.pending.contains(&id) {
-                    self.tell_control(ToControl::Created { from: d.from, cell: Box::new(*cell) });
-                } else {
-                    cells.push(Incoming { from: d.from, cell });
-                    which[n] = i;
-                    n += 1;
-                }
+                cells.push(Incoming { from: d.from, cell });
+                which[n] = i;
+                n += 1;
             }
-            if self.null_forwarder {
-                null_forward(&mut self.circuits, now, &mut cells, &mut verdicts[..n]);
-            } else {
-                process_batch(&mut self.circuits, now, &mut cells, &mut verdicts[..n]);
-            }
+            let (node, mut host, mut exit) = parts!(self);
+            node.handle(now, &mut cells, &mut routed[..n], &mut host, &mut exit, &mut OsRng);
         }
-        for (k, verdict) in verdicts[..n].iter().enumerate() {
-            let d = &mut batch[which[k]];
-            match *verdict {
-                Verdict::Send(to) => {
-                    self.counters.cells_out += 1;
-                    d.action = Action::Send(to);
+        for (k, r) in routed[..n].iter().enumerate() {
+            match *r {
+                Routed::Send { to, .. } => {
+                    self.forwarded += 1;
+                    batch[which[k]].action = Action::Send(to);
                 }
-                Verdict::Drop(r) => self.drop(drop_index(r)),
-                Verdict::Control { from, msg: LinkControl::Destroy { reason } } => {
-                    let id = lcid_of(d.data);
-                    if let Some(circ) = self.circuits.remove_any(id) {
-                        self.teardown(circ, reason, Some(from_side(from)));
-                    }
-                }
-                Verdict::Deliver { cmd: cmd @ (Command::Data | Command::Attach), len } => {
-                    // For the exit, in place: DATA is the exit's per-packet path.
-                    let id = lcid_of(d.data);
-                    match (self.terminal.as_mut(), self.circuits.get_mut(id)) {
-                        (Some(terminal), Some(circ)) => {
-                            let payload = <&[u8; CELL_LEN]>::try_from(&*d.data).map(|c| payload(c, len)).unwrap_or(&[]);
-                            terminal.deliver(now, id, circ, cmd, payload, &mut self.out);
-                        }
-                        _ => self.drop(drop_index(DropReason::Protocol)),
-                    }
-                }
-                Verdict::Deliver { cmd, len } => {
-                    let id = lcid_of(d.data);
-                    self.deliver(now, id, cmd, payload_of(d.data, len));
-                }
+                Routed::Drop(why) => self.drop(drop_index(why)),
+                Routed::Local { .. } => {}
             }
         }
     }
@@ -388,11 +393,12 @@ impl Worker {
 
     /// A CREATE: under load, only one with a valid cookie goes on to the control thread.
     fn create(&mut self, now: Instant, from: SocketAddr, cell: &[u8; CELL_LEN]) {
+        let msg = || ToControl::Create { from, cell: Box::new(*cell) };
         match self.guard.check(&self.registry.load, now, from, cell, &mut self.out) {
-            CreateCheck::Forward => self.tell_control(ToControl::Create { from, cell: Box::new(*cell) }),
+            CreateCheck::Forward => tell(&self.to_control, &mut self.counters, msg()),
             CreateCheck::ForwardWithCookie => {
                 self.counters.cookies_valid += 1;
-                self.tell_control(ToControl::Create { from, cell: Box::new(*cell) });
+                tell(&self.to_control, &mut self.counters, msg());
             }
             CreateCheck::CookieSent => self.counters.cookies_sent += 1,
             CreateCheck::Limited => self.drop(DROP_COOKIE_LIMIT),
@@ -413,85 +419,16 @@ impl Worker {
         }
         let other = self.stun_alternate.as_ref().map(|(addr, _)| *addr);
         let Some(answer) = crate::stun::reply(from, self.local, other, request) else { return };
-        self.counters.stun += 1;
-        let out = Outgoing { to: from, data: answer.data };
+        let out = Outgoing::new(from, &answer.data);
         match &self.stun_alternate {
             Some((_, handover)) if answer.from_other => {
+                // An answer lost on a full handover is a drop, not an answer.
                 if handover.try_send(out).is_err() {
-                    self.drop(DROP_OVERLOAD);
+                    return self.drop(DROP_OVERLOAD);
                 }
             }
             _ => self.out.push(out),
         }
-    }
-
-    /// A command addressed to this hop (it arrived forward, so `circuit` is the previous-link LCID).
-    fn deliver(&mut self, now: Instant, circuit: u32, cmd: Command, body: Vec<u8>) {
-        match cmd {
-            Command::Extend => {
-                // One EXTEND per circuit: refused once the circuit is extended (the control
-                // plane also keeps at most one pending, and resends its CREATE sparingly).
-                if self.circuits.get_mut(circuit).is_none_or(|c| c.next().is_some()) {
-                    return self.drop(drop_index(DropReason::Protocol));
-                }
-                let msg = ToControl::Extend { worker: self.index, circuit, body };
-                self.tell_control(msg);
-            }
-            Command::Ping => {
-                let Ok(id) = decode_ping(&body) else { return self.drop(drop_index(DropReason::Malformed)) };
-                let mut cell = Box::new([0u8; CELL_LEN]);
-                payload_mut(&mut cell)[..8].copy_from_slice(&id.to_be_bytes());
-                self.originate(now, circuit, Command::Pong, 8, cell);
-            }
-            Command::Padding => {}
-            Command::Destroy => {
-                if let Some(circ) = self.circuits.remove(circuit) {
-                    self.teardown(circ, reason::REQUESTED, Some(Direction::Backward));
-                }
-            }
-            // DATA and ATTACH went to the exit's terminal; anything else is not for a relay.
-            _ => self.drop(drop_index(DropReason::Protocol)),
-        }
-    }
-}
-
-/// The null forwarder: the same lookup and routing as `process_batch`, with the cryptography
-/// left out (only the LCID is rewritten), to measure the engine's I/O ceiling.
-fn null_forward(circuits: &mut CircuitMap, now: Instant, cells: &mut [Incoming<'_>], verdicts: &mut [Verdict]) {
-    use cellproto::relay::CircuitTable;
-    for (incoming, verdict) in cells.iter_mut().zip(verdicts.iter_mut()) {
-        let link = match circuits.lookup(lcid(incoming.cell)) {
-            // Not extended yet: the cell is for this hop (EXTEND, PING), so the normal path.
-            Some((circ, Direction::Forward)) if circ.next().is_none() => {
-                *verdict = circ.handle_forward(now, incoming.from, incoming.cell);
-                continue;
-            }
-            Some((circ, Direction::Forward)) => circ.next(),
-            Some((circ, Direction::Backward)) => Some(circ.prev()),
-            None => None,
-        };
-        *verdict = match link {
-            Some(link) => {
-                cellproto::cell::set_lcid(incoming.cell, link.lcid_out);
-                Verdict::Send(link.peer)
-            }
-            None => Verdict::Drop(DropReason::UnknownCircuit),
-        };
-    }
-}
-
-fn lcid_of(data: &[u8]) -> u32 {
-    <&[u8; CELL_LEN]>::try_from(data).map(lcid).unwrap_or(0)
-}
-
-fn payload_of(data: &[u8], len: usize) -> Vec<u8> {
-    <&[u8; CELL_LEN]>::try_from(data).map(|c| payload(c, len).to_vec()).unwrap_or_default()
-}
-
-/// The side a link-control message came from is the side not to send DESTROY back to.
-fn from_side(from: Direction) -> Direction {
-    match from {
-        Direction::Forward => Direction::Backward,
-        Direction::Backward => Direction::Forward,
+        self.counters.stun += 1;
     }
 }

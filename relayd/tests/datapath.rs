@@ -452,8 +452,8 @@ fn extra_is_sent_on_timeout() {
         let mut dp = open_one(backend);
         let receiver = test_socket();
         let to = receiver.local_addr().unwrap();
-        let mut extra: Vec<Outgoing> = (0..3u8).map(|i| Outgoing { to, data: vec![i; 100] }).collect();
-        extra.push(Outgoing { to, data: b"odd one".to_vec() });
+        let mut extra: Vec<Outgoing> = (0..3u8).map(|i| Outgoing::new(to, &[i; 100])).collect();
+        extra.push(Outgoing::new(to, b"odd one"));
         let start = Instant::now();
         let n =
             dp.poll(Duration::from_millis(50), &mut |_| panic!("nothing was sent to the relay"), &mut extra).unwrap();

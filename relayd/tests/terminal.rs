@@ -5,11 +5,11 @@ mod common;
 
 use cellproto::cell::{CELL_LEN, Command};
 use cellproto::client::Event;
-use cellproto::onion::payload_mut;
-use cellproto::relay::{CircuitMap, HopCircuit};
+use cellproto::node::{Node, Transmit, originate};
+use cellproto::relay::HopCircuit;
 use common::*;
 use rand_core::OsRng;
-use relayd::datapath::Outgoing;
+use relayd::datapath::Outbox;
 use relayd::terminal::Terminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,7 +20,7 @@ struct Echo {
     closed: Arc<AtomicUsize>,
 }
 
-impl Terminal for Echo {
+impl cellproto::node::Terminal for Echo {
     fn deliver(
         &mut self,
         now: Instant,
@@ -28,26 +28,28 @@ impl Terminal for Echo {
         circ: &mut HopCircuit,
         cmd: Command,
         payload: &[u8],
-        out: &mut Vec<Outgoing>,
-    ) {
+        out: &mut dyn Transmit,
+    ) -> bool {
         if cmd != Command::Data {
-            return;
+            return false;
         }
-        let mut cell = [0u8; CELL_LEN];
-        for (d, s) in payload_mut(&mut cell).iter_mut().zip(payload.iter().rev()) {
-            *d = *s;
-        }
-        if let Ok(to) = circ.seal_backward(now, Command::Data, payload.len(), &mut cell) {
-            out.push(Outgoing { to, data: cell.to_vec() });
-        }
-    }
-
-    fn poll(&mut self, _: Instant, _: &mut CircuitMap, _: &mut Vec<Outgoing>) -> bool {
-        false
+        originate(now, circ, Command::Data, out, |p| {
+            for (d, s) in p.iter_mut().zip(payload.iter().rev()) {
+                *d = *s;
+            }
+            Some(payload.len())
+        });
+        true
     }
 
     fn closed(&mut self, _: u32) {
         self.closed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Terminal for Echo {
+    fn poll(&mut self, _: Instant, _: &mut Node, _: &mut Outbox) -> bool {
+        false
     }
 }
 

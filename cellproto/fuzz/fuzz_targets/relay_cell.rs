@@ -72,7 +72,7 @@ fuzz_target!(|data: &[u8]| {
     let mut net = Net::new(2, 7, |_| aes);
     net.build();
     for relay in &mut net.relays {
-        relay.echo = false;
+        relay.terminal.echo = false;
     }
     let (c0, a1, a2) = (addr(CLIENT), addr(1), addr(2));
 
@@ -109,8 +109,8 @@ fuzz_target!(|data: &[u8]| {
         for (i, b) in payload_mut(&mut cell).iter_mut().take(len).enumerate() {
             *b = !(i as u8);
         }
-        let lcid = net.relays[1].circuits.iter().next().map(|c| c.prev().lcid_in);
-        let Some(circ) = lcid.and_then(|id| net.relays[1].circuits.get_mut(id)) else { break };
+        let lcid = net.relays[1].node.circuits().iter().next().map(|c| c.prev().lcid_in);
+        let Some(circ) = lcid.and_then(|id| net.relays[1].node.circuits_mut().get_mut(id)) else { break };
         if circ.seal_backward(net.now, cmd, len, &mut cell).is_err() {
             break;
         }

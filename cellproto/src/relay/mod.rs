@@ -523,7 +523,7 @@ impl CircuitTable for CircuitMap {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "sim"))]
 mod tests {
     use crate::cell::{CELL_LEN, Command};
     use crate::onion::LayerError;
@@ -534,8 +534,8 @@ mod tests {
     fn seal_backward_enforces_the_cell_limit() {
         let mut net = Net::new(1, 1, |_| true);
         net.build();
-        let lcid = net.relays[0].circuits.iter().next().map(|c| c.prev().lcid_in).unwrap_or_default();
-        let circ = net.relays[0].circuits.get_mut(lcid).expect("circuit");
+        let lcid = net.relays[0].node.circuits().iter().next().map(|c| c.prev().lcid_in).unwrap_or_default();
+        let circ = net.relays[0].node.circuits_mut().get_mut(lcid).expect("circuit");
         let mut cell = [0u8; CELL_LEN];
         assert!(circ.seal_backward(net.now, Command::Padding, 0, &mut cell).is_ok());
         circ.exhaust_backward_for_test();

@@ -222,9 +222,9 @@ impl Lab {
         for (h, id) in ids.iter().enumerate().take(hop) {
             let i = self.index_of(*id);
             let circ = if h == 0 {
-                self.relays[i].circuits.iter().find(|c| c.prev().lcid_out == want)
+                self.relays[i].node.circuits().iter().find(|c| c.prev().lcid_out == want)
             } else {
-                self.relays[i].circuits.iter().find(|c| c.prev().lcid_in == want)
+                self.relays[i].node.circuits().iter().find(|c| c.prev().lcid_in == want)
             }
             .unwrap_or_else(|| panic!("hop {} has no circuit for the client's", h + 1));
             found = Some((i, circ.prev().lcid_in));
@@ -241,7 +241,8 @@ impl Lab {
         payload_mut(&mut cell)[..body.len()].copy_from_slice(body);
         let now = self.now;
         let relay = &mut self.relays[i];
-        let to = relay.circuits.get_mut(lcid).unwrap().seal_backward(now, cmd, body.len(), &mut cell).unwrap();
+        let to =
+            relay.node.circuits_mut().get_mut(lcid).unwrap().seal_backward(now, cmd, body.len(), &mut cell).unwrap();
         let from = relay.addr;
         self.deliver(Queue::from([(from, to, cell)]));
     }
@@ -252,7 +253,7 @@ impl Lab {
         let (i, lcid) = self.circuit_at(hop);
         let mut cell = [0u8; CELL_LEN];
         let relay = &mut self.relays[i];
-        let mut circ = relay.circuits.remove(lcid).unwrap();
+        let mut circ = relay.node.circuits_mut().remove(lcid).unwrap();
         let to = circ.seal_destroy(Direction::Backward, reason, &mut cell, &mut self.rng).unwrap();
         let from = relay.addr;
         self.deliver(Queue::from([(from, to, cell)]));
@@ -294,7 +295,7 @@ fn answer_attach(
     if id == HANDSHAKE_LCID || relay.control.is_pending(id) {
         return None;
     }
-    let (circ, Direction::Forward) = relay.circuits.lookup(id)? else { return None };
+    let (circ, Direction::Forward) = relay.node.circuits_mut().lookup(id)? else { return None };
     if circ.next().is_some() {
         return None; // not the last hop of this circuit
     }

@@ -23,6 +23,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::socket::{RawSockAddr, decode_sockaddr, is_v6, set_gro};
 use super::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
+use smallvec::SmallVec;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` (and per batch handed to the worker).
 const BATCH: usize = 64;
@@ -179,7 +180,8 @@ impl Datapath for MmsgDatapath {
             }
             batches += 1;
             self.stats.rx_datagrams += self.received.iter().filter(|r| r.1.is_some()).count() as u64;
-            let mut batch: Vec<Datagram<'_>> = Vec::with_capacity(n);
+            // On the stack: no allocation per batch.
+            let mut batch: SmallVec<[Datagram<'_>; BATCH]> = SmallVec::new();
             for (buf, &(len, from)) in self.bufs.chunks_exact_mut(BUF_SIZE).zip(self.received.iter()) {
                 if let Some(from) = from {
                     batch.push(Datagram { from, data: &mut buf[..len], action: Action::Drop });
@@ -192,7 +194,7 @@ impl Datapath for MmsgDatapath {
                 Action::Drop => None,
             });
             let sender = Sender { fd: self.socket.as_raw_fd(), v6: self.v6 };
-            sender.send_all(marked.chain(extra.iter().map(|o| (&o.data[..], o.to))), &mut self.stats);
+            sender.send_all(marked.chain(extra.iter().map(|o| (o.data(), o.to))), &mut self.stats);
             extra.clear();
             if n < BATCH {
                 break;
@@ -200,7 +202,7 @@ impl Datapath for MmsgDatapath {
         }
         if !extra.is_empty() {
             let sender = Sender { fd: self.socket.as_raw_fd(), v6: self.v6 };
-            sender.send_all(extra.iter().map(|o| (&o.data[..], o.to)), &mut self.stats);
+            sender.send_all(extra.iter().map(|o| (o.data(), o.to)), &mut self.stats);
             extra.clear();
         }
         Ok(total)

@@ -16,6 +16,8 @@
 //! worker a message) calls [`Waker::wake`] to end a `poll` that is waiting, so that workers can
 //! poll with a long timeout and still see their messages at once.
 
+use cellproto::cell::CELL_LEN;
+use cellproto::node::Transmit;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -53,13 +55,116 @@ pub struct Datagram<'a> {
     pub action: Action,
 }
 
-/// A datagram the worker originated (CREATED, DESTROY, EXTENDED, STUN replies, …).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A datagram the worker originated (CREATED, DESTROY, EXTENDED, STUN replies, …), held inline:
+/// no heap allocation per datagram, so the exit's return path (one per packet) allocates nothing.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Outgoing {
     /// Destination.
     pub to: SocketAddr,
-    /// Bytes to send.
-    pub data: Vec<u8>,
+    len: u16,
+    buf: [u8; CELL_LEN],
+}
+
+impl Outgoing {
+    /// A datagram of `data` (at most [`CELL_LEN`] bytes; longer is cut, which no caller does:
+    /// cells are that long, STUN answers far shorter).
+    pub fn new(to: SocketAddr, data: &[u8]) -> Self {
+        debug_assert!(data.len() <= CELL_LEN, "datagram of {} bytes", data.len());
+        let len = data.len().min(CELL_LEN);
+        let mut buf = [0u8; CELL_LEN];
+        buf[..len].copy_from_slice(&data[..len]);
+        Self { to, len: len as u16, buf }
+    }
+
+    /// A whole cell.
+    pub fn cell(to: SocketAddr, cell: &[u8; CELL_LEN]) -> Self {
+        Self { to, len: CELL_LEN as u16, buf: *cell }
+    }
+
+    /// The bytes to send.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing").field("to", &self.to).field("len", &self.len).finish()
+    }
+}
+
+/// Datagrams a worker originated, to send at the end of its next poll: a reused vector (once
+/// grown, no allocation), and the node's transmit slots ([`Transmit`]).
+#[derive(Debug, Default)]
+pub struct Outbox {
+    items: Vec<Outgoing>,
+    /// The last item is a slot lent to the node and not committed yet.
+    open: bool,
+    /// Cells committed through [`Transmit`] so far (the node's own cells: PONG, DESTROY, …).
+    sealed: u64,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues a datagram.
+    pub fn push(&mut self, o: Outgoing) {
+        self.close();
+        self.items.push(o);
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.items.len() == usize::from(self.open)
+    }
+
+    /// Cells committed through [`Transmit`] so far.
+    pub fn sealed(&self) -> u64 {
+        self.sealed
+    }
+
+    /// The queued datagrams, for [`Datapath::poll`] (which empties the vector).
+    pub fn datagrams(&mut self) -> &mut Vec<Outgoing> {
+        self.close();
+        &mut self.items
+    }
+
+    /// Forgets an uncommitted slot.
+    fn close(&mut self) {
+        if self.open {
+            self.items.pop();
+            self.open = false;
+        }
+    }
+}
+
+impl Transmit for Outbox {
+    fn slot(&mut self) -> &mut [u8; CELL_LEN] {
+        if !self.open {
+            self.items.push(Outgoing {
+                to: SocketAddr::from(([0, 0, 0, 0], 0)),
+                len: CELL_LEN as u16,
+                buf: [0; CELL_LEN],
+            });
+            self.open = true;
+        }
+        let last = self.items.len() - 1;
+        let slot = &mut self.items[last].buf;
+        // A slot asked for again before its commit starts over, zeroed (the contract).
+        slot.fill(0);
+        slot
+    }
+
+    fn commit(&mut self, to: SocketAddr) {
+        if let Some(last) = self.items.last_mut().filter(|_| self.open) {
+            last.to = to;
+            self.open = false;
+            self.sealed += 1;
+        }
+    }
 }
 
 /// Counters a backend keeps about its own work (exported as metrics by the worker).

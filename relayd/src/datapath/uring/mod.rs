@@ -44,6 +44,7 @@ use super::socket::{decode_sockaddr, gro_enabled, is_v6};
 use super::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
 use bufring::BufRing;
 use send::{SendItem, SendSlot};
+use smallvec::SmallVec;
 
 const SQ_ENTRIES: u32 = 256;
 /// Room for every buffer's receive completion plus a round of sends.
@@ -428,7 +429,8 @@ impl Datapath for UringDatapath {
         self.take_segments();
         let mut received = 0;
         for chunk in self.segments.chunks(BATCH) {
-            let mut batch: Vec<Datagram<'_>> = chunk
+            // On the stack: no allocation per batch.
+            let mut batch: SmallVec<[Datagram<'_>; BATCH]> = chunk
                 .iter()
                 .map(|s| Datagram {
                     from: s.from,
@@ -448,10 +450,18 @@ impl Datapath for UringDatapath {
             }
         }
         self.stats.rx_datagrams += received as u64;
+        // `held` is empty here (recycled above): take the caller's vector whole instead of
+        // moving each inline datagram, and give it ours (empty, its capacity kept) back. No
+        // pointer into `held` is taken before this, and `held` does not grow until `recycle`.
         let first_extra = self.held.len();
-        self.held.append(extra);
+        if first_extra == 0 {
+            std::mem::swap(&mut self.held, extra);
+        } else {
+            self.held.append(extra);
+        }
         for o in &self.held[first_extra..] {
-            self.sends.push(SendItem { ptr: o.data.as_ptr(), len: o.data.len(), to: o.to, solo: false });
+            let data = o.data();
+            self.sends.push(SendItem { ptr: data.as_ptr(), len: data.len(), to: o.to, solo: false });
         }
         self.send_all()?;
         self.recycle();
