@@ -22,6 +22,7 @@ mod exit;
 mod flood;
 mod loadgen;
 mod orchestrate;
+mod relayd_args;
 mod sys;
 mod tokio_relay;
 

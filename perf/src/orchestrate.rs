@@ -12,6 +12,7 @@
 
 use crate::blast::ratio;
 use crate::loadgen::LoadgenResult;
+use crate::relayd_args::RelaydArgs;
 use crate::sys::{self, ChildGuard, LineReader};
 use anyhow::{Context, Result, anyhow, bail};
 use cellproto::cell::CELL_LEN;
@@ -45,16 +46,8 @@ pub struct RelayArgs {
     /// End with one line of JSON.
     #[arg(long)]
     pub json: bool,
-    /// Run this relayd binary (`relayd run --config`) instead of relayd's engine in a
-    /// `perf relay-child` process.
-    #[arg(long)]
-    pub relayd: Option<PathBuf>,
-    /// relayd's data path: auto, uring or recvmmsg.
-    #[arg(long, default_value = "auto")]
-    pub datapath: String,
-    /// Do not pin relayd's workers to cores.
-    #[arg(long)]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub relay: RelaydArgs,
     /// The load generator's initial in-flight window (cells).
     #[arg(long, default_value_t = 1024)]
     pub window: usize,
@@ -168,11 +161,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = args.workers.unwrap_or(cores).max(1);
-    if let Some(path) = &args.relayd
-        && !path.is_file()
-    {
-        bail!("{} not found; build it with `cargo build --release -p relayd -p perf`", path.display());
-    }
+    args.relay.check()?;
     let dir = std::env::temp_dir().join(format!("meshvpn-perf-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -331,8 +320,8 @@ fn config_text(ctx: &Ctx, port: u16, metrics_port: u16, null: bool) -> String {
          null_forwarder = {null}\n",
         ctx.key_dir.display(),
         ctx.workers,
-        !ctx.args.no_pin,
-        ctx.args.datapath,
+        !ctx.args.relay.no_pin,
+        ctx.args.relay.datapath,
     )
 }
 
@@ -360,18 +349,7 @@ fn start_relay(ctx: &Ctx, kind: Kind, log: &Path) -> Result<(ChildGuard, SocketA
     let text = config_text(ctx, port, metrics_port, kind == Kind::Null);
     relayd::config::Config::parse(&text, &config)?;
     std::fs::write(&config, text)?;
-    let mut cmd = match &ctx.args.relayd {
-        Some(bin) => {
-            let mut c = Command::new(bin);
-            c.arg("run").arg("--config").arg(&config).stdin(Stdio::null());
-            c
-        }
-        None => {
-            let mut c = Command::new(&ctx.exe);
-            c.arg("relay-child").arg("--config").arg(&config).stdin(Stdio::piped());
-            c
-        }
-    };
+    let mut cmd = ctx.args.relay.command(&ctx.exe, &config);
     cmd.stdout(Stdio::null()).stderr(stderr);
     let child = ChildGuard::spawn("relayd", &mut cmd)?;
     Ok((child, addr, Some(SocketAddr::from(([127, 0, 0, 1], metrics_port)))))
