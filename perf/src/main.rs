@@ -23,6 +23,7 @@ mod flood;
 mod loadgen;
 mod orchestrate;
 mod relayd_args;
+mod report;
 mod sys;
 mod tokio_relay;
 

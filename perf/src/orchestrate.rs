@@ -270,8 +270,8 @@ fn print_report(ctx: &Ctx, cores: usize, relayd: &RunReport, null: &RunReport, t
         out,
         "  (cells per relay CPU-second: {per_cpu_s:.0}, i.e. 1 / relayd's CPU time per cell, whatever share of the cores it got)"
     )?;
-    if ctx.args.json {
-        let json = serde_json::json!({
+    crate::report::end(&mut out, ctx.args.json, || {
+        Ok(serde_json::json!({
             "cells_per_s": relayd.cells_per_s,
             "gbps": relayd.gbps,
             "p50_us": relayd.p50_us,
@@ -294,11 +294,8 @@ fn print_report(ctx: &Ctx, cores: usize, relayd: &RunReport, null: &RunReport, t
             "relayd": serde_json::to_value(relayd)?,
             "null": serde_json::to_value(null)?,
             "tokio": serde_json::to_value(tokio)?,
-        });
-        writeln!(out, "{json}")?;
-    }
-    out.flush()?;
-    Ok(())
+        }))
+    })
 }
 
 fn config_text(ctx: &Ctx, port: u16, metrics_port: u16, null: bool) -> String {
