@@ -13,7 +13,7 @@
 use crate::blast::ratio;
 use crate::loadgen::LoadgenResult;
 use crate::relayd_args::RelaydArgs;
-use crate::sys::{self, ChildGuard, LineReader};
+use crate::sys::{self, ChildGuard, LineReader, TempDir};
 use anyhow::{Context, Result, anyhow, bail};
 use cellproto::cell::CELL_LEN;
 use serde::Serialize;
@@ -145,15 +145,6 @@ struct Ctx {
     exe: PathBuf,
 }
 
-/// A directory removed when dropped.
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs the benchmark and prints the report (and JSON with `--json`).
 pub fn run(args: RelayArgs) -> Result<()> {
     if args.cells == 0 || args.circuits == 0 {
@@ -162,10 +153,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = args.workers.unwrap_or(cores).max(1);
     args.relay.check()?;
-    let dir = std::env::temp_dir().join(format!("meshvpn-perf-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = TempDir(dir);
+    let dir = TempDir::new("meshvpn-perf")?;
     let key_dir = dir.0.join("keys");
     let keys = relayd::keys::keygen(&key_dir)?;
     let ctx = Ctx {

@@ -25,9 +25,9 @@ mod attack;
 mod honest;
 mod report;
 
-use crate::orchestrate::{TempDir, log_tail};
+use crate::orchestrate::log_tail;
 use crate::relayd_args::RelaydArgs;
-use crate::sys::{self, ChildGuard, LineReader};
+use crate::sys::{self, ChildGuard, LineReader, TempDir};
 use anyhow::{Context, Result, anyhow, bail};
 use attack::{CreateFlood, ExtendFlood};
 use cellproto::client::PathHop;
@@ -96,10 +96,7 @@ pub fn run(args: FloodArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = args.workers.unwrap_or(cores).max(1);
     args.relay.check()?;
-    let dir = std::env::temp_dir().join(format!("meshvpn-perf-flood-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = TempDir(dir);
+    let dir = TempDir::new("meshvpn-perf-flood")?;
     let key_dir = dir.0.join("keys");
     let keys = relayd::keys::keygen(&key_dir)?;
     let relay_keys = RelayKeys { identity: keys.identity.public().0, onion_key: *keys.onion[0].public() };
