@@ -12,7 +12,7 @@
 
 use crate::blast::ratio;
 use crate::loadgen::LoadgenResult;
-use crate::relayd_args::RelaydArgs;
+use crate::relayd_args::{RelaydArgs, RelaydSetup};
 use crate::sys::{self, ChildGuard, LineReader, TempDir};
 use anyhow::{Context, Result, anyhow, bail};
 use cellproto::cell::CELL_LEN;
@@ -150,12 +150,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
     if args.cells == 0 || args.circuits == 0 {
         bail!("--cells and --circuits must be at least 1");
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = args.workers.unwrap_or(cores).max(1);
-    args.relay.check()?;
-    let dir = TempDir::new("meshvpn-perf")?;
-    let key_dir = dir.0.join("keys");
-    let keys = relayd::keys::keygen(&key_dir)?;
+    let RelaydSetup { cores, workers, dir, key_dir, keys } = args.relay.setup(args.workers, "meshvpn-perf")?;
     let ctx = Ctx {
         identity: hex::encode(keys.identity.public().0),
         onion_key: hex::encode(keys.onion[0].public()),

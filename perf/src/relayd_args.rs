@@ -1,6 +1,7 @@
 //! The relayd under test in `perf relay` and `perf flood`: which binary runs it and how it is
 //! configured, as options both commands take, and the command that starts it.
 
+use crate::sys::TempDir;
 use anyhow::{Result, bail};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -20,9 +21,35 @@ pub struct RelaydArgs {
     pub no_pin: bool,
 }
 
+/// What a run against relayd starts from.
+pub struct RelaydSetup {
+    /// CPU cores of this machine.
+    pub cores: usize,
+    /// relayd's worker threads: `--workers`, else one per core.
+    pub workers: usize,
+    /// The run's directory, removed at the end.
+    pub dir: TempDir,
+    /// `dir/keys`, with the relay's keys.
+    pub key_dir: PathBuf,
+    /// The relay's keys, freshly made.
+    pub keys: relayd::keys::RelayKeys,
+}
+
 impl RelaydArgs {
+    /// Checks these options, then makes the run's directory (`$TMPDIR/<name>-<pid>`) and the
+    /// relay's keys in it; `workers` is the command's `--workers`.
+    pub fn setup(&self, workers: Option<usize>, name: &str) -> Result<RelaydSetup> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let workers = workers.unwrap_or(cores).max(1);
+        self.check()?;
+        let dir = TempDir::new(name)?;
+        let key_dir = dir.0.join("keys");
+        let keys = relayd::keys::keygen(&key_dir)?;
+        Ok(RelaydSetup { cores, workers, dir, key_dir, keys })
+    }
+
     /// Refuses a `--relayd` that is not a file, before anything is started.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         if let Some(path) = &self.relayd
             && !path.is_file()
         {

@@ -26,8 +26,8 @@ mod honest;
 mod report;
 
 use crate::orchestrate::log_tail;
-use crate::relayd_args::RelaydArgs;
-use crate::sys::{self, ChildGuard, LineReader, TempDir};
+use crate::relayd_args::{RelaydArgs, RelaydSetup};
+use crate::sys::{self, ChildGuard, LineReader};
 use anyhow::{Context, Result, anyhow, bail};
 use attack::{CreateFlood, ExtendFlood};
 use cellproto::client::PathHop;
@@ -93,12 +93,7 @@ pub fn run(args: FloodArgs) -> Result<()> {
     if !(args.flood_rate > 0.0 && args.extend_rate > 0.0 && args.honest_rate > 0.0) {
         bail!("--flood-rate, --extend-rate and --honest-rate must be positive");
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = args.workers.unwrap_or(cores).max(1);
-    args.relay.check()?;
-    let dir = TempDir::new("meshvpn-perf-flood")?;
-    let key_dir = dir.0.join("keys");
-    let keys = relayd::keys::keygen(&key_dir)?;
+    let RelaydSetup { cores, workers, dir, key_dir, keys } = args.relay.setup(args.workers, "meshvpn-perf-flood")?;
     let relay_keys = RelayKeys { identity: keys.identity.public().0, onion_key: *keys.onion[0].public() };
     let exe = std::env::current_exe().context("cannot find the perf executable")?;
     eprintln!(
