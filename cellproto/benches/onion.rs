@@ -34,6 +34,32 @@ fn nonce(i: u32) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
+/// Benchmarks hop 2 (`net.relays[1]`) handling a batch of cells from `from`, made fresh for
+/// every iteration by `arrive` (outside the measurement): the relay's batch entry point, whose
+/// every verdict must be to send the cell on.
+fn bench_hop2(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    net: &std::cell::RefCell<Net>,
+    from: std::net::SocketAddr,
+    arrive: impl Fn(&mut Net) -> Vec<Cell>,
+) {
+    g.bench_function(format!("cellproto/{name}"), |b| {
+        b.iter_batched_ref(
+            || arrive(&mut net.borrow_mut()),
+            |cells| {
+                let mut batch: Vec<Incoming<'_>> = cells.iter_mut().map(|cell| Incoming { from, cell }).collect();
+                let mut verdicts = [Verdict::Drop(cellproto::relay::DropReason::Malformed); BATCH];
+                let net = &mut *net.borrow_mut();
+                process_batch(net.relays[1].node.circuits_mut(), net.now, &mut batch, &mut verdicts);
+                debug_assert!(verdicts.iter().all(|v| matches!(v, Verdict::Send(_))));
+                black_box(&verdicts);
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn forward(c: &mut Criterion) {
     let mut g = c.benchmark_group("forward_open_batch64");
     g.throughput(Throughput::Bytes((BATCH * CELL_LEN) as u64));
@@ -51,21 +77,7 @@ fn forward(c: &mut Criterion) {
                 })
                 .collect()
         };
-        g.bench_function(format!("cellproto/{name}"), |b| {
-            b.iter_batched_ref(
-                || arrive_at_hop2(&mut net.borrow_mut()),
-                |cells| {
-                    let from = addr(1);
-                    let mut batch: Vec<Incoming<'_>> = cells.iter_mut().map(|cell| Incoming { from, cell }).collect();
-                    let mut verdicts = [Verdict::Drop(cellproto::relay::DropReason::Malformed); BATCH];
-                    let net = &mut *net.borrow_mut();
-                    process_batch(net.relays[1].node.circuits_mut(), net.now, &mut batch, &mut verdicts);
-                    debug_assert!(verdicts.iter().all(|v| matches!(v, Verdict::Send(_))));
-                    black_box(&verdicts);
-                },
-                BatchSize::SmallInput,
-            )
-        });
+        bench_hop2(&mut g, name, &net, addr(1), arrive_at_hop2);
         // Raw AEAD: open the same number of bytes with the same AAD length, nothing else.
         let key = raw_key(aes);
         let ct_len = layer_plaintext_len(HOP);
@@ -122,21 +134,7 @@ fn backward(c: &mut Criterion) {
                 })
                 .collect()
         };
-        g.bench_function(format!("cellproto/{name}"), |b| {
-            b.iter_batched_ref(
-                || arrive_from_exit(&mut net.borrow_mut()),
-                |cells| {
-                    let from = addr(3);
-                    let mut batch: Vec<Incoming<'_>> = cells.iter_mut().map(|cell| Incoming { from, cell }).collect();
-                    let mut verdicts = [Verdict::Drop(cellproto::relay::DropReason::Malformed); BATCH];
-                    let net = &mut *net.borrow_mut();
-                    process_batch(net.relays[1].node.circuits_mut(), net.now, &mut batch, &mut verdicts);
-                    debug_assert!(verdicts.iter().all(|v| matches!(v, Verdict::Send(_))));
-                    black_box(&verdicts);
-                },
-                BatchSize::SmallInput,
-            )
-        });
+        bench_hop2(&mut g, name, &net, addr(3), arrive_from_exit);
         let key = raw_key(aes);
         let pt_len = layer_plaintext_len(HOP);
         let mut n = 0u32;

@@ -6,6 +6,8 @@ use cellproto::client::{CircuitError, Event};
 use cellproto::relay::DropReason;
 use cellproto::sim::*;
 use proptest::prelude::*;
+use std::net::SocketAddr;
+use std::time::Instant;
 
 #[test]
 fn three_hops_data_both_ways() {
@@ -62,6 +64,30 @@ fn flipped(cell: &Cell, pos: usize, bit: u8) -> Cell {
     c
 }
 
+/// Hands `relay` (from `from`) every single-bit flip of `cell` and checks that each is dropped
+/// and counted under a reason a flip can cause (one in the LCID may reach no circuit at all);
+/// `link` names the link in the failure messages. Returns how many flips it tried.
+fn assert_every_flip_dropped(relay: &mut TestRelay, now: Instant, from: SocketAddr, cell: &Cell, link: &str) -> usize {
+    let mut tried = 0;
+    for pos in 0..CELL_LEN {
+        for bit in 0..8 {
+            let before = relay.drops.len();
+            let out = relay.handle(now, from, &mut flipped(cell, pos, bit));
+            assert!(out.is_empty(), "flip at byte {pos} bit {bit} {link} went through");
+            assert_eq!(relay.drops.len(), before + 1, "flip at {pos} not counted");
+            let reason = *relay.drops.last().unwrap();
+            let allowed: &[DropReason] = if pos < 4 {
+                &[DropReason::UnknownCircuit, DropReason::BadTag, DropReason::Replay]
+            } else {
+                &[DropReason::BadTag, DropReason::Replay]
+            };
+            assert!(allowed.contains(&reason), "flip at {pos}: {reason:?}");
+            tried += 1;
+        }
+    }
+    tried
+}
+
 /// Forward: a cell with any single bit flipped, on any link, is dropped by the next hop (and
 /// counted); the genuine cell still goes through afterwards, so nothing was committed.
 #[test]
@@ -74,21 +100,7 @@ fn flipped_bit_anywhere_is_rejected_by_next_hop_forward() {
     for hop in 0..hops {
         assert_eq!(net.relay_index(to), Some(hop));
         let relay = &mut net.relays[hop];
-        for pos in 0..CELL_LEN {
-            for bit in 0..8 {
-                let before = relay.drops.len();
-                let out = relay.handle(net.now, from, &mut flipped(&cell, pos, bit));
-                assert!(out.is_empty(), "flip at byte {pos} bit {bit} on the link into hop {} went through", hop + 1);
-                assert_eq!(relay.drops.len(), before + 1, "flip at {pos} not counted");
-                let reason = *relay.drops.last().unwrap();
-                let allowed: &[DropReason] = if pos < 4 {
-                    &[DropReason::UnknownCircuit, DropReason::BadTag, DropReason::Replay]
-                } else {
-                    &[DropReason::BadTag, DropReason::Replay]
-                };
-                assert!(allowed.contains(&reason), "flip at {pos}: {reason:?}");
-            }
-        }
+        assert_every_flip_dropped(relay, net.now, from, &cell, &format!("on the link into hop {}", hop + 1));
         let mut genuine = cell;
         let out = relay.handle(net.now, from, &mut genuine);
         if hop + 1 < hops {
@@ -124,22 +136,7 @@ fn flipped_bit_anywhere_is_rejected_by_next_node_backward() {
     while to != addr(CLIENT) {
         let index = net.relay_index(to).unwrap();
         let relay = &mut net.relays[index];
-        for pos in 0..CELL_LEN {
-            for bit in 0..8 {
-                let before = relay.drops.len();
-                let out = relay.handle(net.now, from, &mut flipped(&cell, pos, bit));
-                assert!(out.is_empty(), "flip at byte {pos} bit {bit} into {to} went through");
-                assert_eq!(relay.drops.len(), before + 1, "flip at {pos} not counted");
-                let reason = *relay.drops.last().unwrap();
-                let allowed: &[DropReason] = if pos < 4 {
-                    &[DropReason::UnknownCircuit, DropReason::BadTag, DropReason::Replay]
-                } else {
-                    &[DropReason::BadTag, DropReason::Replay]
-                };
-                assert!(allowed.contains(&reason), "flip at {pos}: {reason:?}");
-                tried += 1;
-            }
-        }
+        tried += assert_every_flip_dropped(relay, net.now, from, &cell, &format!("into {to}"));
         let out = relay.handle(net.now, from, &mut cell);
         assert_eq!(out.len(), 1, "genuine cell refused at {to}");
         from = to;

@@ -63,6 +63,13 @@ pub struct Guard {
     pub others_worked: bool,
 }
 
+impl Guard {
+    /// A guard that joins the set at `now`, untried.
+    pub fn new(id: IdentityKey, now: u64) -> Self {
+        Self { id, added: now, failures: 0, unreachable_since: None, last_tried: None, others_worked: false }
+    }
+}
+
 /// The ordered guard set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Guards {
@@ -85,17 +92,7 @@ impl Guards {
 
     /// A set of these guards, in this order.
     pub fn from_ids(ids: Vec<IdentityKey>, now: u64) -> Self {
-        let set = ids
-            .into_iter()
-            .map(|id| Guard {
-                id,
-                added: now,
-                failures: 0,
-                unreachable_since: None,
-                last_tried: None,
-                others_worked: false,
-            })
-            .collect();
+        let set = ids.into_iter().map(|id| Guard::new(id, now)).collect();
         Self { set, dirty: true }
     }
 
@@ -137,15 +134,7 @@ impl Guards {
             let taken: Vec<IdentityKey> = self.set.iter().map(|g| g.id).chain(dropped.iter().copied()).collect();
             let fits = |r: &Relay| r.desc.is_guard() && !taken.contains(&r.id());
             let Some(new) = relays.pick(fits, rng) else { break };
-            let id = new.id();
-            self.set.push(Guard {
-                id,
-                added: now,
-                failures: 0,
-                unreachable_since: None,
-                last_tried: None,
-                others_worked: false,
-            });
+            self.set.push(Guard::new(new.id(), now));
         }
         if !dropped.is_empty() || self.set.iter().any(|g| g.added == now && g.last_tried.is_none()) {
             self.dirty = true;

@@ -9,6 +9,7 @@
 //! | [`docs`] | man pages and shell completions from a clap definition (packaging) |
 //! | [`config`] | reading a TOML configuration file, and the error that names the file and key |
 //! | [`keyfile`] | 32-byte key files: created 0600, refused when others can read them |
+//! | [`signals`] | SIGTERM/SIGINT (stop) and SIGHUP (reload) as flags the main loop polls |
 //! | [`unix_now`] | the wall clock as Unix seconds (descriptor and directory times) |
 
 pub mod config;
@@ -16,6 +17,7 @@ pub mod docs;
 pub mod keyfile;
 pub mod log;
 pub mod notify;
+pub mod signals;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -2,11 +2,20 @@
 //! allocation on the packet path), published to the metrics every 100 ms, and a log of drops
 //! at most every [`DROP_LOG_EVERY`] per reason (counting is exact, logging is not per packet).
 
+use crate::policy::RULES;
 use std::time::{Duration, Instant};
 use tracing::info;
 
-/// Every label of `exitd_packets_total{what}`, in slot order. The first four are not drops.
-pub const LABELS: [&str; 42] = [
+/// Every label of `exitd_packets_total{what}`, in slot order: five of delivery (the first four
+/// are not drops), the exit policy's rules ([`crate::policy::RULES`], listed once, there), then
+/// fragments, malformed packets, circuits, the backward path and `other`.
+pub const LABELS: [&str; N_LABELS] = labels();
+
+/// How many labels there are.
+const N_LABELS: usize = BEFORE_RULES.len() + RULES.len() + AFTER_RULES.len();
+
+/// The labels before the policy's rules.
+const BEFORE_RULES: [&str; 5] = [
     // Delivered or handed on.
     "to_tun",
     "from_tun",
@@ -14,23 +23,10 @@ pub const LABELS: [&str; 42] = [
     "handed_off",
     // Bytes, not packets (of `rate_limited`).
     "rate_limited_bytes",
-    // Policy (crate::policy::RULES).
-    "private",
-    "loopback",
-    "link_local",
-    "cgnat",
-    "multicast",
-    "unspecified",
-    "cloud_metadata",
-    "nat64",
-    "ipv4_in_ipv6",
-    "benchmarking",
-    "ietf_protocol",
-    "exit_host",
-    "denied_prefix",
-    "protocol",
-    "denied_port",
-    "port_not_allowed",
+];
+
+/// The labels after the policy's rules.
+const AFTER_RULES: [&str; 21] = [
     // Fragments (crate::filter).
     "fragment_unmatched",
     "fragments_full",
@@ -58,6 +54,23 @@ pub const LABELS: [&str; 42] = [
     // Anything not listed above (a new label not added here yet).
     "other",
 ];
+
+/// [`BEFORE_RULES`], [`RULES`] and [`AFTER_RULES`] in one array (at compile time).
+const fn labels() -> [&'static str; N_LABELS] {
+    let mut out = [""; N_LABELS];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = if i < BEFORE_RULES.len() {
+            BEFORE_RULES[i]
+        } else if i < BEFORE_RULES.len() + RULES.len() {
+            RULES[i - BEFORE_RULES.len()]
+        } else {
+            AFTER_RULES[i - BEFORE_RULES.len() - RULES.len()]
+        };
+        i += 1;
+    }
+    out
+}
 
 /// Slots of the counters the packet path touches on every packet (no lookup).
 pub mod slot {

@@ -6,8 +6,6 @@ use exitd::config::ExitConfig;
 use exitd::policy::ExitPolicy;
 use relayd::keycli::{self, DescriptorSource, KeyCmd};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -51,13 +49,8 @@ fn main() -> Result<()> {
         })?,
         Cmd::GenerateDocs { dir } => daemonkit::docs::write_docs(Cli::command(), &dir)?,
         Cmd::Run { config } => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let hup = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-                signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handler")?;
-            }
-            signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-                .context("cannot install signal handler")?;
+            let stop = daemonkit::signals::stop_flag().context("cannot install signal handler")?;
+            let hup = daemonkit::signals::hup_flag().context("cannot install signal handler")?;
             exitd::daemon::run_with(&config, stop, Some(exitd::daemon::ReloadOn { hup, log }))?;
         }
     }

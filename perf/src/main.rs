@@ -22,6 +22,8 @@ mod exit;
 mod flood;
 mod loadgen;
 mod orchestrate;
+mod relayd_args;
+mod report;
 mod sys;
 mod tokio_relay;
 
@@ -115,17 +117,13 @@ fn main() -> Result<()> {
 /// Runs relayd's engine as `relayd run` does, and stops when stdin reaches end of file (the
 /// orchestrator exited or closed it) or on SIGTERM/SIGINT.
 fn relay_child(path: &std::path::Path) -> Result<()> {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    init_tracing();
+    use std::sync::atomic::Ordering;
+    daemonkit::log::init_logging();
     let config = relayd::config::Config::load(path)?;
     let keys = relayd::keys::load(&config.key_dir)
         .with_context(|| format!("cannot load keys from {}", config.key_dir.display()))?;
     let relay = relayd::relay::start(&config, keys)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handler")?;
-    }
+    let stop = daemonkit::signals::stop_flag().context("cannot install signal handler")?;
     sys::stop_on_stdin_eof(stop.clone());
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -134,26 +132,12 @@ fn relay_child(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Logs to stderr (a file the orchestrator reads on failure), `RUST_LOG` or info.
-fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
-}
-
 /// Runs exitd as `exitd run` does (`exitd::daemon::run`: forwarding, TUN, nftables, the relay
 /// engine), and stops when stdin reaches end of file or on SIGTERM/SIGINT; the nftables table
 /// is removed on the way out.
 fn exit_child(path: &std::path::Path) -> Result<()> {
-    use std::sync::Arc;
-    use std::sync::atomic::AtomicBool;
-    init_tracing();
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).context("cannot install signal handler")?;
-    }
+    daemonkit::log::init_logging();
+    let stop = daemonkit::signals::stop_flag().context("cannot install signal handler")?;
     sys::stop_on_stdin_eof(stop.clone());
     exitd::daemon::run(path, stop)
 }

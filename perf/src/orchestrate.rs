@@ -12,7 +12,8 @@
 
 use crate::blast::ratio;
 use crate::loadgen::LoadgenResult;
-use crate::sys::{self, ChildGuard, LineReader};
+use crate::relayd_args::{RelaydArgs, RelaydSetup};
+use crate::sys::{self, ChildGuard, LineReader, TempDir};
 use anyhow::{Context, Result, anyhow, bail};
 use cellproto::cell::CELL_LEN;
 use serde::Serialize;
@@ -45,16 +46,8 @@ pub struct RelayArgs {
     /// End with one line of JSON.
     #[arg(long)]
     pub json: bool,
-    /// Run this relayd binary (`relayd run --config`) instead of relayd's engine in a
-    /// `perf relay-child` process.
-    #[arg(long)]
-    pub relayd: Option<PathBuf>,
-    /// relayd's data path: auto, uring or recvmmsg.
-    #[arg(long, default_value = "auto")]
-    pub datapath: String,
-    /// Do not pin relayd's workers to cores.
-    #[arg(long)]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub relay: RelaydArgs,
     /// The load generator's initial in-flight window (cells).
     #[arg(long, default_value_t = 1024)]
     pub window: usize,
@@ -152,33 +145,12 @@ struct Ctx {
     exe: PathBuf,
 }
 
-/// A directory removed when dropped.
-pub(crate) struct TempDir(pub(crate) PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Runs the benchmark and prints the report (and JSON with `--json`).
 pub fn run(args: RelayArgs) -> Result<()> {
     if args.cells == 0 || args.circuits == 0 {
         bail!("--cells and --circuits must be at least 1");
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = args.workers.unwrap_or(cores).max(1);
-    if let Some(path) = &args.relayd
-        && !path.is_file()
-    {
-        bail!("{} not found; build it with `cargo build --release -p relayd -p perf`", path.display());
-    }
-    let dir = std::env::temp_dir().join(format!("meshvpn-perf-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = TempDir(dir);
-    let key_dir = dir.0.join("keys");
-    let keys = relayd::keys::keygen(&key_dir)?;
+    let RelaydSetup { cores, workers, dir, key_dir, keys } = args.relay.setup(args.workers, "meshvpn-perf")?;
     let ctx = Ctx {
         identity: hex::encode(keys.identity.public().0),
         onion_key: hex::encode(keys.onion[0].public()),
@@ -281,8 +253,8 @@ fn print_report(ctx: &Ctx, cores: usize, relayd: &RunReport, null: &RunReport, t
         out,
         "  (cells per relay CPU-second: {per_cpu_s:.0}, i.e. 1 / relayd's CPU time per cell, whatever share of the cores it got)"
     )?;
-    if ctx.args.json {
-        let json = serde_json::json!({
+    crate::report::end(&mut out, ctx.args.json, || {
+        Ok(serde_json::json!({
             "cells_per_s": relayd.cells_per_s,
             "gbps": relayd.gbps,
             "p50_us": relayd.p50_us,
@@ -305,11 +277,8 @@ fn print_report(ctx: &Ctx, cores: usize, relayd: &RunReport, null: &RunReport, t
             "relayd": serde_json::to_value(relayd)?,
             "null": serde_json::to_value(null)?,
             "tokio": serde_json::to_value(tokio)?,
-        });
-        writeln!(out, "{json}")?;
-    }
-    out.flush()?;
-    Ok(())
+        }))
+    })
 }
 
 fn config_text(ctx: &Ctx, port: u16, metrics_port: u16, null: bool) -> String {
@@ -331,8 +300,8 @@ fn config_text(ctx: &Ctx, port: u16, metrics_port: u16, null: bool) -> String {
          null_forwarder = {null}\n",
         ctx.key_dir.display(),
         ctx.workers,
-        !ctx.args.no_pin,
-        ctx.args.datapath,
+        !ctx.args.relay.no_pin,
+        ctx.args.relay.datapath,
     )
 }
 
@@ -360,18 +329,7 @@ fn start_relay(ctx: &Ctx, kind: Kind, log: &Path) -> Result<(ChildGuard, SocketA
     let text = config_text(ctx, port, metrics_port, kind == Kind::Null);
     relayd::config::Config::parse(&text, &config)?;
     std::fs::write(&config, text)?;
-    let mut cmd = match &ctx.args.relayd {
-        Some(bin) => {
-            let mut c = Command::new(bin);
-            c.arg("run").arg("--config").arg(&config).stdin(Stdio::null());
-            c
-        }
-        None => {
-            let mut c = Command::new(&ctx.exe);
-            c.arg("relay-child").arg("--config").arg(&config).stdin(Stdio::piped());
-            c
-        }
-    };
+    let mut cmd = ctx.args.relay.command(&ctx.exe, &config);
     cmd.stdout(Stdio::null()).stderr(stderr);
     let child = ChildGuard::spawn("relayd", &mut cmd)?;
     Ok((child, addr, Some(SocketAddr::from(([127, 0, 0, 1], metrics_port)))))

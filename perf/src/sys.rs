@@ -1,5 +1,6 @@
 //! Operating-system helpers: CPU time and socket drops from `/proc`, socket buffers, UDP GRO
-//! receives, child processes that are always reaped, readiness and metrics probes.
+//! receives, child processes that are always reaped, readiness and metrics probes, a run's
+//! temporary directory.
 
 use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::socket::{self as sock, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
@@ -7,10 +8,30 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, RawFd};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+/// A directory of this run's files (keys, configurations, logs), removed when dropped.
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl TempDir {
+    /// Creates `$TMPDIR/<name>-<pid>`, first removing what a killed run of this pid left there.
+    pub(crate) fn new(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// Clock ticks per second of `/proc/*/stat` times.
 fn clock_ticks() -> f64 {

@@ -10,8 +10,7 @@ use relayd::keycli::{self, DescriptorSource, KeyCmd};
 use relayd::relay::RelayHandle;
 use relayd::reload::Reloader;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 #[global_allocator]
@@ -147,12 +146,8 @@ fn run(path: &std::path::Path, log: LogControl) -> Result<()> {
         format!("cannot load keys from {} (key_dir); create them with `relayd keygen --dir`", config.key_dir.display())
     })?;
     tracing::info!(identity = %keys.identity.public(), nickname = %config.nickname, "starting relayd {}", env!("CARGO_PKG_VERSION"));
-    let term = Arc::new(AtomicBool::new(false));
-    let hup = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, term.clone()).context("cannot install signal handler")?;
-    }
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone()).context("cannot install signal handler")?;
+    let term = daemonkit::signals::stop_flag().context("cannot install signal handler")?;
+    let hup = daemonkit::signals::hup_flag().context("cannot install signal handler")?;
     let mut reloader = Reloader::new(config.clone(), &keys, log);
     let relay = relayd::relay::start(&config, keys)?;
     if let Some(m) = relay.metrics_addr {

@@ -6,7 +6,7 @@ mod common;
 
 use cellproto::cell::{CELL_LEN, Command};
 use cellproto::client::{CloseReason, Event};
-use cellproto::handshake::{ClientHandshake, ClientRequest};
+use cellproto::handshake::{ClientHandshake, ClientRequest, RelayKeys};
 use cellproto::link::{decode_created, encode_create};
 use common::*;
 use rand_core::{OsRng, RngCore};
@@ -73,6 +73,20 @@ fn circuit_through_two_relays_recvmmsg_fallback() {
     data_both_ways("recvmmsg");
 }
 
+/// `n` CREATE cells to the relay of `keys`, each with its own handshake, on link circuit ids
+/// 0x4000_0000 upwards (so an answer's LCID says which CREATE it answers).
+fn creates(keys: &RelayKeys, n: u32) -> Vec<[u8; CELL_LEN]> {
+    let req = ClientRequest { hop: 1, offer_aes: true, link_secret: None };
+    (0..n)
+        .map(|i| {
+            let hs = ClientHandshake::start(keys, &req, &mut OsRng).unwrap();
+            let mut cell = [0u8; CELL_LEN];
+            encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
+            cell
+        })
+        .collect()
+}
+
 /// CREATEs straight from one neighbour socket: every handshake answered, circuits spread
 /// over all workers. (Never under load: this neighbour does not answer cookies.)
 #[test]
@@ -83,15 +97,7 @@ fn ten_thousand_circuits_from_one_neighbour_spread_over_workers() {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
     let total = 10_000u32;
-    let req = ClientRequest { hop: 1, offer_aes: true, link_secret: None };
-    let creates: Vec<[u8; CELL_LEN]> = (0..total)
-        .map(|i| {
-            let hs = ClientHandshake::start(&r.hop.keys, &req, &mut OsRng).unwrap();
-            let mut cell = [0u8; CELL_LEN];
-            encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
-            cell
-        })
-        .collect();
+    let creates = creates(&r.hop.keys, total);
     // A window of handshakes in flight, so the test's own socket buffer never overflows; a
     // lost CREATE or CREATED is simply sent again (relays answer a repeat with the same CREATED).
     const WINDOW: u32 = 100;
@@ -181,15 +187,7 @@ fn create_flood_is_rate_limited_per_source() {
     let metrics_addr = r.handle.metrics_addr.unwrap();
     let flooder = UdpSocket::bind("127.0.0.1:0").unwrap();
     flooder.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-    let req = ClientRequest { hop: 1, offer_aes: true, link_secret: None };
-    let creates: Vec<[u8; CELL_LEN]> = (0..300u32)
-        .map(|i| {
-            let hs = ClientHandshake::start(&r.hop.keys, &req, &mut OsRng).unwrap();
-            let mut cell = [0u8; CELL_LEN];
-            encode_create(&mut cell, 0x4000_0000 + i, hs.message(), None, None, &mut OsRng);
-            cell
-        })
-        .collect();
+    let creates = creates(&r.hop.keys, 300);
     let start = Instant::now();
     for cell in &creates {
         flooder.send_to(cell, r.hop.addr).unwrap();

@@ -39,7 +39,7 @@ mod load;
 mod report;
 mod wire;
 
-use crate::sys::{self, ChildGuard};
+use crate::sys::{self, ChildGuard, TempDir};
 use anyhow::{Context, Result, anyhow, bail};
 use cellproto::cell::TUN_MTU;
 use cellproto::client::PathHop;
@@ -126,15 +126,6 @@ pub struct ExitArgs {
     pub json: bool,
 }
 
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// What every run shares.
 struct Ctx {
     args: ExitArgs,
@@ -208,10 +199,7 @@ pub fn run(args: ExitArgs) -> Result<()> {
         bail!("{} not found; build it with `cargo build --release -p exitd -p perf`", path.display());
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let dir = std::env::temp_dir().join(format!("meshvpn-perf-exit-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = TempDir(dir);
+    let dir = TempDir::new("meshvpn-perf-exit")?;
     let key_dir = dir.0.join("keys");
     let keys = relayd::keys::keygen(&key_dir)?;
     let config = dir.0.join("exitd.toml");

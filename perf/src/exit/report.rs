@@ -236,8 +236,8 @@ pub(super) fn print_report(ctx: &Ctx, cores: usize, exit: &ExitReport, plain: &E
         "  exitd per CPU-second of its own  {:.0} round trips",
         ratio(1e6, exit.exitd_cpu_us_per_packet.unwrap_or(0.0))
     )?;
-    if a.json {
-        let json = serde_json::json!({
+    crate::report::end(&mut out, a.json, || {
+        Ok(serde_json::json!({
             "packets_per_s": exit.packets_per_s,
             "gbps": exit.gbps,
             "p50_us": exit.p50_us,
@@ -256,11 +256,8 @@ pub(super) fn print_report(ctx: &Ctx, cores: usize, exit: &ExitReport, plain: &E
             "cores": cores,
             "exitd": serde_json::to_value(exit)?,
             "plain": serde_json::to_value(plain)?,
-        });
-        writeln!(out, "{json}")?;
-    }
-    out.flush()?;
-    Ok(())
+        }))
+    })
 }
 
 #[cfg(test)]

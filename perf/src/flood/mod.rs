@@ -25,7 +25,8 @@ mod attack;
 mod honest;
 mod report;
 
-use crate::orchestrate::{TempDir, log_tail};
+use crate::orchestrate::log_tail;
+use crate::relayd_args::{RelaydArgs, RelaydSetup};
 use crate::sys::{self, ChildGuard, LineReader};
 use anyhow::{Context, Result, anyhow, bail};
 use attack::{CreateFlood, ExtendFlood};
@@ -35,7 +36,6 @@ use honest::Honest;
 use report::{Cpu, Memory, Phase, Report, Setup};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 /// Longest wait for a line of the load generator.
@@ -78,16 +78,8 @@ pub struct FloodArgs {
     /// End with one line of JSON.
     #[arg(long)]
     pub json: bool,
-    /// Run this relayd binary (`relayd run --config`) instead of relayd's engine in a
-    /// `perf relay-child` process.
-    #[arg(long)]
-    pub relayd: Option<PathBuf>,
-    /// relayd's data path: auto, uring or recvmmsg.
-    #[arg(long, default_value = "auto")]
-    pub datapath: String,
-    /// Do not pin relayd's workers to cores.
-    #[arg(long)]
-    pub no_pin: bool,
+    #[command(flatten)]
+    pub relay: RelaydArgs,
     /// The load generator's in-flight window (cells).
     #[arg(long, default_value_t = 1024)]
     pub window: usize,
@@ -101,19 +93,7 @@ pub fn run(args: FloodArgs) -> Result<()> {
     if !(args.flood_rate > 0.0 && args.extend_rate > 0.0 && args.honest_rate > 0.0) {
         bail!("--flood-rate, --extend-rate and --honest-rate must be positive");
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = args.workers.unwrap_or(cores).max(1);
-    if let Some(path) = &args.relayd
-        && !path.is_file()
-    {
-        bail!("{} not found; build it with `cargo build --release -p relayd -p perf`", path.display());
-    }
-    let dir = std::env::temp_dir().join(format!("meshvpn-perf-flood-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let dir = TempDir(dir);
-    let key_dir = dir.0.join("keys");
-    let keys = relayd::keys::keygen(&key_dir)?;
+    let RelaydSetup { cores, workers, dir, key_dir, keys } = args.relay.setup(args.workers, "meshvpn-perf-flood")?;
     let relay_keys = RelayKeys { identity: keys.identity.public().0, onion_key: *keys.onion[0].public() };
     let exe = std::env::current_exe().context("cannot find the perf executable")?;
     eprintln!(
@@ -156,24 +136,13 @@ fn start_relay(
          pin_workers = {}\ndatapath = \"{}\"\n[extend]\nallow_private = true\n\
          [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
         key_dir.display(),
-        !args.no_pin,
-        args.datapath,
+        !args.relay.no_pin,
+        args.relay.datapath,
     );
     let config = dir.join("relayd.toml");
     relayd::config::Config::parse(&text, &config)?;
     std::fs::write(&config, text)?;
-    let mut cmd = match &args.relayd {
-        Some(bin) => {
-            let mut c = Command::new(bin);
-            c.arg("run").arg("--config").arg(&config).stdin(Stdio::null());
-            c
-        }
-        None => {
-            let mut c = Command::new(exe);
-            c.arg("relay-child").arg("--config").arg(&config).stdin(Stdio::piped());
-            c
-        }
-    };
+    let mut cmd = args.relay.command(exe, &config);
     cmd.stdout(Stdio::null()).stderr(std::fs::File::create(log)?);
     let child = ChildGuard::spawn("relayd", &mut cmd)?;
     Ok((child, SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], metrics_port))))

@@ -358,8 +358,8 @@ pub fn print(s: &Setup, r: &Report) -> Result<()> {
         GOAL_HONEST * 100.0,
         verdict(honest >= GOAL_HONEST)
     )?;
-    if s.json {
-        let json = serde_json::json!({
+    crate::report::end(&mut out, s.json, || {
+        Ok(serde_json::json!({
             "throughput_ratio": throughput,
             "throughput_ratio_pairs": pairs,
             "honest_success": honest,
@@ -377,11 +377,8 @@ pub fn print(s: &Setup, r: &Report) -> Result<()> {
             "extend_rate": s.rates.1,
             "honest_rate": s.rates.2,
             "sources": sources,
-        });
-        writeln!(out, "{json}")?;
-    }
-    out.flush()?;
-    Ok(())
+        }))
+    })
 }
 
 #[cfg(test)]
