@@ -6,7 +6,6 @@
 //! | [`config`] | TOML configuration |
 //! | [`keys`] | the relay's key files (0600) |
 //! | [`keycli`] | `keygen`, `rotate-onion`, `descriptor`: the subcommands relayd and exitd share |
-//! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
 //! | [`worker`] | the data-plane driver of a `cellproto::node::Node`: classify → the node handles in place → send |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
 //! | [`cookies`] | cookies under load, checked and answered in the workers |
@@ -22,7 +21,6 @@
 pub mod config;
 pub mod control;
 pub mod cookies;
-pub mod datapath;
 pub mod descriptor;
 pub mod extend;
 pub mod keycli;

@@ -40,8 +40,8 @@ use std::time::Duration;
 use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode};
 
-use super::socket::{decode_sockaddr, gro_enabled, is_v6};
-use super::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
+use crate::socket::{decode_sockaddr, gro_enabled, is_v6};
+use crate::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
 use bufring::BufRing;
 use send::{SendItem, SendSlot};
 use smallvec::SmallVec;

@@ -11,7 +11,7 @@ use io_uring::opcode;
 use io_uring::types::{CancelBuilder, Fd};
 
 use super::UringDatapath;
-use crate::datapath::socket::RawSockAddr;
+use crate::socket::RawSockAddr;
 
 /// `sendmsg` requests per submission round (the receive re-arm needs one more SQE).
 const SEND_SLOTS: usize = 192;

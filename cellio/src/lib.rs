@@ -1,4 +1,8 @@
-//! The data path: how a worker's datagrams get in and out. Two backends behind one interface:
+//! cellio, the cell I/O layer: how a worker's datagrams get in and out. relayd's workers and
+//! exitd's run on it; it depends on cellproto (cell size, the node's `Transmit` slots) and on
+//! no daemon. See README.md.
+//!
+//! Two backends behind one interface:
 //! io_uring (multishot `recvmsg` into a provided buffer ring, batched sends with UDP GSO) and
 //! a `recvmmsg`/`sendmmsg` fallback for kernels or sandboxes without io_uring.
 //!
@@ -15,6 +19,8 @@
 //! Each data path has a [`Waker`]: another thread (the control thread, after it sent the
 //! worker a message) calls [`Waker::wake`] to end a `poll` that is waiting, so that workers can
 //! poll with a long timeout and still see their messages at once.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use cellproto::cell::CELL_LEN;
 use cellproto::node::Transmit;
