@@ -33,6 +33,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+pub mod gso;
 mod mmsg;
 pub mod socket;
 mod uring;

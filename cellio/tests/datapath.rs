@@ -21,20 +21,6 @@ const LOCALHOST: &str = "127.0.0.1:0";
 const XOR_AT: usize = 100;
 const XOR: u8 = 0x5A;
 
-/// Polls `cond` every 10 ms until it holds (`true`) or `timeout` passes (`false`).
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn localhost() -> SocketAddr {
     LOCALHOST.parse().unwrap()
 }
@@ -348,8 +334,12 @@ fn burst_through(dp: &mut dyn Datapath, cells: &[Vec<u8>], mut route: impl FnMut
     // loopback: all of it), and the first poll then sees a run of cells, not one.
     let port = dp.local_addr().port();
     let want = cells.iter().map(Vec::len).sum::<usize>();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queued_bytes(port) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
-        wait_until(Duration::from_secs(5), || queued_bytes(port) >= want),
+        queued_bytes(port) >= want,
         "the burst never reached the socket: {} of {want} bytes queued",
         queued_bytes(port)
     );
