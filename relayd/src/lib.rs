@@ -1,5 +1,7 @@
 //! relayd as a library: the relay engine that `relayd` runs and `exitd` reuses. The daemon
-//! plumbing (logging, systemd notifications, docs, TOML, key files, time) is `daemonkit`'s.
+//! plumbing (logging, systemd notifications, docs, TOML, key files, time) is `daemonkit`'s; the
+//! cell I/O (sockets, io_uring and `recvmmsg` backends, reuseport steering, the outbox) is
+//! `cellio`'s.
 //!
 //! | module | concern |
 //! | --- | --- |
