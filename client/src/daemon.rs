@@ -125,7 +125,10 @@ struct Driver<'a> {
     kill_switch: bool,
     tun_write_errors: u64,
     tun_read_errors: u64,
+    /// Cells lost before the socket: refused by its queue (another destination queued).
     send_errors: u64,
+    /// Failed sends (each may lose a batch of cells, which the socket counts), for the log.
+    send_failures: u64,
     gro: Gro,
     /// One frame from the TUN device: virtio header and up to 64 KiB (a TSO super-packet).
     tun_rx: Box<[u8]>,
@@ -178,6 +181,7 @@ async fn drive(
         tun_write_errors: 0,
         tun_read_errors: 0,
         send_errors: 0,
+        send_failures: 0,
         gro: Gro::default(),
         tun_rx: vec![0u8; VNET_HDR_LEN + 65_536].into_boxed_slice(),
         tso_scratch: Vec::with_capacity(2048),
@@ -457,9 +461,10 @@ impl Driver<'_> {
     }
 
     fn send_failed(&mut self, e: std::io::Error) {
-        self.send_errors += 1;
-        if self.send_errors.is_power_of_two() {
-            warn!(errors = self.send_errors, "cannot send to the guard: {e}");
+        self.send_failures += 1;
+        if self.send_failures.is_power_of_two() {
+            let lost = self.endpoint.cells_lost();
+            warn!(failures = self.send_failures, cells_lost = lost, "cannot send to the guard: {e}");
         }
     }
 
@@ -538,7 +543,7 @@ impl Driver<'_> {
             cells_rejected: c.dropped_bad_cells,
             stray_datagrams: self.endpoint.counters().stray,
             control_refused: c.control_refused,
-            send_errors: self.send_errors,
+            send_errors: self.send_errors + self.endpoint.cells_lost(),
             tun_write_errors: self.tun_write_errors,
             tun_read_errors: self.tun_read_errors,
             rtt_ms: t.rtt().map(|d| d.as_secs_f64() * 1e3),

@@ -104,9 +104,14 @@ impl Endpoint {
         self.socket.local_addr()
     }
 
-    /// What was counted.
+    /// What was counted (the socket's unusable datagrams count as stray).
     pub fn counters(&self) -> Counters {
-        self.counters
+        Counters { stray: self.counters.stray + self.socket.rx_errors(), ..self.counters }
+    }
+
+    /// Cells lost by failed sends (see [`CellSocket::tx_dropped`]).
+    pub fn cells_lost(&self) -> u64 {
+        self.socket.tx_dropped()
     }
 
     /// The cell socket, to send cells.
@@ -123,10 +128,12 @@ impl Endpoint {
     /// exchange in progress, the rest is counted as stray.
     pub fn receive(&mut self, now: Instant, mut on_cell: impl FnMut(SocketAddr, &mut [u8; CELL_LEN])) {
         for _ in 0..BATCH {
-            let Ok((len, segment, from)) = self.socket.try_recv() else { break };
+            let Ok(got) = self.socket.try_recv() else { break };
+            let from = got.from;
             // A GRO run holds datagrams of one size from one sender: all cells, or all not.
-            let (rx, relays) = (&mut self.socket.rx[..len], &self.relays);
-            for datagram in rx.chunks_mut(segment) {
+            let relays = &self.relays;
+            for range in got.datagrams() {
+                let datagram = &mut self.socket.rx[range];
                 match classify(datagram, from, relays) {
                     Kind::Cell => {
                         if let Ok(cell) = <&mut [u8; CELL_LEN]>::try_from(datagram) {

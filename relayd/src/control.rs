@@ -5,10 +5,10 @@
 //! CREATEs with a valid cookie get here at all (the workers check it, see [`crate::cookies`]).
 
 use crate::config::Config;
-use crate::datapath::{Outgoing, Waker};
 use crate::extend::ExtendTargets;
 use crate::metrics::{ControlStats, REFUSED_CIRCUIT_CAP, Registry, refusal_index};
 use crate::ratelimit::{LOAD_TICK, LoadMonitor, ReplyLimits, SourceKey, SourceLimits};
+use cellio::{Outgoing, Waker};
 use cellproto::cell::{CELL_LEN, is_valid_lcid, lcid};
 use cellproto::command::{Extend, Extended, reason};
 use cellproto::relay::control::{Answer, ControlError, ControlPlane, Created, Expired};

@@ -6,8 +6,8 @@
 //! [`COOKIE_ROTATION`](cellproto::relay::cookie::COOKIE_ROTATION) and sends every worker a
 //! copy, so a cookie one worker issued is valid at every other.
 
-use crate::datapath::{Outbox, Outgoing};
 use crate::ratelimit::{Bucket, LoadState, LocalTrigger, ReplyLimiter, ReplyLimits};
+use cellio::{Outbox, Outgoing};
 use cellproto::cell::CELL_LEN;
 use cellproto::relay::cookie::CookieJar;
 use ipnet::IpNet;
@@ -177,7 +177,7 @@ mod tests {
         b.set_jar(jar.clone());
         let from: SocketAddr = "192.0.2.1:4000".parse().unwrap();
         let (cell, message) = create(&keys, None, None);
-        let mut out = crate::datapath::Outbox::new();
+        let mut out = cellio::Outbox::new();
         assert_eq!(a.check(&load, now, from, &cell, &mut out), CreateCheck::CookieSent);
         let reply: [u8; CELL_LEN] = out.datagrams()[0].data().try_into().unwrap();
         assert_eq!(out.datagrams()[0].to, from);
@@ -206,7 +206,7 @@ mod tests {
         let now = Instant::now();
         let load = LoadState::new(0.0);
         let mut g = CreateGuard::new(now, limits(), vec!["203.0.113.0/24".parse().unwrap()]);
-        let mut out = crate::datapath::Outbox::new();
+        let mut out = cellio::Outbox::new();
         let (cell, _) = create(&keys, None, None);
         assert_eq!(g.check(&load, now, "192.0.2.1:1".parse().unwrap(), &cell, &mut out), CreateCheck::NoSecret);
         g.set_jar(CookieJar::new(now, &mut OsRng));
@@ -233,7 +233,7 @@ mod tests {
         let mut g = CreateGuard::new(now, limits, Vec::new());
         g.set_jar(CookieJar::new(now, &mut OsRng));
         let (cell, _) = create(&keys, None, None);
-        let mut out = crate::datapath::Outbox::new();
+        let mut out = cellio::Outbox::new();
         let from: SocketAddr = "192.0.2.1:1".parse().unwrap();
         let results: Vec<_> = (0..1000).map(|_| g.check(&load, now, from, &cell, &mut out)).collect();
         assert_eq!(

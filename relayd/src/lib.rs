@@ -1,12 +1,13 @@
 //! relayd as a library: the relay engine that `relayd` runs and `exitd` reuses. The daemon
-//! plumbing (logging, systemd notifications, docs, TOML, key files, time) is `daemonkit`'s.
+//! plumbing (logging, systemd notifications, docs, TOML, key files, time) is `daemonkit`'s; the
+//! cell I/O (sockets, io_uring and `recvmmsg` backends, reuseport steering, the outbox) is
+//! `cellio`'s.
 //!
 //! | module | concern |
 //! | --- | --- |
 //! | [`config`] | TOML configuration |
 //! | [`keys`] | the relay's key files (0600) |
 //! | [`keycli`] | `keygen`, `rotate-onion`, `descriptor`: the subcommands relayd and exitd share |
-//! | [`datapath`] | sockets and batched I/O: io_uring, recvmmsg/sendmmsg fallback, reuseport steering |
 //! | [`worker`] | the data-plane driver of a `cellproto::node::Node`: classify → the node handles in place → send |
 //! | [`control`] | handshakes, EXTEND, limits, LCID allocation, on their own thread |
 //! | [`cookies`] | cookies under load, checked and answered in the workers |
@@ -22,7 +23,6 @@
 pub mod config;
 pub mod control;
 pub mod cookies;
-pub mod datapath;
 pub mod descriptor;
 pub mod extend;
 pub mod keycli;

@@ -2,7 +2,7 @@
 //! with relaxed stores every few milliseconds: no atomic read-modify-write and no shared cache
 //! line per cell. Each worker's block is cache-line aligned; only the metrics thread reads it.
 
-use crate::datapath::DatapathStats;
+use cellio::DatapathStats;
 use cellproto::relay::DropReason;
 use std::fmt::Write as _;
 use std::io::{Read, Write};

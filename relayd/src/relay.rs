@@ -3,12 +3,12 @@
 
 use crate::config::{Config, DatapathChoice};
 use crate::control::{Control, ControlUpdate, ToControl, ToWorker};
-use crate::datapath::{self, Backend};
 use crate::keys::RelayKeys;
 use crate::metrics::{self, Registry};
 use crate::terminal::Terminal;
 use crate::worker::Worker;
 use anyhow::{Context, Result};
+use cellio::Backend;
 use cellproto::crypto::local_aes_hw;
 use cellproto::relay::control::ControlPlane;
 use std::net::SocketAddr;
@@ -83,7 +83,7 @@ pub fn start_with(
     mut terminal: impl FnMut(usize) -> Option<Box<dyn Terminal>>,
 ) -> Result<RelayHandle> {
     let workers = config.worker_count();
-    let sockets = datapath::socket::bind_group(config.listen, workers)
+    let sockets = cellio::bind_group(config.listen, workers)
         .with_context(|| format!("cannot bind UDP {} for {workers} workers", config.listen))?;
     let backend = match config.datapath {
         DatapathChoice::Auto => Backend::Auto,
@@ -94,7 +94,7 @@ pub fn start_with(
     let primary = sockets[0].try_clone().context("cannot duplicate the relay socket")?;
     let mut paths = Vec::with_capacity(workers);
     for socket in sockets {
-        paths.push(datapath::open(socket, backend).context("cannot open the data path")?);
+        paths.push(cellio::open(socket, backend).context("cannot open the data path")?);
     }
     let local_addr = paths[0].local_addr();
     let kind = paths[0].kind();

@@ -15,9 +15,9 @@
 //! What to answer is decided by cellproto's pure [`reply`] (`cellproto::stun::server`); this
 //! module only sends it, within the limits, from the right port.
 
-use crate::datapath::Outgoing;
 use crate::metrics::Registry;
 use crate::ratelimit::{ReplyLimiter, ReplyLimits};
+use cellio::Outgoing;
 use cellproto::stun;
 use crossbeam_channel::{Receiver, Sender};
 use std::net::UdpSocket;

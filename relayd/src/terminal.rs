@@ -3,7 +3,7 @@
 //! (packets read from its TUN device). One `Terminal` per worker, owned by that worker's
 //! thread, so exit traffic follows the same no-shared-state rule as relaying.
 
-use crate::datapath::Outbox;
+use cellio::Outbox;
 use cellproto::node::Node;
 use std::time::Instant;
 

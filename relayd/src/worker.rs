@@ -11,12 +11,12 @@
 
 use crate::control::{ToControl, ToWorker};
 use crate::cookies::{CreateCheck, CreateGuard};
-use crate::datapath::{Action, Datagram, Datapath, DatapathStats, Outbox, Outgoing};
 use crate::metrics::{
     DROP_COOKIE_LIMIT, DROP_LABELS, DROP_OVERLOAD, DROP_STUN_LIMIT, Registry, WorkerCounters, drop_index,
 };
 use crate::ratelimit::{ReplyLimiter, ReplyLimits};
 use crate::terminal::Terminal;
+use cellio::{Action, Datagram, Datapath, DatapathStats, Outbox, Outgoing};
 use cellproto::cell::{CELL_LEN, Command};
 use cellproto::node::{CircuitId, Host, Node, Routed, Transmit, Upcall};
 use cellproto::relay::{DropReason, HopCircuit, Incoming};

@@ -10,10 +10,10 @@ fn source(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// The data-plane files of relayd: the worker and every data path backend.
+/// The data-plane files: relayd's worker and every backend of the cell I/O layer (`cellio`).
 fn data_plane() -> Vec<(String, String)> {
     let mut files = vec![("src/worker.rs".to_string(), source("src/worker.rs"))];
-    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src/datapath")];
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("../cellio/src")];
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();

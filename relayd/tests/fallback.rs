@@ -26,7 +26,7 @@ fn relay_falls_back_to_recvmmsg_when_io_uring_is_disabled() {
     std::fs::write(SYSCTL, "2").expect("setting kernel.io_uring_disabled needs root");
     let _restore = Restore(old);
 
-    assert!(relayd::datapath::uring_available().is_err());
+    assert!(cellio::uring_available().is_err());
     let r = start_relay("fallback", 2, "auto", "[metrics]\nlisten = \"127.0.0.1:1\"\n");
     let mut client = UdpClient::new("127.0.0.1:0", vec![r.hop]);
     client.build(Duration::from_secs(5));

@@ -3,13 +3,13 @@
 
 mod common;
 
+use cellio::Outbox;
 use cellproto::cell::{CELL_LEN, Command};
 use cellproto::client::Event;
 use cellproto::node::{Node, Transmit, originate};
 use cellproto::relay::HopCircuit;
 use common::*;
 use rand_core::OsRng;
-use relayd::datapath::Outbox;
 use relayd::terminal::Terminal;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -11,29 +11,15 @@ use io_uring::opcode;
 use io_uring::types::{CancelBuilder, Fd};
 
 use super::UringDatapath;
-use crate::datapath::socket::RawSockAddr;
+use crate::gso::{GsoCmsg, MAX_GSO_BYTES, MAX_GSO_SEGMENTS};
+use crate::socket::RawSockAddr;
 
 /// `sendmsg` requests per submission round (the receive re-arm needs one more SQE).
 const SEND_SLOTS: usize = 192;
 /// iovecs per submission round (a GSO send uses one per segment).
 const IOV_POOL: usize = 1024;
-/// Segments per GSO send (the kernel's `UDP_MAX_SEGMENTS`, 64 on older kernels).
-const MAX_GSO_SEGMENTS: usize = 64;
-/// Bytes per GSO send: the largest UDP payload over IPv4 (45 cells).
-const MAX_GSO_BYTES: usize = 65_507;
 /// How long a poll waits for its sends before cancelling them.
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The `UDP_SEGMENT` control message: `cmsghdr` + `u16` segment size, padded to
-/// `CMSG_SPACE(2)` = 24 bytes.
-#[repr(C)]
-pub(super) struct GsoCmsg {
-    len: usize,
-    level: libc::c_int,
-    ty: libc::c_int,
-    size: u16,
-    pad: [u8; 6],
-}
 
 /// One in-flight `sendmsg`: the header and what it points to (besides the iovecs).
 pub(super) struct SendSlot {
@@ -62,7 +48,7 @@ pub(super) fn new_slots() -> (Box<[SendSlot]>, Box<[libc::iovec]>) {
             // SAFETY: an all-zero msghdr is valid (null pointers, zero lengths).
             hdr: unsafe { std::mem::zeroed() },
             addr: RawSockAddr::zeroed(),
-            cmsg: GsoCmsg { len: 0, level: 0, ty: 0, size: 0, pad: [0; 6] },
+            cmsg: GsoCmsg::zeroed(),
             first: 0,
             count: 0,
         })
@@ -72,21 +58,32 @@ pub(super) fn new_slots() -> (Box<[SendSlot]>, Box<[libc::iovec]>) {
 }
 
 impl UringDatapath {
-    /// Sends `sends`, in rounds of at most `SEND_SLOTS` requests, waiting for each round.
+    /// Sends `sends`, in rounds of at most `SEND_SLOTS` requests, waiting for each round. If
+    /// it fails, the datagrams never submitted are counted as lost (`tx_errors`): the next
+    /// poll recycles them unsent. (Those submitted are counted when they complete.)
     pub(super) fn send_all(&mut self) -> io::Result<()> {
         let mut next = 0;
-        while next < self.sends.len() {
+        let result = self.send_rounds(&mut next);
+        if result.is_err() {
+            self.stats.tx_errors += self.sends.len().saturating_sub(next) as u64;
+        }
+        result
+    }
+
+    /// [`UringDatapath::send_all`]'s rounds; `next` is the first datagram not yet submitted.
+    fn send_rounds(&mut self, next: &mut usize) -> io::Result<()> {
+        while *next < self.sends.len() {
             let (mut slot, mut iov) = (0, 0);
-            while next < self.sends.len() && slot < SEND_SLOTS {
-                let first = &self.sends[next];
+            while *next < self.sends.len() && slot < SEND_SLOTS {
+                let first = &self.sends[*next];
                 let mut n = 1;
                 if self.gso && !first.solo && first.len > 0 && first.len <= usize::from(u16::MAX) {
-                    while next + n < self.sends.len()
+                    while *next + n < self.sends.len()
                         && n < MAX_GSO_SEGMENTS
                         && (n + 1) * first.len <= MAX_GSO_BYTES
-                        && !self.sends[next + n].solo
-                        && self.sends[next + n].len == first.len
-                        && self.sends[next + n].to == first.to
+                        && !self.sends[*next + n].solo
+                        && self.sends[*next + n].len == first.len
+                        && self.sends[*next + n].to == first.to
                     {
                         n += 1;
                     }
@@ -94,8 +91,8 @@ impl UringDatapath {
                 if iov + n > IOV_POOL {
                     break;
                 }
-                self.prepare_send(slot, next, n, iov)?;
-                next += n;
+                self.prepare_send(slot, *next, n, iov)?;
+                *next += n;
                 slot += 1;
                 iov += n;
             }
@@ -123,13 +120,7 @@ impl UringDatapath {
         s.hdr.msg_iov = &mut self.iovs[iov];
         s.hdr.msg_iovlen = n as _;
         if n > 1 {
-            s.cmsg = GsoCmsg {
-                len: size_of::<libc::cmsghdr>() + size_of::<u16>(),
-                level: libc::SOL_UDP,
-                ty: libc::UDP_SEGMENT,
-                size: len as u16,
-                pad: [0; 6],
-            };
+            s.cmsg = GsoCmsg::new(len as u16);
             s.hdr.msg_control = (&mut s.cmsg as *mut GsoCmsg).cast();
             s.hdr.msg_controllen = size_of::<GsoCmsg>() as _;
             self.gso_sends += 1;

@@ -40,8 +40,9 @@ use std::time::Duration;
 use io_uring::types::{CancelBuilder, Fd, RecvMsgOut, SubmitArgs, Timespec};
 use io_uring::{IoUring, Probe, cqueue, opcode};
 
-use super::socket::{decode_sockaddr, gro_enabled, is_v6};
-use super::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
+use crate::gso;
+use crate::socket::{decode_sockaddr, gro_enabled, is_v6};
+use crate::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
 use bufring::BufRing;
 use send::{SendItem, SendSlot};
 use smallvec::SmallVec;
@@ -352,19 +353,12 @@ impl UringDatapath {
             };
             let payload = out.payload_data();
             let off = payload.as_ptr() as usize - buf.as_ptr() as usize;
-            let seg = match gro_segment_size(out.control_data()) {
-                Some(size) if size > 0 && payload.len() > size => {
-                    self.gro_segments += payload.len().div_ceil(size) as u64;
-                    size
-                }
-                _ => payload.len().max(1),
-            };
-            if payload.is_empty() {
-                self.segments.push(Segment { bid, off, len: 0, from });
+            let seg = gso::segment_size(out.control_data(), payload.len());
+            if seg < payload.len() {
+                self.gro_segments += payload.len().div_ceil(seg) as u64;
             }
-            for start in (0..payload.len()).step_by(seg) {
-                let len = seg.min(payload.len() - start);
-                self.segments.push(Segment { bid, off: off + start, len, from });
+            for r in gso::split(payload.len(), seg) {
+                self.segments.push(Segment { bid, off: off + r.start, len: r.len(), from });
             }
         }
     }
@@ -533,27 +527,6 @@ impl Drop for UringDatapath {
     }
 }
 
-/// The `UDP_GRO` segment size in the control data, if any (parsed by hand: the kernel packs
-/// it at an offset that need not be aligned).
-fn gro_segment_size(control: &[u8]) -> Option<usize> {
-    const HDR: usize = size_of::<libc::cmsghdr>();
-    let mut off = 0;
-    while off + HDR <= control.len() {
-        let len = usize::from_ne_bytes(control[off..off + 8].try_into().ok()?);
-        let level = i32::from_ne_bytes(control[off + 8..off + 12].try_into().ok()?);
-        let ty = i32::from_ne_bytes(control[off + 12..off + 16].try_into().ok()?);
-        if len < HDR {
-            return None;
-        }
-        if level == libc::SOL_UDP && ty == libc::UDP_GRO {
-            let v = i32::from_ne_bytes(control.get(off + HDR..off + HDR + 4)?.try_into().ok()?);
-            return usize::try_from(v).ok();
-        }
-        off += len.div_ceil(8) * 8;
-    }
-    None
-}
-
 /// Sets a ring up with the best flags the kernel accepts. Returns whether it is disabled
 /// (to be enabled by the polling thread).
 fn new_ring() -> io::Result<(IoUring, bool)> {
@@ -638,17 +611,5 @@ mod tests {
         // The kernel refuses the cancellation (single issuer): the buffers are leaked, safely.
         let dp = armed();
         std::thread::spawn(move || drop(dp)).join().unwrap();
-    }
-
-    #[test]
-    fn gro_segment_size_parses_control_data() {
-        let mut control = Vec::new();
-        control.extend_from_slice(&20usize.to_ne_bytes());
-        control.extend_from_slice(&libc::SOL_UDP.to_ne_bytes());
-        control.extend_from_slice(&libc::UDP_GRO.to_ne_bytes());
-        control.extend_from_slice(&1452i32.to_ne_bytes());
-        assert_eq!(gro_segment_size(&control), Some(1452));
-        assert_eq!(gro_segment_size(&control[..10]), None);
-        assert_eq!(gro_segment_size(&[0u8; 64]), None);
     }
 }

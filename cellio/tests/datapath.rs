@@ -2,8 +2,6 @@
 //! waking a waiting poll.
 //! Every loop is bounded by a deadline; every address is 127.0.0.1.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::{ErrorKind, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
@@ -11,12 +9,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cellio::{
+    Action, Backend, Datagram, Datapath, DatapathStats, Outgoing, UringDatapath, bind_group, steering_worker,
+};
 use cellproto::cell::CELL_LEN;
 use nix::errno::Errno;
 use nix::sys::socket::{self as sock, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sockopt};
-use relayd::datapath::{
-    self, Action, Backend, Datagram, Datapath, DatapathStats, Outgoing, UringDatapath, bind_group, steering_worker,
-};
 
 const LOCALHOST: &str = "127.0.0.1:0";
 /// Where the handler flips a byte, to show the datagram went through it.
@@ -62,7 +60,7 @@ fn check_forwarded(data: &[u8]) -> Option<u64> {
 
 fn open_one(backend: Backend) -> Box<dyn Datapath> {
     let socket = bind_group(localhost(), 1).unwrap().pop().unwrap();
-    datapath::open(socket, backend).unwrap()
+    cellio::open(socket, backend).unwrap()
 }
 
 /// Polls `dp` on its own thread (as relayd's workers do) until `stop`, or 20 s at most.
@@ -212,7 +210,7 @@ fn forwards_10000_cells_mmsg() {
 fn forwards_over_ipv6() {
     for backend in [Backend::Uring, Backend::Mmsg] {
         let socket = bind_group("[::1]:0".parse().unwrap(), 1).unwrap().pop().unwrap();
-        let mut dp = datapath::open(socket, backend).unwrap();
+        let mut dp = cellio::open(socket, backend).unwrap();
         let sender = UdpSocket::bind("[::1]:0").unwrap();
         let receiver = UdpSocket::bind("[::1]:0").unwrap();
         receiver.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
@@ -239,7 +237,7 @@ fn forwards_over_ipv6() {
 
 #[test]
 fn auto_picks_io_uring_here() {
-    datapath::uring_available().expect("io_uring works on this machine");
+    cellio::uring_available().expect("io_uring works on this machine");
     assert_eq!(open_one(Backend::Auto).kind(), "io_uring");
 }
 
@@ -250,7 +248,7 @@ fn reuseport_steering_by_lcid() {
     let port = group[0].local_addr().unwrap().port();
     assert!(group.iter().all(|s| s.local_addr().unwrap().port() == port));
     // GRO stays off in a group: a coalesced run would be steered by its first cell alone.
-    assert!(group.iter().all(|s| !datapath::gro_enabled(s)));
+    assert!(group.iter().all(|s| !cellio::gro_enabled(s)));
     let relay = group[0].local_addr().unwrap();
     let sender = test_socket();
     for k in 0..64u32 {
@@ -282,7 +280,7 @@ fn reuseport_steering_by_lcid() {
 fn reuseport_steering_through_datapaths() {
     for backend in [Backend::Uring, Backend::Mmsg] {
         let mut paths: Vec<Box<dyn Datapath>> =
-            bind_group(localhost(), 4).unwrap().into_iter().map(|s| datapath::open(s, backend).unwrap()).collect();
+            bind_group(localhost(), 4).unwrap().into_iter().map(|s| cellio::open(s, backend).unwrap()).collect();
         let relay = paths[0].local_addr();
         let sender = test_socket();
         for k in 0..64u32 {
@@ -336,8 +334,12 @@ fn burst_through(dp: &mut dyn Datapath, cells: &[Vec<u8>], mut route: impl FnMut
     // loopback: all of it), and the first poll then sees a run of cells, not one.
     let port = dp.local_addr().port();
     let want = cells.iter().map(Vec::len).sum::<usize>();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while queued_bytes(port) < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(
-        common::wait_until(Duration::from_secs(5), || queued_bytes(port) >= want),
+        queued_bytes(port) >= want,
         "the burst never reached the socket: {} of {want} bytes queued",
         queued_bytes(port)
     );
@@ -409,7 +411,7 @@ fn gso_alternating_and_runs_to_two_destinations() {
 #[test]
 fn gro_receive_is_split_into_cells() {
     let socket = bind_group(localhost(), 1).unwrap().pop().unwrap();
-    assert!(datapath::gro_enabled(&socket), "GRO is supported on this kernel");
+    assert!(cellio::gro_enabled(&socket), "GRO is supported on this kernel");
     let mut dp = UringDatapath::new(socket).unwrap();
     assert!(dp.gro());
     let relay = SockaddrStorage::from(dp.local_addr());

@@ -21,8 +21,8 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use super::socket::{RawSockAddr, decode_sockaddr, is_v6, set_gro};
-use super::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
+use crate::socket::{RawSockAddr, decode_sockaddr, is_v6, set_gro};
+use crate::{Action, Datagram, Datapath, DatapathStats, Outgoing, Waker};
 use smallvec::SmallVec;
 
 /// Datagrams per `recvmmsg`/`sendmmsg` (and per batch handed to the worker).

@@ -1,4 +1,8 @@
-//! The data path: how a worker's datagrams get in and out. Two backends behind one interface:
+//! cellio, the cell I/O layer: how a worker's datagrams get in and out. relayd's workers and
+//! exitd's run on it; it depends on cellproto (cell size, the node's `Transmit` slots) and on
+//! no daemon. See README.md.
+//!
+//! Two backends behind one interface:
 //! io_uring (multishot `recvmsg` into a provided buffer ring, batched sends with UDP GSO) and
 //! a `recvmmsg`/`sendmmsg` fallback for kernels or sandboxes without io_uring.
 //!
@@ -16,6 +20,8 @@
 //! worker a message) calls [`Waker::wake`] to end a `poll` that is waiting, so that workers can
 //! poll with a long timeout and still see their messages at once.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use cellproto::cell::CELL_LEN;
 use cellproto::node::Transmit;
 use std::io;
@@ -27,6 +33,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+pub mod gso;
 mod mmsg;
 pub mod socket;
 mod uring;
